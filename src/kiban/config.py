@@ -1,0 +1,282 @@
+"""kiban.yaml: pydantic models, `${VAR}` substitution and errors that name the key.
+
+Loading goes in three steps, each of which can fail with a :class:`ConfigError`
+listing every problem as ``key.path: message (got VALUE)``:
+
+1. YAML parsing;
+2. ``${VAR}`` / ``${VAR:-default}`` substitution in every string value;
+3. validation by the pydantic models below, then cross-references
+   (routes name existing engines, public model names are unique).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kiban.engines import ENGINE_KINDS
+
+Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
+STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration, each naming its key path."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiKeys(_Strict):
+    """Where client API keys come from; never inline secrets."""
+
+    env: list[str] = Field(default_factory=list, description="environment variables holding keys")
+    file: Path | None = Field(default=None, description="file with one key per line")
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    api_keys: ApiKeys = Field(default_factory=ApiKeys)
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
+    health_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    request_log: bool = True
+
+
+class CircuitConfig(_Strict):
+    failures: Annotated[int, Field(ge=1)] = 3
+    cooldown_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class EngineConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    kind: str
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/.*)?$")]
+    models: Annotated[list[str], Field(min_length=1)]
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 256
+    images: bool | None = Field(default=None, description="accepts image inputs (VLM)")
+    api_key: str | None = Field(default=None, description="key sent to the engine")
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in ENGINE_KINDS:
+            raise ValueError(f"unknown engine kind; expected one of {', '.join(ENGINE_KINDS)}")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class Timeouts(_Strict):
+    connect_s: Annotated[float, Field(gt=0)] = 3.0
+    first_byte_s: Annotated[float, Field(gt=0)] = 120.0
+    total_s: Annotated[float, Field(gt=0)] = 900.0
+
+
+class Retries(_Strict):
+    attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+    min_retries_per_s: Annotated[float, Field(ge=0)] = 2.0
+    backoff_s: Annotated[float, Field(ge=0)] = 0.02
+
+
+class RouteTarget(_Strict):
+    """One engine of a route, with the model name the engine knows it by."""
+
+    engine: str
+    model: str | None = None
+
+
+class RouteConfig(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    aliases: list[str] = Field(default_factory=list)
+    engines: Annotated[list[RouteTarget], Field(min_length=1)]
+    strategy: Strategy = "priority"
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries = Field(default_factory=Retries)
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _names_to_targets(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"engine": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def public_names(self) -> list[str]:
+        return [self.model, *self.aliases]
+
+
+class KibanConfig(_Strict):
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    engines: Annotated[list[EngineConfig], Field(min_length=1)]
+    routes: Annotated[list[RouteConfig], Field(min_length=1)]
+
+    def engine(self, name: str) -> EngineConfig:
+        return next(e for e in self.engines if e.name == name)
+
+
+def substitute_env(tree: Any, env: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of *tree*."""
+    problems: list[str] = []
+
+    def visit(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: visit(v, _join(where, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            return _VAR.sub(lambda m: _lookup(m, env, where, problems), node)
+        return node
+
+    return visit(tree, path), problems
+
+
+def _lookup(match: re.Match[str], env: Mapping[str, str], where: str, problems: list[str]) -> str:
+    name, default = match.group(1), match.group(2)
+    if name in env:
+        return env[name]
+    if default is not None:
+        return default
+    problems.append(f"{where or '<root>'}: environment variable {name} is not set")
+    return ""
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _loc_to_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, part)
+    return out or "<root>"
+
+
+def _lookup_value(tree: Any, loc: Iterable[Any]) -> tuple[bool, Any]:
+    node = tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node
+
+
+def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
+    problems = []
+    for item in err.errors():
+        loc = [p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "literal_error":
+            msg = "expected one of " + item["ctx"]["expected"].replace("'", "")
+        elif item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        found, value = _lookup_value(raw, loc)
+        shown = f" (got {value!r})" if found and item["type"] != "extra_forbidden" else ""
+        problems.append(f"{_loc_to_path(loc)}: {msg}{shown}")
+    return problems
+
+
+def _cross_check(cfg: KibanConfig) -> list[str]:
+    problems: list[str] = []
+    seen_engines: dict[str, int] = {}
+    for i, engine in enumerate(cfg.engines):
+        if engine.name in seen_engines:
+            problems.append(
+                f"engines[{i}].name: duplicate engine name {engine.name!r} "
+                f"(also engines[{seen_engines[engine.name]}])"
+            )
+        seen_engines.setdefault(engine.name, i)
+    public: dict[str, str] = {}
+    for r, route in enumerate(cfg.routes):
+        for n, name in enumerate(route.public_names):
+            key = f"routes[{r}].model" if n == 0 else f"routes[{r}].aliases[{n - 1}]"
+            if name in public:
+                problems.append(f"{key}: model name {name!r} is already served by {public[name]}")
+            public.setdefault(name, key)
+        for t, target in enumerate(route.engines):
+            key = f"routes[{r}].engines[{t}]"
+            if target.engine not in seen_engines:
+                problems.append(
+                    f"{key}.engine: unknown engine {target.engine!r}; "
+                    f"expected one of {', '.join(seen_engines) or '(none defined)'}"
+                )
+                continue
+            served = cfg.engine(target.engine).models
+            if target.model is not None and target.model not in served:
+                problems.append(
+                    f"{key}.model: engine {target.engine!r} does not serve {target.model!r}; "
+                    f"it serves {', '.join(served)}"
+                )
+    return problems
+
+
+def parse_config(
+    raw: Any, env: Mapping[str, str] | None = None, source: str = "config"
+) -> KibanConfig:
+    """Validate an already-parsed YAML/JSON tree."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: expected a mapping (got {type(raw).__name__})"], source)
+    tree, problems = substitute_env(raw, os.environ if env is None else env)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        cfg = KibanConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe_validation(err, tree), source) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> KibanConfig:
+    """Read, substitute and validate a kiban.yaml file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read file: {err.strerror}"], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{where}invalid YAML: {problem}"], str(path)) from None
+    return parse_config(raw, env, str(path))
+
+
+def resolve_target_model(cfg: KibanConfig, route: RouteConfig, target: RouteTarget) -> str:
+    """The model name to send to *target*'s engine for *route*."""
+    if target.model is not None:
+        return target.model
+    served = cfg.engine(target.engine).models
+    for name in route.public_names:
+        if name in served:
+            return name
+    return served[0]

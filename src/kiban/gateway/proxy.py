@@ -1,0 +1,387 @@
+"""Forwarding one inference request to an engine, with failover before the first byte.
+
+Nothing reaches the client until an engine has answered successfully: for a
+non-streaming request the whole body, for a stream its first chunk. Until
+then any connect error, timeout, 5xx or 429 moves the request to the next
+engine of the route (bounded by the route's attempts and retry budget).
+After the first byte a broken engine ends the stream with an OpenAI-shaped
+error event, never with a silent ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from kiban.gateway.asgi import Send, send_response, start_response
+from kiban.gateway.errors import APIError, error_event
+from kiban.gateway.metrics import Metrics
+from kiban.gateway.routing import Route, Target
+
+_SKIP_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        b"accept-encoding",
+        b"expect",
+    }
+)
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_TAIL_BYTES = 8192
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request on its way through the gateway."""
+
+    request_id: str
+    endpoint: str  # "chat", "completions" or "embeddings"
+    body: bytes
+    payload: dict[str, Any]
+    model: str
+    stream: bool
+    client_headers: list[tuple[bytes, bytes]]
+    started: float = field(default_factory=time.perf_counter)
+    engine: str | None = None
+    status: int = 0
+    attempts: int = 0
+    ttft_s: float | None = None
+    chunks: int = 0
+    usage: dict[str, Any] | None = None
+    committed: bool = False  # a byte of the response has reached the client
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Failure:
+    """An attempt that failed before anything was sent to the client."""
+
+    reason: str  # "connect", "timeout", "status", "broken"
+    message: str
+    status: int = 0
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class Proxy:
+    """Sends exchanges to engines over one pooled aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self.session = session
+        self.metrics = metrics
+        self._connect_timeouts: dict[str, aiohttp.ClientTimeout] = {}
+
+    def _client_timeout(self, route: Route) -> aiohttp.ClientTimeout:
+        """aiohttp enforces the connect timeout; first-byte and total are kiban's own."""
+        timeout = self._connect_timeouts.get(route.name)
+        if timeout is None:
+            connect_s = route.config.timeouts.connect_s
+            timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
+            self._connect_timeouts[route.name] = timeout
+        return timeout
+
+    async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
+        candidates = route.candidates(needs_images)
+        if not candidates:
+            raise self._nothing_available(route, needs_images)
+        retries = route.config.retries
+        route.budget.deposit()
+        failures: list[tuple[str, _Failure]] = []
+        for i, target in enumerate(candidates[: retries.attempts]):
+            if i:
+                if not route.budget.try_withdraw():
+                    break
+                self.metrics.retries.labels(route.name).inc()
+                if retries.backoff_s:
+                    await asyncio.sleep(retries.backoff_s * (0.5 + random.random()) * i)
+            failure = await self._attempt(ex, route, target, send)
+            if failure is None:
+                return
+            failures.append((target.upstream.name, failure))
+            self.metrics.upstream_failures.labels(
+                route.name, target.upstream.name, failure.reason
+            ).inc()
+        raise self._all_failed(failures)
+
+    async def _attempt(
+        self, ex: Exchange, route: Route, target: Target, send: Send
+    ) -> _Failure | None:
+        upstream = target.upstream
+        timeouts = route.config.timeouts
+        ex.attempts += 1
+        ex.engine = upstream.name
+        upstream.outstanding += 1
+        upstream.breaker.on_attempt()
+        started = time.perf_counter()
+        first_byte_deadline = asyncio.get_running_loop().time() + timeouts.first_byte_s
+        try:
+            async with asyncio.timeout(timeouts.total_s):
+                failure = await self._exchange(ex, target, send, first_byte_deadline, route)
+        except TimeoutError:
+            failure = _Failure(
+                "timeout",
+                f"engine {upstream.name!r} did not answer within "
+                f"{self._timeout_name(ex, timeouts, first_byte_deadline)}",
+            )
+            if ex.committed:
+                await self._end_stream_with_error(ex, send, failure.message, "upstream_timeout")
+                failure = None
+        finally:
+            upstream.outstanding -= 1
+        if failure is None:
+            upstream.breaker.on_success()
+            upstream.observe_latency(time.perf_counter() - started)
+        elif failure.reason != "status" or failure.status >= 500:
+            upstream.breaker.on_failure(time.monotonic())
+        if failure is not None and ex.committed:
+            return None  # already reported to the client inside the stream
+        return failure
+
+    @staticmethod
+    def _timeout_name(ex: Exchange, timeouts: Any, first_byte_deadline: float) -> str:
+        if not ex.committed and asyncio.get_running_loop().time() >= first_byte_deadline - 1e-3:
+            return f"the first-byte timeout ({timeouts.first_byte_s:g} s)"
+        return f"the total timeout ({timeouts.total_s:g} s)"
+
+    async def _exchange(
+        self, ex: Exchange, target: Target, send: Send, first_byte_deadline: float, route: Route
+    ) -> _Failure | None:
+        upstream = target.upstream
+        url = upstream.config.url + upstream.kind.path_for(ex.endpoint)
+        body = ex.body
+        if target.model != ex.model:
+            body = orjson.dumps({**ex.payload, "model": target.model})
+        headers = self._upstream_headers(ex, target)
+        try:
+            async with asyncio.timeout_at(first_byte_deadline):
+                resp = await self.session.post(
+                    url, data=body, headers=headers, timeout=self._client_timeout(route)
+                )
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(exc)}")
+        try:
+            if resp.status >= 400:
+                return await self._upstream_error(ex, resp, target, send)
+            if ex.stream:
+                return await self._relay_stream(ex, resp, send, first_byte_deadline, route)
+            return await self._relay_body(ex, resp, send, route)
+        finally:
+            resp.release()
+
+    def _upstream_headers(self, ex: Exchange, target: Target) -> dict[str, str]:
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in ex.client_headers
+            if k not in _SKIP_REQUEST_HEADERS
+        }
+        headers["x-request-id"] = ex.request_id
+        headers["accept-encoding"] = "identity"
+        headers["content-type"] = "application/json"
+        if target.upstream.config.api_key:
+            headers["authorization"] = f"Bearer {target.upstream.config.api_key}"
+        return headers
+
+    def _response_headers(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-request-id", ex.request_id.encode()),
+            (b"x-kiban-engine", (ex.engine or "").encode()),
+        ]
+
+    async def _upstream_error(
+        self, ex: Exchange, resp: aiohttp.ClientResponse, target: Target, send: Send
+    ) -> _Failure | None:
+        try:
+            raw = await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            return _Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
+        body = target.upstream.kind.error_to_openai(resp.status, raw)
+        headers = [(b"content-type", b"application/json")]
+        retry_after = resp.headers.get("Retry-After")
+        if retry_after:
+            headers.append((b"retry-after", retry_after.encode("latin-1")))
+        if resp.status >= 500 or resp.status == 429:
+            return _Failure(
+                "status",
+                f"engine {target.upstream.name!r} answered HTTP {resp.status}",
+                resp.status,
+                body,
+                headers,
+            )
+        ex.status = resp.status
+        await send_response(send, resp.status, body, headers + self._response_headers(ex))
+        ex.committed = True
+        return None
+
+    async def _relay_body(
+        self, ex: Exchange, resp: aiohttp.ClientResponse, send: Send, route: Route
+    ) -> _Failure | None:
+        try:
+            body = await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+        content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
+        ex.status = resp.status
+        ex.usage = _usage_of(body)
+        await send_response(
+            send, resp.status, body, [(b"content-type", content_type), *self._response_headers(ex)]
+        )
+        ex.committed = True
+        return None
+
+    async def _relay_stream(
+        self,
+        ex: Exchange,
+        resp: aiohttp.ClientResponse,
+        send: Send,
+        first_byte_deadline: float,
+        route: Route,
+    ) -> _Failure | None:
+        content = resp.content
+        try:
+            async with asyncio.timeout_at(first_byte_deadline):
+                first = await content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            return _Failure(
+                "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
+            )
+        if not first:
+            return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
+        ex.ttft_s = time.perf_counter() - ex.started
+        ex.status = resp.status
+        await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
+        ex.committed = True
+        chunks = first.count(b"\n\n")
+        tail = first[-_TAIL_BYTES:]
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            while chunk := await content.readany():
+                chunks += chunk.count(b"\n\n")
+                tail = (tail + chunk)[-_TAIL_BYTES:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, OSError) as exc:
+            ex.chunks = chunks
+            await self._end_stream_with_error(
+                ex,
+                send,
+                f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}",
+                "upstream_stream_broken",
+            )
+            return _Failure("broken", "mid-stream")
+        ex.chunks = chunks
+        ex.usage = _stream_usage(tail)
+        if not tail.rstrip().endswith(b"[DONE]"):
+            await self._end_stream_with_error(
+                ex,
+                send,
+                f"engine {ex.engine!r} ended the stream without [DONE]",
+                "upstream_stream_incomplete",
+            )
+            return _Failure("broken", "stream ended without [DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return None
+
+    @staticmethod
+    async def _end_stream_with_error(ex: Exchange, send: Send, message: str, code: str) -> None:
+        ex.error = code
+        await send(
+            {
+                "type": "http.response.body",
+                "body": error_event(message, "upstream_error", code),
+                "more_body": False,
+            }
+        )
+
+    @staticmethod
+    def _nothing_available(route: Route, needs_images: bool) -> APIError:
+        if needs_images and not any(t.upstream.accepts_images for t in route.targets):
+            return APIError(
+                400,
+                f"model {route.name!r} has no engine that accepts image inputs; "
+                "send text only or use a vision-language route",
+                param="messages",
+                code="images_not_supported",
+            )
+        if any(t.upstream.healthy for t in route.targets) and all(
+            t.upstream.outstanding >= t.upstream.config.max_concurrency
+            for t in route.targets
+            if t.upstream.healthy
+        ):
+            return APIError(
+                429,
+                f"every engine of model {route.name!r} is at its concurrency limit",
+                "rate_limit_error",
+                code="engines_saturated",
+                headers=[(b"retry-after", b"1")],
+            )
+        names = ", ".join(t.upstream.name for t in route.targets)
+        return APIError(
+            503,
+            f"no healthy engine for model {route.name!r} (engines: {names})",
+            "service_unavailable",
+            code="no_healthy_engine",
+            headers=[(b"retry-after", b"5")],
+        )
+
+    @staticmethod
+    def _all_failed(failures: list[tuple[str, _Failure]]) -> APIError:
+        last = failures[-1][1]
+        summary = "; ".join(f.message for _, f in failures)
+        if last.reason == "status":
+            return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
+        if last.reason == "timeout":
+            return APIError(504, summary, "timeout", code="upstream_timeout")
+        return APIError(
+            503,
+            summary,
+            "service_unavailable",
+            code="no_healthy_engine",
+            headers=[(b"retry-after", b"5")],
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _usage_of(body: bytes) -> dict[str, Any] | None:
+    if b'"usage"' not in body:
+        return None
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _stream_usage(tail: bytes) -> dict[str, Any] | None:
+    """Usage from the last SSE event that carries one (``stream_options.include_usage``)."""
+    if b'"usage"' not in tail:
+        return None
+    for event in reversed(tail.split(b"\n\n")):
+        event = event.strip()
+        if event.startswith(b"data:") and b'"usage"' in event:
+            usage = _usage_of(event[5:])
+            if usage:
+                return usage
+    return None

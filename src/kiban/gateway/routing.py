@@ -1,0 +1,172 @@
+"""Routes: a public model name, its engines, and the order in which to try them."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kiban.config import KibanConfig, RouteConfig, resolve_target_model
+from kiban.gateway.upstreams import Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An engine of a route and the model name to send it."""
+
+    upstream: Upstream
+    model: str
+
+
+Order = Callable[[list[Target]], list[Target]]
+
+
+def _priority(targets: list[Target]) -> list[Target]:
+    return targets
+
+
+class _RoundRobin:
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self, targets: list[Target]) -> list[Target]:
+        if not targets:
+            return targets
+        start = self._next % len(targets)
+        self._next += 1
+        return targets[start:] + targets[:start]
+
+
+class _LeastOutstanding:
+    """Fewest requests in flight first; ties broken by rotation."""
+
+    def __init__(self) -> None:
+        self._rotate = _RoundRobin()
+
+    def __call__(self, targets: list[Target]) -> list[Target]:
+        return sorted(self._rotate(targets), key=lambda t: t.upstream.outstanding)
+
+
+class _Weighted:
+    """Smooth weighted round robin (as nginx does it): deterministic, well spread."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def __call__(self, targets: list[Target]) -> list[Target]:
+        if len(targets) < 2:
+            return targets
+        total = 0.0
+        for t in targets:
+            weight = t.upstream.config.weight
+            total += weight
+            self._current[t.upstream.name] = self._current.get(t.upstream.name, 0.0) + weight
+        first = max(targets, key=lambda t: self._current[t.upstream.name])
+        self._current[first.upstream.name] -= total
+        rest = sorted(
+            (t for t in targets if t is not first),
+            key=lambda t: -t.upstream.config.weight,
+        )
+        return [first, *rest]
+
+
+def _ewma_latency(targets: list[Target]) -> list[Target]:
+    """Lowest smoothed latency first, weighted by load; unmeasured engines go first."""
+    return sorted(
+        targets,
+        key=lambda t: (t.upstream.ewma_latency_s * (1 + t.upstream.outstanding), random.random()),
+    )
+
+
+def make_order(strategy: str) -> Order:
+    factories: dict[str, Callable[[], Order]] = {
+        "priority": lambda: _priority,
+        "round_robin": _RoundRobin,
+        "least_outstanding": _LeastOutstanding,
+        "weighted": _Weighted,
+        "ewma_latency": lambda: _ewma_latency,
+    }
+    return factories[strategy]()
+
+
+@dataclass
+class RetryBudget:
+    """Retries may add at most *ratio* of recent traffic (plus a small floor).
+
+    A token bucket: every request deposits *ratio* tokens, every retry takes
+    one, and the floor refills at *min_per_s*. During an outage this keeps
+    retries from multiplying the load on the engines still up.
+    """
+
+    ratio: float
+    min_per_s: float
+    capacity: float = 0.0
+    tokens: float = 0.0
+    _last: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.capacity = max(10.0, self.min_per_s * 10)
+        self.tokens = self.capacity
+
+    def deposit(self) -> None:
+        self.tokens = min(self.capacity, self.tokens + self.ratio)
+
+    def try_withdraw(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.min_per_s)
+        self._last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Route:
+    """A public model name with its ordered engines and its policies."""
+
+    def __init__(self, config: RouteConfig, targets: list[Target]) -> None:
+        self.config = config
+        self.name = config.model
+        self.targets = targets
+        self.order = make_order(config.strategy)
+        self.budget = RetryBudget(config.retries.budget_ratio, config.retries.min_retries_per_s)
+
+    def candidates(self, needs_images: bool = False) -> list[Target]:
+        """Targets able to take this request now, in the strategy's order."""
+        now = time.monotonic()
+        usable = [
+            t
+            for t in self.targets
+            if t.upstream.available(now) and (not needs_images or t.upstream.accepts_images)
+        ]
+        return self.order(usable)
+
+    def has_healthy_target(self) -> bool:
+        now = time.monotonic()
+        return any(t.upstream.healthy and t.upstream.breaker.allows(now) for t in self.targets)
+
+
+class Router:
+    """Every route of a configuration, looked up by public name or alias."""
+
+    def __init__(self, config: KibanConfig) -> None:
+        self.upstreams = {e.name: Upstream.from_config(e) for e in config.engines}
+        self.routes: list[Route] = []
+        self._by_name: dict[str, Route] = {}
+        for route_cfg in config.routes:
+            targets = [
+                Target(self.upstreams[t.engine], resolve_target_model(config, route_cfg, t))
+                for t in route_cfg.engines
+            ]
+            route = Route(route_cfg, targets)
+            self.routes.append(route)
+            for name in route_cfg.public_names:
+                self._by_name[name] = route
+
+    def route_for(self, model: str) -> Route | None:
+        return self._by_name.get(model)
+
+    @property
+    def public_models(self) -> list[str]:
+        return list(self._by_name)
