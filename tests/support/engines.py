@@ -1,0 +1,221 @@
+"""Start, stop, crash and restart REAL inference engines for tests.
+
+Only processes started here are ever signalled, by their own PID / process
+group (each engine runs in a new session, so its group id is its PID).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEALTH_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 20.0
+LOG_TAIL_CHARS = 6000
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EngineStartError(RuntimeError):
+    """The engine exited or never became healthy; the message ends with its log tail."""
+
+
+@dataclass
+class EngineProcess:
+    """One engine server process: a command line, a port, a log file."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    health_path: str = "/health"
+    proc: subprocess.Popen | None = None
+    startup_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Root URL of the server, e.g. http://127.0.0.1:PORT."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server, None when not started."""
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = HEALTH_TIMEOUT_S) -> EngineProcess:
+        """Launch the server in its own session and wait for a 200 from the health path."""
+        if self.running():
+            raise RuntimeError(f"{self.name} already running as PID {self.pid}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            log.write(f"\n$ {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=os.environ | self.env, start_new_session=True,
+            )
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def running(self) -> bool:
+        """True while our process exists and has not exited."""
+        return self.proc is not None and not self._leader_exited()
+
+    def healthy(self) -> bool:
+        """One GET of the health path answered 200."""
+        try:
+            with urllib.request.urlopen(self.base_url + self.health_path, timeout=2) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM our process group, wait, then SIGKILL it; returns the exit code."""
+        if self.proc is None:
+            return None
+        if not self._leader_exited():
+            self._signal_group(signal.SIGTERM)
+            if not self._wait_leader(timeout):
+                self._signal_group(signal.SIGKILL)
+        return self._reap()
+
+    def kill(self) -> int | None:
+        """SIGKILL our process group at once, as a crash would; returns the exit code."""
+        if self.proc is None:
+            return None
+        self._signal_group(signal.SIGKILL)
+        return self._reap()
+
+    def restart(self, timeout: float = HEALTH_TIMEOUT_S) -> EngineProcess:
+        """Stop (if running) and start again on the same port."""
+        self.stop()
+        _wait_port_free(self.port, STOP_TIMEOUT_S)
+        self.proc = None
+        return self.start(timeout)
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        """The end of the engine's log file."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        """Signal the process group our child leads (PGID == its PID).
+
+        Only called while the leader is alive or an unreaped zombie, so the PID
+        (and with it the group id) cannot have been reused by another process.
+        """
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def _leader_exited(self) -> bool:
+        """Has the leader exited? Does not reap it (WNOWAIT keeps its PID ours)."""
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            return True
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, flags) is not None
+        except ChildProcessError:
+            return True
+
+    def _wait_leader(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._leader_exited():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _reap(self) -> int:
+        """Kill what is left of the group (engine workers), then reap the leader."""
+        assert self.proc is not None
+        if not self._wait_leader(STOP_TIMEOUT_S):
+            self._signal_group(signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)
+        return self.proc.wait(STOP_TIMEOUT_S)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._leader_exited():
+                code = self._reap()
+                raise EngineStartError(
+                    f"{self.name} exited with code {code} before it was "
+                    f"healthy; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        raise EngineStartError(
+            f"{self.name} not healthy after {timeout:.0f}s on port {self.port}; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+
+def _wait_port_free(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.5)
+    raise RuntimeError(f"port {port} still busy after {timeout}s")
+
+
+def vllm_server(
+    python: Path,
+    model_dir: Path,
+    served_name: str,
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    kv_cache_gib: int = 1,
+    max_model_len: int = 2048,
+    extra_args: tuple[str, ...] = (),
+) -> EngineProcess:
+    """An (unstarted) vLLM OpenAI server for `model_dir` from the given venv Python."""
+    port = port or free_port()
+    argv = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(max_model_len), *extra_args,
+    ]
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    log = log_dir / f"vllm-{served_name}-{port}.log"
+    return EngineProcess(name=f"vllm:{served_name}", argv=argv, port=port, log_path=log, env=env)
