@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from kiban.models.tiny import (
@@ -18,6 +18,8 @@ from kiban.models.tiny import (
     TinySpec,
     build_tiny_gguf,
     build_tiny_model,
+    load_bf16_safetensors,
+    random_weights,
 )
 
 SPEC = TinySpec()
@@ -72,10 +74,21 @@ def test_config_matches_spec(built: Path) -> None:
     assert cfg["vocab_size"] == SPEC.vocab_size
 
 
+def test_safetensors_readable_by_safetensors(built: Path) -> None:
+    with safe_open(str(built / "model.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt"}
+        names = list(f.keys())  # safe_open is not iterable
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
+    assert shapes == SPEC.hf_shapes()
+
+
 def test_tensor_names_and_shapes(built: Path) -> None:
-    tensors = load_file(str(built / "model.safetensors"))
+    tensors = load_bf16_safetensors(built / "model.safetensors")
     assert {k: v.shape for k, v in tensors.items()} == SPEC.hf_shapes()
     assert all(v.dtype == np.float32 for v in tensors.values())
+    assert np.all(tensors["model.norm.weight"] == 1.0)
+    assert 0.015 < float(tensors["model.embed_tokens.weight"].std()) < 0.025
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (128, 256)
     assert tensors["model.layers.1.self_attn.q_proj.bias"].shape == (256,)
     assert tensors["lm_head.weight"].shape == (SPEC.vocab_size, 256)
@@ -169,6 +182,17 @@ def test_gguf_metadata(gguf_file: Path, built: Path) -> None:
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.token_to_id(IM_END)
     hf_merges = json.loads((built / "tokenizer.json").read_text())["model"]["merges"]
     assert len(_field(reader, "tokenizer.ggml.merges")) == len(hf_merges)
+
+
+def test_gguf_holds_the_same_weights(gguf_file: Path) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_file)
+    by_name = {t.name: np.asarray(t.data) for t in reader.tensors}
+    weights = random_weights(SPEC, seed=0)
+    q = by_name["blk.1.attn_q.weight"]
+    assert np.array_equal(q.reshape(weights["model.layers.1.self_attn.q_proj.weight"].shape),
+                          weights["model.layers.1.self_attn.q_proj.weight"])
 
 
 def test_gguf_same_seed_same_bytes(gguf_file: Path, tmp_path: Path) -> None:

@@ -129,15 +129,65 @@ def gguf_name(hf_name: str) -> str:
 
 
 def random_weights(spec: TinySpec, seed: int) -> dict[str, np.ndarray]:
-    """Seeded float32 weights: normal(0, std) matrices, ones for norms, small biases."""
+    """Seeded weights: normal(0, std) matrices and biases, ones for norms.
+
+    float32 arrays whose values are exactly representable in bfloat16, so the HF
+    file (bf16, what vLLM CPU runs) and the GGUF file (f32) hold the same numbers.
+    """
     rng = np.random.default_rng(seed)
     weights: dict[str, np.ndarray] = {}
     for name, shape in spec.hf_shapes().items():
         if "norm" in name:
             weights[name] = np.ones(shape, dtype=np.float32)
         else:
-            weights[name] = (rng.standard_normal(shape) * spec.init_std).astype(np.float32)
+            values = (rng.standard_normal(shape) * spec.init_std).astype(np.float32)
+            weights[name] = bf16_to_f32(f32_to_bf16(values))
     return weights
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 values."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def save_bf16_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """Write float32 arrays as a BF16 safetensors file (numpy has no bfloat16 dtype)."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        blob = f32_to_bf16(tensors[name]).astype("<u2").tobytes()
+        span = [offset, offset + len(blob)]
+        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape), "data_offsets": span}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with Path(path).open("wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.writelines(blobs)
+
+
+def load_bf16_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a BF16 safetensors file back as float32 arrays (for tests and checks)."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header.pop("__metadata__", None)
+    body = data[8 + size :]
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        bits = np.frombuffer(body[begin:end], dtype="<u2").reshape(info["shape"])
+        out[name] = bf16_to_f32(bits)
+    return out
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -233,7 +283,7 @@ def _hf_config(spec: TinySpec, tok) -> dict:
         "initializer_range": spec.init_std,
         "tie_word_embeddings": False,
         "use_cache": True,
-        "torch_dtype": "float32",
+        "torch_dtype": "bfloat16",
         "bos_token_id": tok.token_to_id(PAD_TOKEN),
         "eos_token_id": tok.token_to_id(IM_END),
     }
@@ -245,8 +295,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def build_tiny_model(dest: Path, *, seed: int = 0, spec: TinySpec | None = None) -> Path:
     """Write a HF-format Qwen2ForCausalLM directory at `dest`; same seed, same bytes."""
-    from safetensors.numpy import save_file
-
     spec = spec or TinySpec()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -257,8 +305,7 @@ def build_tiny_model(dest: Path, *, seed: int = 0, spec: TinySpec | None = None)
     pad, eos = tok.token_to_id(PAD_TOKEN), tok.token_to_id(IM_END)
     generation = {"bos_token_id": pad, "eos_token_id": eos, "pad_token_id": pad}
     _write_json(dest / "generation_config.json", generation)
-    weights = random_weights(spec, seed)
-    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_bf16_safetensors(random_weights(spec, seed), dest / "model.safetensors")
     return dest
 
 
@@ -291,7 +338,7 @@ def _add_gguf_metadata(writer, spec: TinySpec, tok) -> None:
     writer.add_head_count_kv(spec.num_kv_heads)
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
-    writer.add_file_type(0)  # all F32
+    writer.add_file_type(0)  # all F32 (values are bf16-exact, see random_weights)
     tokens, types, merges = _vocab_lists(tok)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # HF ByteLevel(use_regex=True) is the GPT-2 split
