@@ -18,7 +18,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Work with kiban.yaml.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Path to kiban.yaml.", show_default=True)

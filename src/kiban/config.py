@@ -25,6 +25,7 @@ from kiban.engines import ENGINE_KINDS
 Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 
+_HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -67,7 +68,7 @@ class CircuitConfig(_Strict):
 class EngineConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     kind: str
-    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/.*)?$")]
+    url: str
     models: Annotated[list[str], Field(min_length=1)]
     weight: Annotated[float, Field(gt=0)] = 1.0
     max_concurrency: Annotated[int, Field(ge=1)] = 256
@@ -84,7 +85,9 @@ class EngineConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
+    def _http_url(cls, value: str) -> str:
+        if not _HTTP_URL.match(value):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000")
         return value.rstrip("/")
 
 

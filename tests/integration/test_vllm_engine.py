@@ -65,7 +65,11 @@ def test_chat_completion(client: OpenAI, tiny_model_dir: Path) -> None:
 
 def test_streamed_chat_completion(client: OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0.0, stream=True,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0.0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)

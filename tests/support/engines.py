@@ -66,8 +66,12 @@ class EngineProcess:
             log.write(f"\n$ {' '.join(self.argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=os.environ | self.env, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ | self.env,
+                start_new_session=True,
             )
         try:
             self._wait_healthy(timeout)
@@ -204,10 +208,20 @@ def vllm_server(
     """An (unstarted) vLLM OpenAI server for `model_dir` from the given venv Python."""
     port = port or free_port()
     argv = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", served_name,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(max_model_len), *extra_args,
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        *extra_args,
     ]
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),

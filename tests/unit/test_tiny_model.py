@@ -26,9 +26,7 @@ SPEC = TinySpec()
 
 
 def _digests(directory: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
-    }
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +189,10 @@ def test_gguf_holds_the_same_weights(gguf_file: Path) -> None:
     by_name = {t.name: np.asarray(t.data) for t in reader.tensors}
     weights = random_weights(SPEC, seed=0)
     q = by_name["blk.1.attn_q.weight"]
-    assert np.array_equal(q.reshape(weights["model.layers.1.self_attn.q_proj.weight"].shape),
-                          weights["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(
+        q.reshape(weights["model.layers.1.self_attn.q_proj.weight"].shape),
+        weights["model.layers.1.self_attn.q_proj.weight"],
+    )
 
 
 def test_gguf_same_seed_same_bytes(gguf_file: Path, tmp_path: Path) -> None:

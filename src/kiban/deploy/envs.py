@@ -168,8 +168,13 @@ def _build(spec: EnvSpec, root: Path, say: Progress, *, fresh: bool) -> EngineEn
     env = _engine_env(spec, root)
     _smoke_test(spec, env, say)
     seconds = round(time.monotonic() - started, 1)
-    marker = {"name": spec.name, "fingerprint": spec.fingerprint(), "spec": asdict(spec),
-              "built_at": time.time(), "build_seconds": seconds}
+    marker = {
+        "name": spec.name,
+        "fingerprint": spec.fingerprint(),
+        "spec": asdict(spec),
+        "built_at": time.time(),
+        "build_seconds": seconds,
+    }
     (root / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     say(f"{spec.name}: ready in {seconds}s")
     return env
@@ -194,8 +199,9 @@ def _run(spec: EnvSpec, step: Step, root: Path, say: Progress) -> None:
     env = os.environ | {"PIP_PROGRESS_BAR": "off", **spec.env}
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n$ {' '.join(argv)}\n")
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             fh.write(line)

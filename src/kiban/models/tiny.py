@@ -320,9 +320,7 @@ def _vocab_lists(tok) -> tuple[list[str], list[int], list[str]]:
     tokens = [""] * len(vocab)
     for text, idx in vocab.items():
         tokens[idx] = text
-    types = [
-        int(TokenType.CONTROL if t in SPECIAL_TOKENS else TokenType.NORMAL) for t in tokens
-    ]
+    types = [int(TokenType.CONTROL if t in SPECIAL_TOKENS else TokenType.NORMAL) for t in tokens]
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     return tokens, types, merges
