@@ -1,0 +1,15 @@
+# The two commands of the README: `make demo` runs kiban, `make test` runs every test.
+.PHONY: demo test lint bootstrap
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+demo: bootstrap
+	.venv/bin/kiban demo
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: lint
+	.venv/bin/pytest
