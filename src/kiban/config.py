@@ -16,9 +16,17 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kiban.engines import ENGINE_KINDS
 
@@ -65,6 +73,48 @@ class CircuitConfig(_Strict):
     cooldown_s: Annotated[float, Field(gt=0)] = 5.0
 
 
+class RestartPolicy(_Strict):
+    """How the supervisor restarts a crashed engine: exponential backoff, bounded."""
+
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    backoff_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    reset_after_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+class LaunchConfig(_Strict):
+    """A managed engine: kiban starts it (``kiban up``) instead of finding it running.
+
+    ``context``, ``concurrency`` and ``kv_cache_dtype`` are what the user asks
+    for; the planner turns them into each engine's own flags. ``args`` are
+    appended verbatim after the planned flags (and win where an engine lets a
+    later flag override an earlier one).
+    """
+
+    model: Annotated[str, Field(min_length=1, description="local path or hub name")]
+    device: Literal["gpu", "cpu"] = "gpu"
+    gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    context: Annotated[int, Field(ge=16)] | None = None
+    concurrency: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_dtype: str = "auto"
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="cap on the GPU memory this engine may take"
+    )
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    stop_grace_s: Annotated[float, Field(gt=0)] = 20.0
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+
+
+class GpuPolicy(_Strict):
+    """GPU fail-fast: ``require`` defaults to true whenever an engine runs on a GPU."""
+
+    require: bool | None = None
+    min_free_mib: Annotated[int, Field(ge=0)] = 0
+
+
 class EngineConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     kind: str
@@ -75,6 +125,22 @@ class EngineConfig(_Strict):
     images: bool | None = Field(default=None, description="accepts image inputs (VLM)")
     api_key: str | None = Field(default=None, description="key sent to the engine")
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+    launch: LaunchConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_from_launch_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "url" not in data:
+            launch = data.get("launch")
+            if isinstance(launch, dict) and isinstance(launch.get("port"), int):
+                return {**data, "url": f"http://127.0.0.1:{launch['port']}"}
+        return data
+
+    @property
+    def port(self) -> int:
+        """The TCP port of ``url`` (explicit, or the scheme's default)."""
+        parsed = urlsplit(self.url)
+        return parsed.port or (443 if parsed.scheme == "https" else 80)
 
     @field_validator("kind")
     @classmethod
@@ -133,6 +199,7 @@ class RouteConfig(_Strict):
 
 class KibanConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    gpu: GpuPolicy = Field(default_factory=GpuPolicy)
     engines: Annotated[list[EngineConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
