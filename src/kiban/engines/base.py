@@ -8,11 +8,27 @@ here as methods with a default, and overridden where an engine differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import orjson
 
 from kiban.gateway.errors import error_body
+
+
+@dataclass(frozen=True)
+class StartupReport:
+    """What an engine's start-up log says about itself (None where it says nothing).
+
+    ``device`` is where the engine put its model, as the engine reports it
+    (``"cuda"``, ``"cpu"``); the GPU policy uses it where NVML cannot see
+    processes (WSL2). ``errors`` are log lines that explain a failed start.
+    """
+
+    kv_cache_tokens: int | None = None
+    kv_cache_bytes: int | None = None
+    device: str | None = None
+    errors: list[str] = field(default_factory=list)
 
 
 class EngineKind:
@@ -49,6 +65,12 @@ class EngineKind:
             if message:
                 return error_body(message, _type_for(status), code=data.get("code", status))
         return error_body(body.decode("utf-8", "replace")[:2000], _type_for(status), code=status)
+
+    # -- start-up report --
+
+    def startup_report(self, log_text: str) -> StartupReport:
+        """Parse the engine's start-up log; engines that report nothing useful keep this."""
+        return StartupReport()
 
     @staticmethod
     def _message_of(data: dict, err: object) -> str | None:
