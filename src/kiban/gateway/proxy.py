@@ -177,7 +177,15 @@ class Proxy:
                 resp = await self.session.post(
                     url, data=body, headers=headers, timeout=self._client_timeout(route)
                 )
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+        except aiohttp.ConnectionTimeoutError:
+            return _Failure(
+                "timeout",
+                f"engine {upstream.name!r} did not accept a connection within the connect "
+                f"timeout ({route.config.timeouts.connect_s:g} s)",
+            )
+        except TimeoutError:
+            raise  # the first-byte deadline: _attempt names it
+        except (aiohttp.ClientError, OSError) as exc:
             return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(exc)}")
         try:
             if resp.status >= 400:
@@ -212,6 +220,8 @@ class Proxy:
     ) -> _Failure | None:
         try:
             raw = await resp.read()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
         body = target.upstream.kind.error_to_openai(resp.status, raw)
@@ -237,6 +247,8 @@ class Proxy:
     ) -> _Failure | None:
         try:
             body = await resp.read()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
         content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
@@ -260,6 +272,8 @@ class Proxy:
         try:
             async with asyncio.timeout_at(first_byte_deadline):
                 first = await content.readany()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure(
                 "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
@@ -278,6 +292,8 @@ class Proxy:
                 chunks += chunk.count(b"\n\n")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             ex.chunks = chunks
             await self._end_stream_with_error(
