@@ -9,7 +9,8 @@ The request's ``model`` picks the behaviour, so one server plays many engines:
 * ``status-NNN``  answers HTTP NNN with an OpenAI-shaped error (429 adds Retry-After: 7);
 * ``nonjson``     answers 502 with an HTML body;
 * ``truncated``   200 with a JSON body cut in the middle;
-* ``no-done``     streams two chunks and closes without ``[DONE]``;
+* ``no-done``     streams two chunks and ends the response without ``[DONE]``;
+* ``drop``        streams two chunks and closes the connection mid-response;
 * ``slow``        streams one token per ``--slow-interval`` seconds.
 
 ``python -m tests.support.fault_upstream --port P`` serves until SIGTERM.
@@ -25,7 +26,7 @@ import time
 
 from aiohttp import web
 
-BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "slow")
+BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "drop", "slow")
 
 
 def _completion(model: str, content: str) -> dict:
@@ -57,22 +58,23 @@ def _chunk(model: str, content: str, finish: str | None = None) -> bytes:
 
 
 async def _stream(
-    request: web.Request, model: str, pieces: list[str], interval: float, done: bool
+    request: web.Request, model: str, pieces: list[str], interval: float, end: str = "done"
 ) -> web.StreamResponse:
+    """Stream *pieces*; *end* is ``done`` ([DONE]), ``eof`` (no [DONE]) or ``drop``."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
-        await resp.write(_chunk(model, piece, "stop" if last and done else None))
+        await resp.write(_chunk(model, piece, "stop" if last and end == "done" else None))
         if interval and not last:
             await asyncio.sleep(interval)
-    if done:
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-    else:
-        # close the connection under the client without a proper end of stream
+    if end == "drop":
         assert request.transport is not None
-        request.transport.close()
+        request.transport.close()  # under the client, mid-response
+        return resp
+    if end == "done":
+        await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
     return resp
 
 
@@ -94,14 +96,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=b'{"id": "cmpl-fault", "choices": [{"mess', content_type="application/json"
         )
-    if model == "no-done":
-        return await _stream(request, model, ["a", "b"], 0.0, done=False)
+    if model in ("no-done", "drop"):
+        return await _stream(
+            request, model, ["a", "b"], 0.0, "eof" if model == "no-done" else "drop"
+        )
     if model == "slow":
-        return await _stream(request, model, [f"t{i} " for i in range(30)], slow_interval, True)
+        return await _stream(request, model, [f"t{i} " for i in range(30)], slow_interval)
     echo = json.dumps({"headers": dict(request.headers), "body": body, "raw": raw.decode()})
     if stream:
         return await _stream(
-            request, model, [echo[i : i + 64] for i in range(0, len(echo), 64)], 0.0, True
+            request, model, [echo[i : i + 64] for i in range(0, len(echo), 64)], 0.0
         )
     return web.json_response(_completion(model, echo))
 

@@ -68,6 +68,7 @@ class Gateway:
         self.health: HealthChecker | None = None
         self.created = int(time.time())
         self.log_requests = config.gateway.request_log
+        self.worker_pid = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -248,6 +249,7 @@ class Gateway:
                 orjson.dumps(
                     {
                         "request_id": ex.request_id,
+                        "worker": self.worker_pid,
                         "route": route,
                         "engine": ex.engine,
                         "endpoint": ex.endpoint,
