@@ -92,6 +92,11 @@ class LaunchConfig(_Strict):
     """
 
     model: Annotated[str, Field(min_length=1, description="local path or hub name")]
+    command: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="kind openai only: the server's command line; {host}, {port}, {model} "
+        "and {name} are filled in",
+    )
     device: Literal["gpu", "cpu"] = "gpu"
     gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -271,6 +276,32 @@ def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
     return problems
 
 
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
+
+
+def _check_launch(key: str, engine: EngineConfig) -> list[str]:
+    assert engine.launch is not None
+    problems = []
+    host = urlsplit(engine.url).hostname or ""
+    if host not in _LOCAL_HOSTS:
+        problems.append(
+            f"{key}.url: a launched engine runs on this machine, so its url must name "
+            f"127.0.0.1, localhost or 0.0.0.0 (got {engine.url!r})"
+        )
+    takes_command = ENGINE_KINDS[engine.kind].takes_launch_command
+    if takes_command and engine.launch.command is None:
+        problems.append(
+            f"{key}.launch.command: required for kind {engine.kind!r} (the server's command "
+            "line; {host}, {port}, {model} and {name} are filled in)"
+        )
+    if not takes_command and engine.launch.command is not None:
+        problems.append(
+            f"{key}.launch.command: kind {engine.kind!r} is launched by kiban from "
+            "launch.model; only kind 'openai' takes a command (remove it, or use launch.args)"
+        )
+    return problems
+
+
 def _cross_check(cfg: KibanConfig) -> list[str]:
     problems: list[str] = []
     seen_engines: dict[str, int] = {}
@@ -281,6 +312,8 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
                 f"(also engines[{seen_engines[engine.name]}])"
             )
         seen_engines.setdefault(engine.name, i)
+        if engine.launch is not None:
+            problems += _check_launch(f"engines[{i}]", engine)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
         for n, name in enumerate(route.public_names):

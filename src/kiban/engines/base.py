@@ -9,11 +9,34 @@ here as methods with a default, and overridden where an engine differs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import orjson
 
 from kiban.gateway.errors import error_body
+
+if TYPE_CHECKING:
+    from kiban.config import EngineConfig
+
+
+class LaunchUnsupported(Exception):
+    """kiban cannot start this engine kind (or not on this device); the message says why."""
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    """Where a managed engine runs: its environment's root, and the address to listen on."""
+
+    env_root: Path | None  # None for engines that run from the system (kind openai)
+    host: str
+    port: int
+
+    def program(self, name: str) -> str:
+        """Path of an executable in the engine's environment (``bin/<name>``)."""
+        if self.env_root is None:
+            raise LaunchUnsupported(f"no engine environment to run {name!r} from")
+        return str(self.env_root / "bin" / name)
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,8 @@ class EngineKind:
     health_path: ClassVar[str] = "/health"
     #: whether the engine family can serve vision-language models at all
     supports_images: ClassVar[bool] = True
+    #: launched from a user-given ``launch.command`` instead of a command kiban knows
+    takes_launch_command: ClassVar[bool] = False
 
     def path_for(self, endpoint: str) -> str:
         """Upstream path for one of ``chat``, ``completions``, ``embeddings``."""
@@ -65,6 +90,29 @@ class EngineKind:
             if message:
                 return error_body(message, _type_for(status), code=data.get("code", status))
         return error_body(body.decode("utf-8", "replace")[:2000], _type_for(status), code=status)
+
+    # -- launch --
+
+    def environment(self, device: str) -> str | None:
+        """The engine environment (kiban.deploy.envs) this kind runs from on *device*.
+
+        None: the command runs as given, from the system (no environment to build).
+        """
+        raise LaunchUnsupported(
+            f"kiban cannot launch {self.name!r} engines; start the server yourself and give "
+            "its url (remove the launch section)"
+        )
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        """The engine's own server command: model, served names, address (no tuning flags).
+
+        The supervisor appends the planner's flags and then ``launch.args``.
+        """
+        raise LaunchUnsupported(f"kiban cannot launch {self.name!r} engines")
+
+    def launch_env(self, engine: EngineConfig) -> dict[str, str]:
+        """Environment variables the engine needs besides the device selection."""
+        return {}
 
     # -- start-up report --
 

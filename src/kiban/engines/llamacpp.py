@@ -1,9 +1,35 @@
 """llama.cpp's native ``llama-server``."""
 
-from kiban.engines.base import EngineKind
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kiban.engines.base import EngineKind, LaunchTarget
+
+if TYPE_CHECKING:
+    from kiban.config import EngineConfig
 
 
 class LlamaCpp(EngineKind):
     """llama-server answers /health with 503 while the model loads, 200 when ready."""
 
     name = "llamacpp"
+
+    # -- launch --
+
+    def environment(self, device: str) -> str:
+        return "llamacpp-cpu" if device == "cpu" else "llamacpp-cuda"
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        assert engine.launch is not None
+        return [
+            target.program("llama-server"),
+            "--model",
+            engine.launch.model,
+            "--host",
+            target.host,
+            "--port",
+            str(target.port),
+            "--alias",
+            engine.models[0],
+        ]

@@ -1,6 +1,13 @@
 """lmdeploy's ``lmdeploy serve api_server``."""
 
-from kiban.engines.base import EngineKind
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kiban.engines.base import EngineKind, LaunchTarget, LaunchUnsupported
+
+if TYPE_CHECKING:
+    from kiban.config import EngineConfig
 
 
 class LMDeploy(EngineKind):
@@ -8,3 +15,27 @@ class LMDeploy(EngineKind):
     the base class maps that shape to the OpenAI one."""
 
     name = "lmdeploy"
+
+    # -- launch --
+
+    def environment(self, device: str) -> str:
+        if device == "cpu":
+            raise LaunchUnsupported("lmdeploy has no CPU backend; use launch.device: gpu")
+        return "lmdeploy"
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        # lmdeploy/cli/serve.py (v0.16.0): `serve api_server MODEL --server-name --server-port
+        # --model-name`; one served name per server.
+        assert engine.launch is not None
+        return [
+            target.program("lmdeploy"),
+            "serve",
+            "api_server",
+            engine.launch.model,
+            "--server-name",
+            target.host,
+            "--server-port",
+            str(target.port),
+            "--model-name",
+            engine.models[0],
+        ]

@@ -1,6 +1,13 @@
 """Any OpenAI-compatible server (a hosted API, Ollama's /v1, a custom server)."""
 
-from kiban.engines.base import EngineKind
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kiban.engines.base import EngineKind, LaunchTarget
+
+if TYPE_CHECKING:
+    from kiban.config import EngineConfig
 
 
 class OpenAICompatible(EngineKind):
@@ -8,3 +15,26 @@ class OpenAICompatible(EngineKind):
 
     name = "openai"
     health_path = "/v1/models"
+    takes_launch_command = True
+
+    # -- launch --
+
+    def environment(self, device: str) -> str | None:
+        return None
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        """``launch.command`` with ``{host}``, ``{port}``, ``{model}``, ``{name}`` filled in."""
+        assert engine.launch is not None and engine.launch.command is not None
+        values = {
+            "host": target.host,
+            "port": str(target.port),
+            "model": engine.launch.model,
+            "name": engine.models[0],
+        }
+        return [_fill(arg, values) for arg in engine.launch.command]
+
+
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg

@@ -1,9 +1,42 @@
 """vLLM's OpenAI-compatible server (``vllm.entrypoints.openai.api_server``)."""
 
-from kiban.engines.base import EngineKind
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kiban.engines.base import EngineKind, LaunchTarget
+
+if TYPE_CHECKING:
+    from kiban.config import EngineConfig
 
 
 class VLLM(EngineKind):
     """vLLM answers GET /health with 200 once the engine loop runs."""
 
     name = "vllm"
+
+    # -- launch --
+
+    def environment(self, device: str) -> str:
+        return "vllm-cpu" if device == "cpu" else "vllm-cuda"
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        # `python -m` rather than the `vllm` console script: the CPU build's script
+        # looks up a distribution named `vllm` and fails (shared/REAL-ENGINES-HERE.md).
+        assert engine.launch is not None
+        return [
+            target.program("python"),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            engine.launch.model,
+            "--served-model-name",
+            *engine.models,
+            "--host",
+            target.host,
+            "--port",
+            str(target.port),
+        ]
+
+    def launch_env(self, engine: EngineConfig) -> dict[str, str]:
+        return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
