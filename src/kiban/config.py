@@ -338,15 +338,40 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
     return problems
 
 
+def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
+    """Relative paths in the file mean relative to the file (not to the current directory).
+
+    ``launch.model`` counts as a path when it starts with ``./`` or ``../`` (otherwise
+    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` always.
+    """
+    for engine in tree.get("engines") or []:
+        launch = engine.get("launch") if isinstance(engine, dict) else None
+        model = launch.get("model") if isinstance(launch, dict) else None
+        if isinstance(model, str) and model.startswith(("./", "../")):
+            launch["model"] = str((base_dir / model).resolve())
+    keys = (
+        (tree.get("gateway") or {}).get("api_keys")
+        if isinstance(tree.get("gateway"), dict)
+        else None
+    )
+    if isinstance(keys, dict) and isinstance(keys.get("file"), str):
+        keys["file"] = str((base_dir / keys["file"]).resolve())
+
+
 def parse_config(
-    raw: Any, env: Mapping[str, str] | None = None, source: str = "config"
+    raw: Any,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+    base_dir: Path | None = None,
 ) -> KibanConfig:
-    """Validate an already-parsed YAML/JSON tree."""
+    """Validate an already-parsed YAML/JSON tree (relative paths against *base_dir*)."""
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: expected a mapping (got {type(raw).__name__})"], source)
     tree, problems = substitute_env(raw, os.environ if env is None else env)
     if problems:
         raise ConfigError(problems, source)
+    if base_dir is not None:
+        _resolve_paths(tree, base_dir)
     try:
         cfg = KibanConfig.model_validate(tree)
     except ValidationError as err:
@@ -371,7 +396,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Kiban
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError([f"{where}invalid YAML: {problem}"], str(path)) from None
-    return parse_config(raw, env, str(path))
+    return parse_config(raw, env, str(path), base_dir=path.resolve().parent)
 
 
 def resolve_target_model(cfg: KibanConfig, route: RouteConfig, target: RouteTarget) -> str:
