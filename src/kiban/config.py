@@ -270,6 +270,8 @@ def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
             msg = "unknown key"
         elif item["type"] == "missing":
             msg = "required key is missing"
+            if loc[-1:] == ["url"] and loc[:1] == ["engines"]:
+                msg += " (or give a launch section with launch.port)"
         found, value = _lookup_value(raw, loc)
         shown = f" (got {value!r})" if found and item["type"] != "extra_forbidden" else ""
         problems.append(f"{_loc_to_path(loc)}: {msg}{shown}")

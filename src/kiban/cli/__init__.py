@@ -4,7 +4,13 @@ A new command group is a new module here that imports ``app`` from
 :mod:`kiban.cli.app` and is listed below.
 """
 
-from kiban.cli import config_cmd, engines, models, serve  # noqa: F401  (registers commands)
+from kiban.cli import (  # noqa: F401  (importing a module registers its commands)
+    config_cmd,
+    doctor,
+    engines,
+    models,
+    serve,
+)
 from kiban.cli.app import app
 
 __all__ = ["app"]
