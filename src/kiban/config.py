@@ -197,9 +197,31 @@ class RouteConfig(_Strict):
         return [self.model, *self.aliases]
 
 
+class ObservabilityConfig(_Strict):
+    """Where Prometheus runs and how kiban's generated scrape configuration reads the stack.
+
+    ``gpu_exporter``: ``gateway`` puts the NVML GPU metrics on the gateway's own
+    /metrics; ``standalone`` scrapes ``kiban gpu-exporter`` on ``gpu_exporter_port``;
+    ``off`` leaves GPUs out.
+    """
+
+    prometheus_url: str = "http://127.0.0.1:9090"
+    scrape_interval_s: Annotated[float, Field(ge=1, le=300)] = 15.0
+    gpu_exporter: Literal["gateway", "standalone", "off"] = "gateway"
+    gpu_exporter_port: Annotated[int, Field(ge=1, le=65535)] = 9835
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not _HTTP_URL.match(value):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9090")
+        return value.rstrip("/")
+
+
 class KibanConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     gpu: GpuPolicy = Field(default_factory=GpuPolicy)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     engines: Annotated[list[EngineConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 

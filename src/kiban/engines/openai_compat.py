@@ -8,3 +8,7 @@ class OpenAICompatible(EngineKind):
 
     name = "openai"
     health_path = "/v1/models"
+
+    # -- metrics --
+    # A generic server has no known metrics endpoint; the gateway's own metrics cover it.
+    metrics_path = None
