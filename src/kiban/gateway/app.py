@@ -61,6 +61,7 @@ class Gateway:
         self.config = config
         self.router = Router(config)
         self.metrics = Metrics()
+        self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
         self.session: aiohttp.ClientSession | None = None

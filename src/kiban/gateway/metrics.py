@@ -236,6 +236,17 @@ class Metrics:
 
     # -- events off the hot path -------------------------------------------------------------
 
+    def prepare(self, routes: Iterable[Route]) -> None:
+        """Create every (route, engine) series at zero, so rates and increases count from 0.
+
+        Status 200 is created too: a counter that first appears at N hides
+        those N from Prometheus' ``increase()``.
+        """
+        for route in routes:
+            self.in_flight_for(route.name)
+            for target in route.targets:
+                self.series(route.name, target.upstream.name).requests(200)
+
     def structured_outcome(self, route: str, outcome: str) -> None:
         """Count one structured-output verification outcome (the structured module's names)."""
         key = (route, outcome)
