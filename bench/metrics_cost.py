@@ -137,7 +137,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(
-        f"metrics recorded per request, ns (best of {args.repeats} x {args.requests}; "
+        f"metrics recorded per request, CPU ns (best of {args.repeats} x {args.requests}; "
         f"Python {report['python']}, {report['machine']})"
     )
     print(f"{'path':<28}{'one process':>14}{'multiprocess':>14}")

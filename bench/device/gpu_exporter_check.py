@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from kiban.observability.gpu import CLOCK_EVENT_REASONS, GpuCollector  # noqa: E402
+from kiban.observability.gpu import CLOCK_EVENT_REASONS, GpuCollector
 
 MiB = 1024 * 1024
 
@@ -122,17 +122,31 @@ def query_smi(fields: list[str]) -> tuple[list[dict[str, str]], list[dict[str, s
         text=True,
         check=True,
     ).stdout
-    rows = [dict(zip(["index", *fields], (v.strip() for v in line.split(",")), strict=True))
-            for line in gpus.strip().splitlines()]
+    rows = [
+        dict(zip(["index", *fields], (v.strip() for v in line.split(",")), strict=True))
+        for line in gpus.strip().splitlines()
+    ]
     apps = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory",
-         "--format=csv,noheader,nounits"],
+        [
+            "nvidia-smi",
+            "--query-compute-apps=gpu_uuid,pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    app_rows = [dict(zip(["gpu_uuid", "pid", "used_memory"], (v.strip() for v in line.split(",")),
-                         strict=True)) for line in apps.strip().splitlines() if line.strip()]
+    app_rows = [
+        dict(
+            zip(
+                ["gpu_uuid", "pid", "used_memory"],
+                (v.strip() for v in line.split(",")),
+                strict=True,
+            )
+        )
+        for line in apps.strip().splitlines()
+        if line.strip()
+    ]
     return rows, app_rows
 
 
