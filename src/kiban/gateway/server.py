@@ -48,17 +48,21 @@ def app_factory() -> Gateway:
     return app
 
 
-def add_gpu_collector(app: Gateway, watch_xid: bool) -> None:
-    """NVML GPU metrics on the gateway's /metrics, when this machine has an NVIDIA driver."""
+def add_gpu_collector(app: Gateway, watch_xid: bool, nvml: object | None = None) -> bool:
+    """NVML GPU metrics on the gateway's /metrics, when this machine has an NVIDIA driver.
+
+    *nvml* replaces the pynvml module (tests). Returns whether GPU metrics were added.
+    """
     from kiban.observability.gpu import GpuCollector
 
-    collector = GpuCollector(watch_xid=watch_xid)
+    collector = GpuCollector(nvml, watch_xid=watch_xid)
     log = logging.getLogger("kiban.gpu")
     if collector.available:
         app.metrics.add_collector(collector)
         log.info("GPU metrics on /metrics: %s", collector.describe_state())
-    else:
-        log.info("%s; /metrics has no kiban_gpu_* series", collector.describe_state())
+        return True
+    log.info("%s; /metrics has no kiban_gpu_* series", collector.describe_state())
+    return False
 
 
 def serve(
