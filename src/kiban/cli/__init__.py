@@ -9,6 +9,7 @@ from kiban.cli import (  # noqa: F401  (importing a module registers its command
     doctor,
     engines,
     models,
+    observability,
     serve,
 )
 from kiban.cli.app import app

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
+from urllib.parse import urlsplit
 
 from kiban.config import EngineConfig, KibanConfig, RestartPolicy
 from kiban.deploy import gpu_policy
@@ -32,6 +33,7 @@ from kiban.engines import ENGINE_KINDS
 
 Say = Callable[[str], None]
 GATEWAY = "gateway"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
 _GATEWAY_READY_S = 60.0
 _GATEWAY_GRACE_S = 35.0  # the gateway's own graceful shutdown is 30 s
 
@@ -96,6 +98,14 @@ class Supervisor:
         """
         problems: list[str] = []
         for engine in self.engines:
+            host = urlsplit(engine.url).hostname or ""
+            if host not in _LOCAL_HOSTS:
+                problems.append(
+                    f"engine {engine.name!r}: kiban up runs engines on this machine, so its url "
+                    f"must name 127.0.0.1, localhost or 0.0.0.0 (got {engine.url!r}); engines "
+                    "on other hosts are for kiban compose / render k8s, or drop the launch section"
+                )
+                continue
             try:
                 ENGINE_KINDS[engine.kind].environment(engine.launch.device)  # type: ignore[union-attr]
             except Exception as err:  # LaunchUnsupported: say it for every engine at once

@@ -54,6 +54,29 @@ class StartupReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineMetricNames:
+    """An engine's own Prometheus series for the signals kiban charts and alerts on.
+
+    None where the engine exports nothing for the signal. kiban's recording
+    rules (:mod:`kiban.observability.scrape`) map these onto one set of
+    ``kiban:engine_*`` series, so dashboards and alerts work for every kind.
+    """
+
+    #: gauge, share of the KV cache in use, 0 to 1
+    kv_cache_usage: str | None = None
+    #: gauge, requests being processed (in the running batch)
+    requests_running: str | None = None
+    #: gauge, requests queued inside the engine
+    requests_waiting: str | None = None
+    #: counter, prompt (prefill) tokens processed
+    prompt_tokens: str | None = None
+    #: counter, generated tokens
+    generation_tokens: str | None = None
+    #: histogram (base name), time to first token in seconds
+    ttft: str | None = None
+
+
 class EngineKind:
     """Defaults follow the OpenAI-compatible servers most engines ship."""
 
@@ -113,6 +136,15 @@ class EngineKind:
     def launch_env(self, engine: EngineConfig) -> dict[str, str]:
         """Environment variables the engine needs besides the device selection."""
         return {}
+
+    # -- metrics --
+
+    #: path of the engine's Prometheus endpoint on its API port; None: it has none
+    metrics_path: ClassVar[str | None] = "/metrics"
+    #: launch flags that turn the metrics endpoint on (added to every managed launch)
+    metrics_launch_args: ClassVar[tuple[str, ...]] = ()
+    #: the engine's series for kiban's common signals
+    metric_names: ClassVar[EngineMetricNames] = EngineMetricNames()
 
     # -- start-up report --
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.engines.base import EngineKind, LaunchTarget
+from kiban.engines.base import EngineKind, EngineMetricNames, LaunchTarget
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -33,3 +33,14 @@ class LlamaCpp(EngineKind):
             "--alias",
             engine.models[0],
         ]
+
+    # -- metrics --
+    # /metrics answers only with --metrics. Current llama-server exports no KV-cache
+    # usage gauge (older builds had llamacpp:kv_cache_usage_ratio) and no TTFT histogram.
+    metrics_launch_args = ("--metrics",)
+    metric_names = EngineMetricNames(
+        requests_running="llamacpp:requests_processing",
+        requests_waiting="llamacpp:requests_deferred",
+        prompt_tokens="llamacpp:prompt_tokens_total",
+        generation_tokens="llamacpp:tokens_predicted_total",
+    )

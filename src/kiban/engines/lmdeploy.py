@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.engines.base import EngineKind, LaunchTarget, LaunchUnsupported
+from kiban.engines.base import EngineKind, EngineMetricNames, LaunchTarget, LaunchUnsupported
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -39,3 +39,15 @@ class LMDeploy(EngineKind):
             "--model-name",
             engine.models[0],
         ]
+
+    # -- metrics --
+    # ``lmdeploy serve api_server --enable-metrics`` serves /metrics on the API port.
+    metrics_launch_args = ("--enable-metrics",)
+    metric_names = EngineMetricNames(
+        kv_cache_usage="lmdeploy:gpu_cache_usage_perc",
+        requests_running="lmdeploy:num_requests_running",
+        requests_waiting="lmdeploy:num_requests_waiting",
+        prompt_tokens="lmdeploy:prompt_tokens_total",
+        generation_tokens="lmdeploy:generation_tokens_total",
+        ttft="lmdeploy:time_to_first_token_seconds",
+    )

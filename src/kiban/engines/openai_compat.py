@@ -17,6 +17,10 @@ class OpenAICompatible(EngineKind):
     health_path = "/v1/models"
     takes_launch_command = True
 
+    # -- metrics --
+    # A generic server has no known metrics endpoint; the gateway's own metrics cover it.
+    metrics_path = None
+
     # -- launch --
 
     def environment(self, device: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.engines.base import EngineKind, LaunchTarget, LaunchUnsupported
+from kiban.engines.base import EngineKind, EngineMetricNames, LaunchTarget, LaunchUnsupported
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -37,3 +37,15 @@ class SGLang(EngineKind):
             "--port",
             str(target.port),
         ]
+
+    # -- metrics --
+    # ``--enable-metrics`` serves /metrics on the API port; token_usage is the KV pool in use.
+    metrics_launch_args = ("--enable-metrics",)
+    metric_names = EngineMetricNames(
+        kv_cache_usage="sglang:token_usage",
+        requests_running="sglang:num_running_reqs",
+        requests_waiting="sglang:num_queue_reqs",
+        prompt_tokens="sglang:prompt_tokens_total",
+        generation_tokens="sglang:generation_tokens_total",
+        ttft="sglang:time_to_first_token_seconds",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.engines.base import EngineKind, LaunchTarget
+from kiban.engines.base import EngineKind, EngineMetricNames, LaunchTarget
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -40,3 +40,14 @@ class VLLM(EngineKind):
 
     def launch_env(self, engine: EngineConfig) -> dict[str, str]:
         return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+    # -- metrics --
+    # On by default (vLLM >= 0.6); names as vLLM 0.32 exports them (seen in a real run).
+    metric_names = EngineMetricNames(
+        kv_cache_usage="vllm:kv_cache_usage_perc",
+        requests_running="vllm:num_requests_running",
+        requests_waiting="vllm:num_requests_waiting",
+        prompt_tokens="vllm:prompt_tokens_total",
+        generation_tokens="vllm:generation_tokens_total",
+        ttft="vllm:time_to_first_token_seconds",
+    )

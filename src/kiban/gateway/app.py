@@ -61,6 +61,7 @@ class Gateway:
         self.config = config
         self.router = Router(config)
         self.metrics = Metrics()
+        self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
         self.session: aiohttp.ClientSession | None = None
@@ -88,6 +89,7 @@ class Gateway:
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
+            on_checked=lambda: self.metrics.routes_health(self.router.routes),
         )
         await self.health.check_all()
         self.health.start()
@@ -97,6 +99,7 @@ class Gateway:
             await self.health.stop()
         if self.session is not None:
             await self.session.close()
+        self.metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -214,7 +217,7 @@ class Gateway:
             stream=bool(stream),
             client_headers=scope["headers"],
         )
-        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
         try:
             work = self.proxy.handle(ex, route, send, needs_images)
@@ -224,26 +227,18 @@ class Gateway:
         except APIError as err:
             ex.status = err.status
             ex.error = err.code or err.type
+            if err.code == "engines_saturated":
+                self.metrics.rate_limited(route.name, "engine_concurrency")
             raise
         finally:
             in_flight.dec()
             self._record(ex, route.name)
 
     def _record(self, ex: Exchange, route: str) -> None:
-        engine = ex.engine or "none"
         elapsed = time.perf_counter() - ex.started
-        m = self.metrics
-        m.requests.labels(route, engine, str(ex.status)).inc()
-        m.duration.labels(route, engine).observe(elapsed)
-        if ex.ttft_s is not None:
-            m.ttft.labels(route, engine).observe(ex.ttft_s)
-            m.chunks.labels(route, engine).inc(ex.chunks)
+        self.metrics.observe_exchange(route, ex, elapsed)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            m.tokens.labels(route, engine, "prompt").inc(prompt)
-        if isinstance(completion, int):
-            m.tokens.labels(route, engine, "completion").inc(completion)
         if self.log_requests:
             access_log.info(
                 orjson.dumps(

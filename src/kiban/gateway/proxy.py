@@ -66,6 +66,7 @@ class Exchange:
     status: int = 0
     attempts: int = 0
     ttft_s: float | None = None
+    itl_s: float | None = None  # mean gap between streamed events after the first read
     chunks: int = 0
     usage: dict[str, Any] | None = None
     committed: bool = False  # a byte of the response has reached the client
@@ -280,15 +281,18 @@ class Proxy:
             )
         if not first:
             return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
-        ex.ttft_s = time.perf_counter() - ex.started
+        first_at = time.perf_counter()
+        ex.ttft_s = first_at - ex.started
         ex.status = resp.status
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
-        chunks = first.count(b"\n\n")
+        chunks = first_events = first.count(b"\n\n")
+        last_at = first_at
         tail = first[-_TAIL_BYTES:]
         await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
             while chunk := await content.readany():
+                last_at = time.perf_counter()
                 chunks += chunk.count(b"\n\n")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -304,6 +308,8 @@ class Proxy:
             )
             return _Failure("broken", "mid-stream")
         ex.chunks = chunks
+        if chunks > first_events:
+            ex.itl_s = (last_at - first_at) / (chunks - first_events)
         ex.usage = _stream_usage(tail)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
