@@ -28,7 +28,7 @@ from kiban.config import EngineConfig, KibanConfig, RestartPolicy
 from kiban.deploy import gpu_policy
 from kiban.deploy.launch import EngineCommand, engine_command, engine_env_root
 from kiban.deploy.process import ProcessId, group_members, spawn, stop_group, tail
-from kiban.deploy.state import ProcessRecord, RunDir, RunState
+from kiban.deploy.state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
 from kiban.engines import ENGINE_KINDS
 
 Say = Callable[[str], None]
@@ -162,7 +162,7 @@ class Supervisor:
         command = EngineCommand(
             name=GATEWAY,
             argv=argv,
-            env=dict(os.environ),
+            env=os.environ | {RUN_STATE_ENV: str(self.run_dir.state_file)},
             url=url,
             health_url=url + "/health",
         )

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from kiban.config import KibanConfig
+from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import KeyChecker, load_key_digests
 from kiban.gateway.errors import APIError
@@ -89,10 +90,15 @@ class Gateway:
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
-            on_checked=lambda: self.metrics.routes_health(self.router.routes),
+            on_checked=self._after_health_checks,
         )
         await self.health.check_all()
         self.health.start()
+
+    def _after_health_checks(self) -> None:
+        self.metrics.routes_health(self.router.routes)
+        for engine, verified in gpu_verdicts(os.environ.get(RUN_STATE_ENV)).items():
+            self.metrics.set_gpu_verified(engine, verified)
 
     async def shutdown(self) -> None:
         if self.health is not None:
