@@ -1,0 +1,1 @@
+"""VRAM planning: model specs, KV-cache arithmetic, memory shares and engine flags."""
