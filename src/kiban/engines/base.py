@@ -86,6 +86,9 @@ class EngineKind:
     plannable: ClassVar[bool] = False
     #: KV dtype names the engine's flag takes, as shown in refusals and `kiban plan model`
     kv_dtypes: ClassVar[tuple[str, ...]] = ()
+    #: True when the engine allocates its cache from a token count (llama.cpp -c), not a
+    #: byte budget: the plan then records exactly what that count takes
+    kv_sized_by_tokens: ClassVar[bool] = False
 
     def kv_formats(
         self, kv_dtype: str, spec: ModelSpec, target: PlanTarget

@@ -106,7 +106,7 @@ def _devices(cfg: KibanConfig, gpus: list[GpuInfo], host: HostInfo) -> dict[str,
 def _target(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> PlanTarget:
     launch = engine.launch
     if launch.device == "cpu":
-        return PlanTarget("cpu", host)
+        return PlanTarget("cpu", host, args=tuple(launch.args))
     missing = [i for i in launch.gpus if i not in gpus]
     if missing:
         known = ", ".join(str(i) for i in sorted(gpus)) or "none"
@@ -114,7 +114,9 @@ def _target(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> P
             f"GPU {', '.join(map(str, missing))} unknown (known GPUs: {known}); NVML sees no GPU "
             "here, so describe it under `gpus:` in kiban.yaml or pass --gpu / --gpu-memory"
         )
-    return PlanTarget("gpu", host, gpus[launch.gpus[0]], tp=len(launch.gpus))
+    return PlanTarget(
+        "gpu", host, gpus[launch.gpus[0]], tp=len(launch.gpus), args=tuple(launch.args)
+    )
 
 
 def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _Draft:
@@ -174,20 +176,26 @@ def _size_cache(d: _Draft) -> tuple[int, int, int]:
     block = kind.kv_block_tokens(target)
     per_token = max(1, need.bytes_per_token + need.sliding_bytes_per_token)
     if launch.context is not None:
-        tokens = kind.kv_capacity_tokens(need, budget, launch.context, target)
-        return budget, launch.context, min(DEFAULT_MAX_CONCURRENCY, tokens // launch.context)
-    if launch.concurrency is not None:
-        context = budget // launch.concurrency // per_token // block * block
-        return budget, min(d.spec.max_context, context), launch.concurrency
-    context = d.spec.max_context
-    tokens = kind.kv_capacity_tokens(need, budget, context, target)
-    if tokens >= context:
-        return budget, context, min(DEFAULT_MAX_CONCURRENCY, tokens // context)
-    shortened = budget // per_token // block * block
-    d.warnings.append(
-        f"context shortened from the model's {context} to {shortened} tokens to fit one sequence"
-    )
-    return budget, shortened, 1
+        context = launch.context
+        tokens = kind.kv_capacity_tokens(need, budget, context, target)
+        concurrency = min(DEFAULT_MAX_CONCURRENCY, tokens // context)
+    elif launch.concurrency is not None:
+        concurrency = launch.concurrency
+        context = min(d.spec.max_context, budget // concurrency // per_token // block * block)
+    else:
+        context = d.spec.max_context
+        tokens = kind.kv_capacity_tokens(need, budget, context, target)
+        concurrency = min(DEFAULT_MAX_CONCURRENCY, tokens // context)
+        if concurrency < 1:
+            shortened = budget // per_token // block * block
+            d.warnings.append(
+                f"context shortened from the model's {context} to {shortened} tokens "
+                "to fit one sequence"
+            )
+            context, concurrency = shortened, 1
+    if kind.kv_sized_by_tokens and concurrency >= 1:
+        budget = kind.kv_cache_bytes(need, context, concurrency, target)
+    return budget, context, concurrency
 
 
 def _alternatives(d: _Draft, budget: int) -> list[str]:
@@ -263,24 +271,30 @@ def _finish(d: _Draft, free_at_start: int, deficit: int) -> tuple[EnginePlan, li
 
 def _refusal(d: _Draft, plan: EnginePlan, deficit: int) -> str:
     head = f"engine {d.name}: "
+    parts = (
+        f"weights {human(d.weights)}, overhead {human(d.overhead)}, "
+        f"KV {human(plan.required_bytes - d.fixed)}"
+    )
     available = d.share + deficit
-    if available < d.fixed:
+    alternatives = _alternatives(d, available - d.fixed)
+    tail = f"; would fit: {'; '.join(alternatives)}" if alternatives else ""
+    if deficit < 0:
         return (
-            head + f"weights ({human(d.weights)}) and runtime overhead ({human(d.overhead)}) "
-            f"need {human(d.fixed)} per GPU but {human(available)} of {plan.device_name} is "
-            f"left for it: short by {human(d.fixed - available)} before any KV cache; "
+            head + f"needs {human(plan.required_bytes)} per GPU ({parts}); with the other "
+            f"engines on {plan.device_name} the GPU is over-committed by {human(-deficit)}" + tail
+        )
+    if d.share < d.fixed:
+        return (
+            head + f"weights and overhead alone need {human(d.fixed)} per GPU but its share of "
+            f"{plan.device_name} is {human(d.share)}: short by {human(d.fixed - d.share)}; "
             "use quantized weights, more GPUs (tensor parallel) or a larger GPU"
         )
     wanted = f"{plan.context} tokens x {plan.concurrency} sequences"
     if plan.concurrency < 1 or plan.context < MIN_CONTEXT:
-        wanted = f"context {plan.context}"
-    alternatives = _alternatives(d, available - d.fixed)
-    tail = f"; would fit: {'; '.join(alternatives)}" if alternatives else ""
+        wanted = f"one sequence of context {plan.context}"
     return (
-        head + f"{wanted} needs {human(plan.required_bytes)} per GPU "
-        f"({human(d.fixed)} weights and overhead, KV {human(plan.required_bytes - d.fixed)}) "
-        f"but {human(available)} of {plan.device_name} is left for it: short by "
-        f"{human(-plan.margin_bytes)}{tail}"
+        head + f"{wanted} needs {human(plan.required_bytes)} per GPU ({parts}) but its share of "
+        f"{plan.device_name} is {human(d.share)}: short by {human(-plan.margin_bytes)}{tail}"
     )
 
 

@@ -22,12 +22,16 @@ class PlanRefusal(Exception):
 
 @dataclass(frozen=True)
 class PlanTarget:
-    """The device one engine runs on: a GPU (``tp`` of them, alike) or the host's memory."""
+    """The device one engine runs on: a GPU (``tp`` of them, alike) or the host's memory.
+
+    ``args`` are the user's ``launch.args``, for engines whose refusals depend on them.
+    """
 
     device: str
     host: HostInfo
     gpu: GpuInfo | None = None
     tp: int = 1
+    args: tuple[str, ...] = ()
 
     @property
     def on_gpu(self) -> bool:
