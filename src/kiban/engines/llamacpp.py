@@ -92,7 +92,7 @@ class LlamaCpp(EngineKind):
                 f"mixed K/V cache types ({k.name}/{v.name}) on CUDA need a llama.cpp build with "
                 "-DGGML_CUDA_FA_ALL_QUANTS=ON, else they fall back to a slow path or fail"
             )
-        if k.quantized and k.bits <= 4 and spec.family in {"qwen2", "minicpmv"}:
+        if k.name.startswith(("q4", "iq4")) and spec.family in {"qwen2", "minicpmv"}:
             warnings.append(
                 "a 4-bit K cache on Qwen2/Qwen2.5-family models collapses quality (large k_proj "
                 "biases; llama.cpp issue 21385); prefer q8_0 for K"
