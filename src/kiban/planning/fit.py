@@ -228,7 +228,9 @@ def _alternatives(d: _Draft, budget: int) -> list[str]:
     return out
 
 
-def _finish(d: _Draft, free_at_start: int, deficit: int) -> tuple[EnginePlan, list[str]]:
+def _finish(
+    d: _Draft, free_at_start: int, deficit: int, others: list[str]
+) -> tuple[EnginePlan, list[str]]:
     """The engine's plan; *deficit* (<= 0) is how far its device is over-committed."""
     problems = []
     kv_bytes, context, concurrency = _size_cache(d)
@@ -263,31 +265,33 @@ def _finish(d: _Draft, free_at_start: int, deficit: int) -> tuple[EnginePlan, li
         warnings=list(d.warnings or []),
     )
     if not fits:
-        problems.append(_refusal(d, plan, deficit))
+        problems.append(_refusal(d, plan, deficit, others))
     plan.flags = d.kind.plan_flags(plan)
     plan.env = d.kind.plan_env(plan)
     return plan, problems
 
 
-def _refusal(d: _Draft, plan: EnginePlan, deficit: int) -> str:
+def _refusal(d: _Draft, plan: EnginePlan, deficit: int, others: list[str]) -> str:
     head = f"engine {d.name}: "
     parts = (
         f"weights {human(d.weights)}, overhead {human(d.overhead)}, "
         f"KV {human(plan.required_bytes - d.fixed)}"
     )
     available = d.share + deficit
+    beside = f" beside {', '.join(others)}" if others else ""
+    if available < d.fixed:
+        return (
+            head + f"weights and overhead alone need {human(d.fixed)} per GPU but "
+            f"{human(max(0, available))} of {plan.device_name} is left for it{beside}: short by "
+            f"{human(d.fixed - available)}; use quantized weights, more GPUs (tensor "
+            "parallel) or a larger GPU"
+        )
     alternatives = _alternatives(d, available - d.fixed)
     tail = f"; would fit: {'; '.join(alternatives)}" if alternatives else ""
     if deficit < 0:
         return (
-            head + f"needs {human(plan.required_bytes)} per GPU ({parts}); with the other "
-            f"engines on {plan.device_name} the GPU is over-committed by {human(-deficit)}" + tail
-        )
-    if d.share < d.fixed:
-        return (
-            head + f"weights and overhead alone need {human(d.fixed)} per GPU but its share of "
-            f"{plan.device_name} is {human(d.share)}: short by {human(d.fixed - d.share)}; "
-            "use quantized weights, more GPUs (tensor parallel) or a larger GPU"
+            head + f"needs {human(plan.required_bytes)} per GPU ({parts}); {plan.device_name} "
+            f"is over-committed by {human(-deficit)}{beside}" + tail
         )
     wanted = f"{plan.context} tokens x {plan.concurrency} sequences"
     if plan.concurrency < 1 or plan.context < MIN_CONTEXT:
@@ -327,7 +331,8 @@ def build_plan(cfg: KibanConfig, gpus: list[GpuInfo]) -> Plan:
         earlier = sum(device.shares[o.name] for o in drafts[:position] if device.key in o.devices)
         free_at_start = device.total_bytes - device.used_bytes - earlier
         deficit = min(0, *(devices[key].free_bytes for key in d.devices))
-        plan, engine_problems = _finish(d, free_at_start, deficit)
+        others = [o.name for o in drafts if o is not d and set(o.devices) & set(d.devices)]
+        plan, engine_problems = _finish(d, free_at_start, deficit, others)
         engines.append(plan)
         problems += engine_problems
         warnings += [f"engine {d.name}: {w}" for w in plan.warnings]
