@@ -37,13 +37,17 @@ class Case:
     context: int
     concurrency: int
     model_dtype: str = "bfloat16"
+    args: tuple[str, ...] = ()
 
 
 CASES = [
     Case("2L-2kv", "auto", 1000, 8),
     Case("2L-2kv", "fp8_e4m3", 2048, 16),
     Case("3L-4kv", "fp8_e5m2", 1000, 4),
+    # a float32 checkpoint: vLLM's "auto" downcasts it to bfloat16, KV included
     Case("3L-4kv", "auto", 1500, 100, model_dtype="float32"),
+    # ... unless --dtype float32 keeps it (and a 4-byte KV cache)
+    Case("3L-4kv", "auto", 1500, 50, model_dtype="float32", args=("--dtype", "float32")),
 ]
 
 
@@ -79,6 +83,7 @@ def _plan(model_dir: Path, case: Case):
                     "context": case.context,
                     "concurrency": case.concurrency,
                     "kv_cache_dtype": case.kv_dtype,
+                    "args": list(case.args),
                 },
             }
         ],
@@ -89,7 +94,11 @@ def _plan(model_dir: Path, case: Case):
     return plan.engines[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.shape}-{c.model_dtype}-{c.kv_dtype}")
+def _case_id(case: Case) -> str:
+    return "-".join([case.shape, case.model_dtype, case.kv_dtype, *case.args])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kv_capacity_matches_vllm_cpu(case: Case, models, vllm_engine_factory) -> None:
     plan = _plan(models[(case.shape, case.model_dtype)], case)
     kv_gib = int(plan.env["VLLM_CPU_KVCACHE_SPACE"])
@@ -98,7 +107,8 @@ def test_kv_capacity_matches_vllm_cpu(case: Case, models, vllm_engine_factory) -
         "tiny",
         kv_cache_gib=kv_gib,
         max_model_len=plan.context,
-        extra_args=(*plan.flags, "--enforce-eager"),
+        # what `kiban up` runs: the plan's flags, then launch.args
+        extra_args=(*plan.flags, *case.args, "--enforce-eager"),
     )
     try:
         log = engine.log_tail(10**7)

@@ -258,3 +258,15 @@ def test_int4_kv_on_qwen2_family_warns(kind, dtype: str, model: str) -> None:
     assert any("Qwen" in w and "bias" in w for w in kind.planning_warnings(spec, k, v, target))
     k8, v8 = kind.kv_formats("int8", spec, target)
     assert not any("bias" in w for w in kind.planning_warnings(spec, k8, v8, target))
+
+
+def test_vllm_auto_downcasts_float32_checkpoints() -> None:
+    """vllm/config/model.py _resolve_auto_dtype: float32 -> bf16 (sm80+, x86) or fp16 (older)."""
+    from dataclasses import replace
+
+    spec = replace(load_spec("qwen2.5-7b"), dtype="float32")
+    assert vllm.kv_formats("auto", spec, on("h100-80"))[0].bits == 16
+    assert vllm.kv_formats("auto", spec, PlanTarget("cpu", HOST))[0].bits == 16
+    assert vllm.kv_formats("auto", spec, on("t4"))[0].label == "float16"
+    kept = on("h100-80", args=("--dtype", "float32"))
+    assert vllm.kv_formats("auto", spec, kept)[0].bits == 32

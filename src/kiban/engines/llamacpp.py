@@ -43,7 +43,7 @@ class LlamaCpp(EngineKind):
         k, v = _LLAMA_TYPES[names[0]], _LLAMA_TYPES[names[-1]]
         if spec.mla is not None and k.name != v.name:
             raise PlanRefusal("llama.cpp: MLA models need the same K and V cache type")
-        if v.quantized and _flash_attention_off(target.args):
+        if v.quantized and _flash_attention_off(target):
             raise PlanRefusal(
                 "llama.cpp: a quantized V cache needs flash attention (llama-context.cpp: "
                 "'quantized V cache was requested, but this requires Flash Attention'), and "
@@ -138,11 +138,7 @@ _LLAMA_TYPES = {
 _LLAMA_ALIASES = {"auto": "f16", "fp16": "f16", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def _flash_attention_off(args: tuple[str, ...]) -> bool:
-    """Whether launch.args switch flash attention off (``-fa off``, ``--flash-attn 0``, ...)."""
-    for flag, value in zip(args, (*args[1:], ""), strict=False):
-        if flag in {"-fa", "--flash-attn"} and value.lower() in {"off", "0", "false"}:
-            return True
-        if flag.startswith("--flash-attn=") and flag.split("=", 1)[1].lower() in {"off", "0"}:
-            return True
-    return False
+def _flash_attention_off(target) -> bool:
+    """Whether launch.args switch flash attention off (``-fa off``, ``--flash-attn=0``, ...)."""
+    value = target.arg_value("-fa", "--flash-attn")
+    return value is not None and value.lower() in {"off", "0", "false"}

@@ -4,7 +4,7 @@ import math
 import re
 
 from kiban.engines.base import EngineKind, StartupReport
-from kiban.planning.kv import KvFormat, blocks, dtype_format, plain
+from kiban.planning.kv import KvFormat, blocks, plain
 from kiban.planning.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
@@ -83,7 +83,7 @@ class VLLM(EngineKind):
         if name in {"bfloat16", "float16"} and not target.on_gpu:
             name = "auto"
         if name == "auto":
-            fmt = dtype_format(spec)
+            fmt = plain("auto", 8 * _vllm_dtype_bytes(spec, target), f"{_vllm_dtype(spec, target)}")
         elif name in {"bfloat16", "float16"}:
             fmt = plain(name, 16)
         elif name.endswith("per_token_head"):
@@ -208,13 +208,36 @@ _QWEN2_INT4_TRAP = (
 )
 
 
+def _vllm_dtype(spec, target) -> str:
+    """The dtype vLLM runs the model in: ``--dtype`` from launch.args, else "auto".
+
+    vllm/config/model.py _resolve_auto_dtype: "auto" downcasts float32 checkpoints
+    to the platform's first supported dtype, bfloat16 on x86 CPUs and sm80+ GPUs,
+    float16 on older GPUs (vllm/platforms/cuda.py supported_dtypes), which also
+    replaces bfloat16 there. The KV cache's "auto" follows this dtype.
+    """
+    value = target.arg_value("--dtype")
+    if value not in {None, "", "auto"}:
+        return {"half": "float16", "float": "float32", "bf16": "bfloat16"}.get(value, value)
+    capability = target.gpu.compute_capability if target.gpu is not None else None
+    no_bf16 = capability is not None and capability < (8, 0)
+    if spec.dtype == "float32" or (no_bf16 and spec.dtype == "bfloat16"):
+        return "float16" if no_bf16 else "bfloat16"
+    return spec.dtype
+
+
+def _vllm_dtype_bytes(spec, target) -> int:
+    return 4 if _vllm_dtype(spec, target) == "float32" else 2
+
+
 def _check_cpu_kv(name: str, spec, target) -> None:
     """Refusals of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py)."""
     if name not in (*_VLLM_CPU_KV, "bfloat16", "float16"):
         raise PlanRefusal(f"vLLM's CPU backend takes no {name} KV cache", _VLLM_CPU_KV)
-    if name in {"bfloat16", "float16"} and spec.dtype != name:
+    if name in {"bfloat16", "float16"} and _vllm_dtype(spec, target) != name:
         raise PlanRefusal(
-            f"vLLM's CPU backend stores KV in the model dtype ({spec.dtype}) unless fp8",
+            f"vLLM's CPU backend stores KV in the model dtype ({_vllm_dtype(spec, target)}) "
+            "unless fp8",
             _VLLM_CPU_KV,
         )
     if spec.head_dim not in _VLLM_CPU_HEAD_SIZES:

@@ -33,6 +33,16 @@ class PlanTarget:
     tp: int = 1
     args: tuple[str, ...] = ()
 
+    def arg_value(self, *names: str) -> str | None:
+        """The value the user's launch.args give the flag *names* (``-x V`` or ``--x=V``)."""
+        for i, arg in enumerate(self.args):
+            flag, eq, inline = arg.partition("=")
+            if flag in names:
+                if eq:
+                    return inline
+                return self.args[i + 1] if i + 1 < len(self.args) else ""
+        return None
+
     @property
     def on_gpu(self) -> bool:
         return self.device == "gpu"
