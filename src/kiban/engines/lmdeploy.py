@@ -92,13 +92,16 @@ class LMDeploy(EngineKind):
         return 64
 
     def overhead_bytes(self, spec, target, context, concurrency):
-        prefill = _MAX_PREFILL_TOKENS
-        runtime = (prefill + 2 * concurrency) * spec.vocab_size * 2  # PyTorch engine's reserve
-        return (
+        """CUDA context, prefill activations and logits; the PyTorch engine also reserves
+        (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes before its cache."""
+        overhead = (
             TORCH_CUDA_CONTEXT_BYTES
-            + activation_bytes(spec, prefill, target.tp)
-            + max(runtime, logits_bytes(spec, concurrency))
+            + activation_bytes(spec, _MAX_PREFILL_TOKENS, target.tp)
+            + logits_bytes(spec, concurrency)
         )
+        if backend_for(spec) == "pytorch":
+            overhead += _pytorch_runtime_reserve(spec, concurrency)
+        return overhead
 
     def planning_warnings(self, spec, k, v, target):
         warnings = []
@@ -129,9 +132,7 @@ class LMDeploy(EngineKind):
             plan.free_at_start_bytes - plan.weights_bytes - TORCH_CUDA_CONTEXT_BYTES
         )
         if backend == "pytorch":
-            free_after_weights -= (
-                (_MAX_PREFILL_TOKENS + 2 * plan.concurrency) * plan.model.vocab_size * 2
-            )
+            free_after_weights -= _pytorch_runtime_reserve(plan.model, plan.concurrency)
         ratio = plan.kv_cache_bytes / free_after_weights if free_after_weights > 0 else 1.0
         ratio = min(0.99, max(0.01, math.floor(ratio * 10000) / 10000))
         flags = [
@@ -195,6 +196,11 @@ TURBOMIND_ARCHS = frozenset(
         "MixtralForCausalLM",
     }
 )
+
+
+def _pytorch_runtime_reserve(spec, concurrency: int) -> int:
+    """lmdeploy/pytorch/engine/executor/base.py _get_runtime_size (before halving)."""
+    return (_MAX_PREFILL_TOKENS + 2 * concurrency) * spec.vocab_size * 2
 
 
 def backend_for(spec) -> str:
