@@ -78,6 +78,11 @@ class LMDeploy(EngineKind):
                 "KV cache (supported_models.md)",
                 ("auto (0)",),
             )
+        if spec.mla is not None:
+            raise PlanRefusal(
+                "kiban does not model lmdeploy's int8/int4 layout for MLA (latent) caches",
+                ("auto (0)", "fp8 (16)"),
+            )
         if backend == "turbomind" and spec.head_dim != 128:
             raise PlanRefusal(
                 f"TurboMind quantizes the KV cache only for head_dim 128 (this model: "

@@ -136,6 +136,11 @@ def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _D
     overhead = kind.overhead_bytes(spec, target, context, concurrency)
     devices = [f"gpu{i}" for i in launch.gpus] if target.on_gpu else ["host"]
     warnings = [*spec.notes, *kind.planning_warnings(spec, k, v, target)]
+    if spec.vision_bytes:
+        warnings.append(
+            f"vision tower ({human(spec.vision_bytes)}) counted in the weights; image "
+            "encoder activations are not in the overhead estimate, so leave headroom"
+        )
     if launch.context and launch.context > spec.max_context:
         warnings.append(
             f"context {launch.context} exceeds the model's max_position_embeddings "
