@@ -203,3 +203,13 @@ def test_cli_model_quick_answers() -> None:
     small = data["capacity"]["rtx4080"]["vllm:auto"]  # 15.2 GB of bf16 weights on 16 GB
     assert small["problem"] or small["context"] < 32768
     assert data["capacity"]["h100-80"]["vllm:auto"]["kv_tokens"] > 1_000_000
+
+
+def test_sglang_flags_cap_the_pool_at_the_planned_tokens() -> None:
+    raw = config(engine("s", "sglang", 1, model="qwen3-8b", context=16384, concurrency=4))
+    (e,) = plan_of(raw, gpu="h100-80").engines
+    flags = dict(zip(e.flags[::2], e.flags[1::2], strict=True))
+    assert flags["--max-total-tokens"] == str(e.kv_tokens) == str(4 * 16384)
+    static = (e.weights_bytes + e.kv_cache_bytes) / (e.free_at_start_bytes - 512 * 1024**2)
+    assert static <= float(flags["--mem-fraction-static"]) < static + 0.001
+    assert flags["--context-length"] == "16384" and flags["--max-running-requests"] == "4"
