@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kiban.config import parse_config  # noqa: E402
+from kiban.engines import ENGINE_KINDS  # noqa: E402
 from kiban.models.tiny import IM_END, PAD_TOKEN, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
 from kiban.planning import catalogue  # noqa: E402
 from kiban.planning.hf_config import shape_fields  # noqa: E402
@@ -206,7 +207,6 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> Non
 
 
 _BUFFERS = {
-    "kv_mib": re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB"),
     "cuda_model_mib": re.compile(r"CUDA0 model buffer size =\s*([\d.]+) MiB"),
     "cuda_kv_mib": re.compile(r"CUDA0 KV buffer size =\s*([\d.]+) MiB"),
     "cuda_compute_mib": re.compile(r"CUDA0 compute buffer size =\s*([\d.]+) MiB"),
@@ -265,8 +265,11 @@ def generate(port: int, concurrency: int, tokens: int) -> dict:
 def run_one(args, model: Path, kv_type: str, out: Path) -> dict:
     plan = plan_for(model, kv_type, args.slot_context, max(args.concurrency))
     port = free_port()
+    llamacpp = ENGINE_KINDS["llamacpp"]
+    # what `kiban up` runs: base command, the plan's flags, the log verbosity the
+    # start-up report needs
     argv = [args.llama_server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            *plan.flags]  # fmt: skip
+            *plan.flags, *llamacpp.startup_log_args]  # fmt: skip
     log_path = out / f"llama-server-{kv_type}.log"
     _, used_before = nvml_used(-1)
     with log_path.open("wb") as log:
@@ -286,7 +289,9 @@ def run_one(args, model: Path, kv_type: str, out: Path) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    buffers = log_buffers(log_path.read_text(errors="replace"))
+    log_text = log_path.read_text(errors="replace")
+    buffers = log_buffers(log_text)
+    report = llamacpp.startup_report(log_text)
     predicted = plan.required_bytes
     return {
         "kv_type": kv_type,
@@ -302,10 +307,16 @@ def run_one(args, model: Path, kv_type: str, out: Path) -> dict:
             "nvml_bytes_after_load": peak,
             "nvml_source": "process" if proc_bytes is not None else "device used delta",
             "llama_log": buffers,
+            "startup_report": {
+                "kv_cache_bytes": report.kv_cache_bytes,
+                "kv_cache_tokens": report.kv_cache_tokens,
+                "device": report.device,
+                "errors": report.errors,
+            },
         },
         "error_total_pct": round((measured - predicted) / predicted * 100, 2),
         "error_kv_pct": round(
-            (buffers.get("kv_mib", 0) * MiB - plan.kv_cache_bytes) / plan.kv_cache_bytes * 100, 3
+            ((report.kv_cache_bytes or 0) - plan.kv_cache_bytes) / plan.kv_cache_bytes * 100, 3
         ),
         "throughput": runs,
     }
@@ -319,10 +330,10 @@ def markdown(report: dict) -> str:
         f"{report['slots']} slots. Command: `{report['command']}`",
         "",
         "| KV | predicted total MiB | NVML MiB | error | KV predicted MiB | KV log MiB "
-        "| model buf MiB | compute buf MiB | "
+        "| KV error | model buf MiB | compute buf MiB | "
         + " | ".join(f"tok/s c={c}" for c in report["concurrency"])
         + " |",
-        "|---" * (8 + len(report["concurrency"])) + "|",
+        "|---" * (9 + len(report["concurrency"])) + "|",
     ]
     for r in report["results"]:
         p, m = r["predicted"], r["measured"]
@@ -331,7 +342,9 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['kv_type']} | {p['total_bytes'] / MiB:.0f} | "
             f"{m['nvml_bytes_after_start'] / MiB:.0f} | {r['error_total_pct']:+.2f}% | "
-            f"{p['kv_cache_bytes'] / MiB:.1f} | {log.get('kv_mib', float('nan')):.1f} | "
+            f"{p['kv_cache_bytes'] / MiB:.1f} | "
+            f"{(m['startup_report']['kv_cache_bytes'] or 0) / MiB:.1f} | "
+            f"{r['error_kv_pct']:+.3f}% | "
             f"{log.get('cuda_model_mib', float('nan')):.0f} | "
             f"{log.get('cuda_compute_mib', float('nan')):.0f} | {speeds} |"
         )
