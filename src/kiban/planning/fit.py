@@ -182,15 +182,15 @@ def _size_cache(d: _Draft) -> tuple[int, int, int]:
     per_token = max(1, need.bytes_per_token + need.sliding_bytes_per_token)
     if launch.context is not None:
         context = launch.context
-        tokens = kind.kv_capacity_tokens(need, budget, context, target)
-        concurrency = min(DEFAULT_MAX_CONCURRENCY, tokens // context)
+        per_sequence = kind.kv_cache_bytes(need, context, 1, target)
+        concurrency = min(DEFAULT_MAX_CONCURRENCY, budget // per_sequence)
     elif launch.concurrency is not None:
         concurrency = launch.concurrency
         context = min(d.spec.max_context, budget // concurrency // per_token // block * block)
     else:
         context = d.spec.max_context
-        tokens = kind.kv_capacity_tokens(need, budget, context, target)
-        concurrency = min(DEFAULT_MAX_CONCURRENCY, tokens // context)
+        per_sequence = kind.kv_cache_bytes(need, context, 1, target)
+        concurrency = min(DEFAULT_MAX_CONCURRENCY, budget // per_sequence)
         if concurrency < 1:
             shortened = budget // per_token // block * block
             d.warnings.append(
