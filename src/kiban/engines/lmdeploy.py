@@ -26,7 +26,9 @@ class LMDeploy(EngineKind):
     #   (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes off free memory first.
     # src/turbomind/kernels/attention/block.h (InternLM/lmdeploy): per token and head,
     #   K and V each store head_dim x bits / 8 bytes plus t_bits x 2 / 8 = 4 bytes of
-    #   fp16/bf16 scale and zero point when quantized (int8 d=128: 132 B; int4: 68 B).
+    #   fp16/bf16 scale and zero point when quantized (int8 d=128: 132 B; int4: 68 B);
+    #   src/turbomind/models/llama/object_cache_plan.cc (HEAD) builds the cache from that
+    #   layout per layer with cache_block_seq_len tokens a block.
     # lmdeploy/utils.py get_max_batch_size: 128 on GPUs other than A100/H100/H200/H800/L20Y.
     # docs/en/supported_models/supported_models.md: TurboMind KV int8/int4 need head_dim 128;
     #   the PyTorch engine quantizes no KV cache for MiniCPM-V or Qwen2.5-VL.
