@@ -16,9 +16,9 @@
 # device call; run the same command again at once and it resumes where it stopped.
 # Prints the binary's path and `llama-server --version`.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 tarball=$(realpath "${1:?usage: build_llamacpp_cuda.sh SOURCE_TARBALL [TINY_GGUF]}")
 gguf=${2:+$(realpath "$2")}
+cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/kiban-llamacpp-out}
 work=${KIBAN_LLAMACPP_WORK:-/tmp/kiban-llamacpp-cuda}
 budget=${BUILD_BUDGET_S:-500}

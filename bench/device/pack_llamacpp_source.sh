@@ -5,8 +5,8 @@
 #
 #   bench/device/pack_llamacpp_source.sh DEST_DIR      # prints the tarball's path
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 dest=$(realpath "${1:?usage: pack_llamacpp_source.sh DEST_DIR}")
+cd "$(dirname "$0")/../.."
 version=$(PYTHONPATH=src python3 -c \
   'from kiban.deploy.envs import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
 tmp=$(mktemp -d)

@@ -126,10 +126,6 @@ def test_cuda_buffers_mean_cuda() -> None:
     assert ENGINE.startup_report(lines[0]).device == "cpu"
 
 
-def test_startup_log_args_raise_verbosity() -> None:
-    assert LlamaCpp.startup_log_args == ("--log-verbosity", "4")
-
-
 def test_error_bodies_pass_through() -> None:
     """llama-server already answers in the OpenAI shape (body copied from a real 503)."""
     body = b'{"error":{"message":"Loading model","type":"unavailable_error","code":503}}'
