@@ -120,6 +120,60 @@ class GpuPolicy(_Strict):
     min_free_mib: Annotated[int, Field(ge=0)] = 0
 
 
+class GpuInventory(_Strict):
+    """A GPU for planning where NVML cannot see it: a known type or a memory size.
+
+    ``type`` is a name from kiban's GPU catalogue (``rtx4090``, ``h100-80``, ...);
+    ``memory`` a size (``24GiB``, ``23028MiB``); ``compute_capability`` like ``8.9``.
+    """
+
+    index: Annotated[int, Field(ge=0)]
+    type: str | None = None
+    memory: str | int | None = None
+    compute_capability: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        from kiban.planning.catalogue import find_gpu, gpu_keys
+
+        if value is not None and find_gpu(value) is None:
+            raise ValueError(f"unknown GPU type; expected one of {', '.join(gpu_keys())}")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        from kiban.planning.units import parse_size
+
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("compute_capability")
+    @classmethod
+    def _capability(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+\.\d", value):
+            raise ValueError("expected MAJOR.MINOR such as 8.9")
+        return value
+
+    @model_validator(mode="after")
+    def _type_or_memory(self) -> GpuInventory:
+        if self.type is None and self.memory is None:
+            raise ValueError("give the GPU's type (e.g. rtx4090) or its memory (e.g. 24GiB)")
+        return self
+
+
+class PlanningConfig(_Strict):
+    """How `kiban plan` shares memory out.
+
+    ``reserve_fraction`` of each GPU (and of host memory for CPU engines) is
+    left unplanned for the driver, the desktop and other processes.
+    """
+
+    reserve_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.03
+
+
 class EngineConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     kind: str
@@ -227,6 +281,9 @@ class KibanConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     gpu: GpuPolicy = Field(default_factory=GpuPolicy)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    gpus: list[GpuInventory] = Field(default_factory=list)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     engines: Annotated[list[EngineConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
@@ -329,6 +386,15 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
         seen_engines.setdefault(engine.name, i)
         if engine.launch is not None:
             problems += _check_launch(f"engines[{i}]", engine)
+
+    seen_gpus: dict[int, int] = {}
+    for i, gpu in enumerate(cfg.gpus):
+        if gpu.index in seen_gpus:
+            problems.append(
+                f"gpus[{i}].index: GPU {gpu.index} is already described by "
+                f"gpus[{seen_gpus[gpu.index]}]"
+            )
+        seen_gpus.setdefault(gpu.index, i)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
         for n, name in enumerate(route.public_names):

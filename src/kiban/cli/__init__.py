@@ -10,6 +10,7 @@ from kiban.cli import (  # noqa: F401  (importing a module registers its command
     engines,
     models,
     observability,
+    plan,
     serve,
 )
 from kiban.cli.app import app

@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING, ClassVar
 import orjson
 
 from kiban.gateway.errors import error_body
+from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.plan import EnginePlan
 
 
 class LaunchUnsupported(Exception):
@@ -154,6 +158,80 @@ class EngineKind:
     def startup_report(self, log_text: str) -> StartupReport:
         """Parse the engine's start-up log; engines that report nothing useful keep this."""
         return StartupReport()
+
+    # -- planning --
+    # Defaults describe an engine kiban does not launch; engines it launches
+    # override them with their own facts (each citing the engine's code).
+
+    #: whether kiban can plan (and so launch) this kind
+    plannable: ClassVar[bool] = False
+    #: KV dtype names the engine's flag takes, as shown in refusals and `kiban plan model`
+    kv_dtypes: ClassVar[tuple[str, ...]] = ()
+    #: True when the engine allocates its cache from a token count (llama.cpp -c), not a
+    #: byte budget: the plan then records exactly what that count takes
+    kv_sized_by_tokens: ClassVar[bool] = False
+
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
+        """(K, V) storage for *kv_dtype* (kiban's generic name or the engine's own).
+
+        Raises :class:`PlanRefusal` naming the reason when the engine cannot
+        use that dtype for this model or device.
+        """
+        raise PlanRefusal(f"kiban does not launch {self.name} engines, so it cannot plan one")
+
+    def kv_need(self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget) -> KvNeed:
+        """KV bytes per token on one GPU as this engine lays the cache out."""
+        return kv_need(spec, k, v, target.tp)
+
+    def weights_on_device(self, spec: ModelSpec, target: PlanTarget) -> int:
+        """Weight bytes on each of the engine's GPUs (all of them in host memory on CPU)."""
+        return -(-spec.weights_bytes // target.tp)
+
+    def kv_allocation_unit(self, target: PlanTarget) -> int:
+        """Granularity in bytes of the KV size the engine can be told (1: any byte count)."""
+        return 1
+
+    def kv_block_tokens(self, target: PlanTarget) -> int:
+        """Tokens per cache block (the unit the engine allocates sequences in)."""
+        return 1
+
+    def kv_cache_bytes(
+        self, need: KvNeed, context: int, concurrency: int, target: PlanTarget
+    ) -> int:
+        """Cache bytes (one GPU) the engine needs to hold *concurrency* sequences of *context*."""
+        block = self.kv_block_tokens(target)
+        per_sequence = blocks(context, block) * block * need.bytes_per_token
+        sliding = blocks(min(context, need.window), block) * block * need.sliding_bytes_per_token
+        return concurrency * (per_sequence + sliding)
+
+    def kv_capacity_tokens(
+        self, need: KvNeed, kv_bytes: int, context: int, target: PlanTarget
+    ) -> int:
+        """Tokens a cache of *kv_bytes* holds, counted the way the engine reports it."""
+        block = self.kv_block_tokens(target)
+        return kv_bytes // (block * need.bytes_per_token) * block
+
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
+        """Memory (one GPU) beyond weights and KV cache: CUDA context, activations, graphs."""
+        return 0
+
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
+        """Known traps of this engine with this model, KV dtype and device."""
+        return []
+
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
+        """Command-line flags that make the engine allocate what *plan* says."""
+        return []
+
+    def plan_env(self, plan: EnginePlan) -> dict[str, str]:
+        """Environment variables the plan needs (e.g. vLLM CPU's KV cache size)."""
+        return {}
 
     @staticmethod
     def _message_of(data: dict, err: object) -> str | None:
