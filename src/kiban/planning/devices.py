@@ -46,26 +46,16 @@ def gpu_from_type(index: int, gpu_type: catalogue.GpuType, source: str) -> GpuIn
 
 def discover_gpus() -> list[GpuInfo]:
     """Every GPU NVML sees (empty without the library, a driver or a GPU)."""
+    from kiban.deploy import gpus as nvml
+
     try:
-        import pynvml
-    except ImportError:
+        found = nvml.inventory()
+    except nvml.GpuUnavailable:
         return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            capability = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
-            gpus.append(GpuInfo(index, name, memory.total, capability, memory.used, "nvml"))
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
+    return [
+        GpuInfo(g.index, g.name, g.memory_total, g.compute_capability, g.memory_used, "nvml")
+        for g in found
+    ]
 
 
 @dataclass(frozen=True)

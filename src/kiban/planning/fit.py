@@ -315,8 +315,8 @@ def build_plan(cfg: KibanConfig, gpus: list[GpuInfo]) -> Plan:
     problems: list[str] = []
     drafts: list[_Draft] = []
     for engine in cfg.engines:
-        if engine.launch is None:
-            continue
+        if engine.launch is None or not ENGINE_KINDS[engine.kind].plannable:
+            continue  # not launched, or launched from a command kiban cannot size (kind openai)
         try:
             drafts.append(_draft(engine, by_index, host))
         except PlanRefusal as refusal:
