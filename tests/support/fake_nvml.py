@@ -42,6 +42,7 @@ class FakeGpu:
     pcie_rx_kb: int = 250
     pstate: int = 0
     fan_percent: int = 30
+    compute_capability: tuple[int, int] = (9, 0)
     processes: list[tuple[int, int | None]] = field(default_factory=lambda: [(4242, 1024 * MiB)])
     #: names of the replaced functions that answer NVML_ERROR_NOT_SUPPORTED on this GPU
     unsupported: set[str] = field(default_factory=set)
@@ -72,6 +73,7 @@ REPLACED = (
     "nvmlDeviceGetPerformanceState",
     "nvmlDeviceGetFanSpeed",
     "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetCudaComputeCapability",
     "nvmlEventSetCreate",
     "nvmlDeviceRegisterEvents",
     "nvmlEventSetWait_v2",
@@ -188,6 +190,9 @@ def fake_nvml(gpus: list[FakeGpu], driver: str = "580.159.04") -> types.SimpleNa
     n.nvmlDeviceGetPerformanceState = lambda h: gpu(h, "nvmlDeviceGetPerformanceState").pstate
     n.nvmlDeviceGetFanSpeed = lambda h: gpu(h, "nvmlDeviceGetFanSpeed").fan_percent
     n.nvmlDeviceGetComputeRunningProcesses = processes
+    n.nvmlDeviceGetCudaComputeCapability = lambda h: (
+        gpu(h, "nvmlDeviceGetCudaComputeCapability").compute_capability
+    )
     n.nvmlEventSetCreate = lambda: object()
     n.nvmlDeviceRegisterEvents = register
     n.nvmlEventSetWait_v2 = wait
