@@ -26,6 +26,8 @@ from kiban.gateway.health import HealthChecker
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.routing import Router
+from kiban.structured.constraint import has_structured_fields
+from kiban.structured.request import StructuredService
 
 access_log = logging.getLogger("kiban.access")
 log = logging.getLogger("kiban.gateway")
@@ -61,6 +63,7 @@ class Gateway:
         self.config = config
         self.router = Router(config)
         self.metrics = Metrics()
+        self.structured = StructuredService(config.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
         self.session: aiohttp.ClientSession | None = None
@@ -204,6 +207,11 @@ class Gateway:
         if stream is not None and not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
+        structured = None
+        if endpoint != "embeddings" and (
+            route.name in self.structured.fixed or has_structured_fields(payload)
+        ):
+            structured = self.structured.prepare(payload, route)
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,
@@ -212,6 +220,7 @@ class Gateway:
             model=model,
             stream=bool(stream),
             client_headers=scope["headers"],
+            structured=structured,
         )
         in_flight = self.metrics.in_flight.labels(route.name)
         in_flight.inc()

@@ -87,6 +87,14 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.structured_outcomes = Counter(
+            "kiban_structured_outcomes",
+            "Structured-output attempts by outcome: valid, a verification failure "
+            "(invalid_json, truncated, whitespace_runaway, schema_violation, ...), "
+            "engine_rejected, unsupported",
+            ["route", "engine", "outcome"],
+            registry=r,
+        )
         self.auth_rejections = Counter(
             "kiban_auth_rejections", "Requests refused for a missing or invalid key", registry=r
         )
