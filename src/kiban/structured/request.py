@@ -60,10 +60,16 @@ class StructuredRequest:
         allowed = enforcing
         if not enforcing:
             if self.policy.unenforced != "validate" or not accepting:
+                hint = ""
+                if accepting:
+                    hint = (
+                        f" (the route's structured.unenforced: validate would send it to "
+                        f"{', '.join(sorted(accepting))} and validate the output)"
+                    )
                 raise APIError(
                     400,
                     f"no engine of model {route.name!r} can enforce this {self.constraint.kind} "
-                    f"constraint: {'; '.join(reasons)}",
+                    f"constraint: {'; '.join(reasons)}{hint}",
                     param=self.constraint.source,
                     code="structured_output_unsupported",
                 )
