@@ -281,3 +281,33 @@ def test_metrics_count_outcomes(gateway) -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("kiban_structured_outcomes_total")]
     outcomes = {ln.split('outcome="')[1].split('"')[0] for ln in lines}
     assert {"valid", "truncated", "engine_rejected", "unsupported"} <= outcomes
+
+
+@pytest.fixture(scope="module")
+def free_whitespace_engine(vllm_engine_factory, tiny_model_dir: Path) -> EngineProcess:
+    """vLLM as it starts without kiban's flags: auto backend, any whitespace allowed."""
+    return vllm_engine_factory(tiny_model_dir, "tiny")
+
+
+def test_whitespace_runaway_is_detected_on_default_vllm(free_whitespace_engine) -> None:
+    """Runs last (both engines up only now). A weak model inside guided JSON with free
+    whitespace fills max_tokens with spaces and newlines; kiban names it."""
+    config = {
+        "engines": [engine_entry("auto", free_whitespace_engine.base_url)],
+        "routes": [{"model": "tiny", "engines": ["auto"], "structured": {"retries": 0}}],
+    }
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    request = {"model": "tiny", "messages": MESSAGES, "max_tokens": 96, "temperature": 0.0}
+    codes = set()
+    with running_gateway(config) as gw:
+        for prompt in ("a", "b", "c", "d"):
+            messages = [{"role": "user", "content": prompt}]
+            body = {**request, "messages": messages, "response_format": schema_format(schema)}
+            status, answer = post(gw, body)
+            if status == 200:
+                assert json.loads(answer["choices"][0]["message"]["content"])["a"] is not None
+            else:
+                assert status == 422, answer
+                codes.add(answer["error"]["code"])
+    print(codes)
+    assert "structured_output_whitespace_runaway" in codes

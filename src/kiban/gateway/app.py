@@ -26,7 +26,7 @@ from kiban.gateway.health import HealthChecker
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.routing import Router
-from kiban.structured.constraint import has_structured_fields
+from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService
 
 access_log = logging.getLogger("kiban.access")
@@ -209,7 +209,7 @@ class Gateway:
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
         structured = None
         if endpoint != "embeddings" and (
-            route.name in self.structured.fixed or has_structured_fields(payload)
+            route.name in self.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
         ):
             structured = self.structured.prepare(payload, route)
         ex = Exchange(
