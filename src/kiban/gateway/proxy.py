@@ -129,9 +129,9 @@ class Proxy:
         route.budget.deposit()
         failures: list[tuple[str, _Failure]] = []
         invalid_outputs = 0
-        rejected: set[str] | None = None  # engines that refused the constraint
+        done_with: set[str] | None = None  # engines not to try again (failed other than output)
         for i, target in enumerate(plan):
-            if rejected is not None and target.upstream.name in rejected:
+            if done_with is not None and target.upstream.name in done_with:
                 continue
             if i:
                 if not route.budget.try_withdraw():
@@ -146,11 +146,11 @@ class Proxy:
             self.metrics.upstream_failures.labels(
                 route.name, target.upstream.name, failure.reason
             ).inc()
-            if failure.reason == "rejected":
-                rejected = (rejected or set()) | {target.upstream.name}
-            elif failure.reason == "invalid_output":
+            if failure.reason != "invalid_output":
+                done_with = (done_with or set()) | {target.upstream.name}
+            elif structured is not None:
                 invalid_outputs += 1
-                if structured is not None and invalid_outputs > structured.policy.retries:
+                if invalid_outputs > structured.policy.retries:
                     break
         raise self._all_failed(failures, structured)
 
