@@ -17,6 +17,7 @@ import orjson
 from kiban.gateway.errors import error_body
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import Constraint
+from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -137,6 +138,14 @@ class EngineKind:
         The default is OpenAI's ``response_format``.
         """
         return openai_response_format(constraint)
+
+    def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
+        """An engine error that reports a bad *output* (not a bad request or a broken engine).
+
+        Such an answer is a verification failure: retried as the route says, and
+        no mark against the engine's health.
+        """
+        return None
 
     def structured_launch_args(self, config: EngineConfig) -> list[str]:
         """Server flags that make structured output safe (backend, whitespace limit)."""

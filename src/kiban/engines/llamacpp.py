@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from kiban.engines.base import EngineKind, choice_gbnf
 from kiban.structured.capability import CORE_FEATURES, SILENTLY_SKIPPED, StructuredCapability
 from kiban.structured.constraint import Constraint
+from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -14,10 +15,10 @@ if TYPE_CHECKING:
 #: what common/json-schema-to-grammar.cpp turns into grammar (llama.cpp as vendored
 #: in llama-cpp-python 0.3.36). Patterns must be ^...$-anchored, else "accepting any
 #: string" with only a warning; numeric bounds on integers only; string length not
-#: beside pattern/format; additionalProperties defaults to false (stricter, still valid).
+#: beside pattern/format; additionalProperties defaults to false (stricter, still valid);
+#: oneOf is generated as anyOf (seen letting a value matching two branches through).
 LLAMACPP_FEATURES = CORE_FEATURES | frozenset(
     {
-        "oneOf",
         "allOf",
         "allOf-multi",
         "prefixItems",
@@ -33,6 +34,9 @@ LLAMACPP_FEATURES = CORE_FEATURES | frozenset(
     }
 )
 LLAMACPP_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
+#: common/chat.cpp, when the generated text does not parse as the chat format, e.g.
+#: guided JSON cut off at max_tokens (answered as HTTP 500)
+_UNPARSED_OUTPUT = "The model produced output that does not match the expected"
 
 
 class LlamaCpp(EngineKind):
@@ -54,6 +58,15 @@ class LlamaCpp(EngineKind):
             skipped=SILENTLY_SKIPPED,
             describes=f"llama.cpp {config.version or 'server'}",
         )
+
+    def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
+        if status == 500 and message.startswith(_UNPARSED_OUTPUT):
+            return OutputFailure(
+                "invalid_json",
+                f"llama.cpp could not parse the model's output ({message}); guided JSON cut off "
+                "at max_tokens looks like this",
+            )
+        return None
 
     def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
         """Top-level ``json_schema`` or ``grammar`` (tools/server/server-common.cpp).

@@ -252,6 +252,17 @@ class Proxy:
         retry_after = resp.headers.get("Retry-After")
         if retry_after:
             headers.append((b"retry-after", retry_after.encode("latin-1")))
+        if ex.structured is not None:
+            output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
+            if output is not None:
+                self.metrics.structured_outcomes.labels(
+                    route.name, target.upstream.name, output.kind
+                ).inc()
+                return _Failure(
+                    "invalid_output",
+                    f"engine {target.upstream.name!r}: {output.message}",
+                    output=output,
+                )
         if resp.status >= 500 or resp.status == 429:
             return _Failure(
                 "status",

@@ -71,10 +71,10 @@ class StructuredCapability:
 #: (multipleOf, uniqueItems, contains, length beside pattern/format, propertyNames or
 #: patternProperties beside properties, several patternProperties, allOf with several
 #: branches). Silently ignored by xgrammar, so never declared: not, if/then/else,
-#: dependentRequired, dependentSchemas; minProperties fails to compile.
+#: dependentRequired, dependentSchemas; minProperties fails to compile. oneOf is
+#: compiled as anyOf (an instance matching two branches passes), so not declared.
 XGRAMMAR_FEATURES = CORE_FEATURES | frozenset(
     {
-        "oneOf",
         "allOf",
         "prefixItems",
         "minItems",
