@@ -186,3 +186,12 @@ def test_config_errors_name_the_key(engine: dict, route: dict | None, expected: 
     with pytest.raises(ConfigError) as err:
         config({"name": "e", "kind": "vllm", **engine}, structured=route)
     assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+
+
+def test_llamacpp_unparsable_output_error_is_an_output_failure() -> None:
+    llama = ENGINE_KINDS["llamacpp"]
+    message = "The model produced output that does not match the expected peg-native format"
+    failure = llama.structured_output_error(500, message)
+    assert failure is not None and failure.kind == "invalid_json"
+    assert llama.structured_output_error(500, "out of memory") is None
+    assert ENGINE_KINDS["vllm"].structured_output_error(500, message) is None
