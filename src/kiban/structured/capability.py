@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiban.structured.constraint import Constraint
-from kiban.structured.features import schema_features
+from kiban.structured.features import canonical_schema_features
 
 ALL_KINDS = frozenset({"json_schema", "json_object", "regex", "choice", "grammar"})
 
@@ -54,7 +54,8 @@ class StructuredCapability:
         if constraint.kind != "json_schema":
             return []
         missing = []
-        for feature in sorted(schema_features(constraint.schema)):
+        features = canonical_schema_features(constraint.key.removeprefix(b"schema:"))
+        for feature in sorted(features):
             if feature.startswith("format:"):
                 if self.formats is not None and feature[7:] not in self.formats:
                     missing.append(feature)

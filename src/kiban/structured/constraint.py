@@ -57,7 +57,8 @@ class Constraint:
     pattern: str | None = None  # regex
     choices: tuple[str, ...] = ()  # choice
     grammar: str | None = None  # grammar text, in the engine's own grammar language
-    key: bytes = field(default=b"", compare=False)  # canonical identity (caches)
+    #: canonical identity for caches; for json_schema ``b"schema:"`` + sorted-keys JSON
+    key: bytes = field(default=b"", compare=False)
 
     @property
     def is_json(self) -> bool:

@@ -101,11 +101,12 @@ COMBINED_FEATURES = frozenset(
 
 def schema_features(schema: Any) -> frozenset[str]:
     """Every feature *schema* uses (keywords, ``format:<name>``, combinations)."""
-    return _cached_features(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    return canonical_schema_features(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
 
 
 @lru_cache(maxsize=2048)
-def _cached_features(canonical: bytes) -> frozenset[str]:
+def canonical_schema_features(canonical: bytes) -> frozenset[str]:
+    """:func:`schema_features` of a schema given as its sorted-keys JSON (cached)."""
     found: set[str] = set()
     _visit(orjson.loads(canonical), found)
     return frozenset(found)
