@@ -199,6 +199,18 @@ def _prepare_cold(cfg: Any, route: Any, schema: dict[str, Any], counter: Any) ->
     StructuredService(cfg.routes).prepare(payload, route)
 
 
+def _no_schema(_i: int) -> dict[str, Any]:
+    return {}
+
+
+def _cold(schema: dict[str, Any], i: int) -> dict[str, Any]:
+    return {"response_format": _rf({**schema, "title": f"cold-{i}-{time.time_ns()}"})}
+
+
+def _warm(extra: dict[str, Any], _i: int) -> dict[str, Any]:
+    return extra
+
+
 _FIRST_TOKEN = re.compile(rb'"content":"[^"]')
 
 
@@ -215,7 +227,6 @@ async def ttft_rows(engine_url: str, model: str, requests: int) -> list[tuple[st
         "engines": [{"name": "v", "kind": "vllm", "url": engine_url, "models": [model]}],
         "routes": [{"model": model, "engines": ["v"]}],
     }
-    schema = TYPICAL
     out = []
     with running_gateway(config) as gw:
         url = f"{gw.base_url}/v1/chat/completions"
@@ -243,15 +254,12 @@ async def ttft_rows(engine_url: str, model: str, requests: int) -> list[tuple[st
                     await resp.read()
                 return elapsed * 1000
 
-            cases: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
-                ("no schema", lambda i: {}),
-                (
-                    "cold schema (new each request)",
-                    lambda i: {"response_format": _rf({**schema, "title": f"c{i}{time.time()}"})},
-                ),
-                ("warm schema (same each request)", lambda i: {"response_format": _rf(schema)}),
-            ]
-            await ttft(cases[2][1](0))  # the warm schema compiled once
+            cases: list[tuple[str, Callable[[int], dict[str, Any]]]] = [("no schema", _no_schema)]
+            for name, schema in (("typical", TYPICAL), ("large", large_schema()[0])):
+                cases.append((f"{name} schema, cold (new each time)", partial(_cold, schema)))
+                warm = {"response_format": _rf(schema)}
+                cases.append((f"{name} schema, warm (same again)", partial(_warm, warm)))
+                await ttft(warm)  # compiled once before the warm samples
             samples: dict[str, list[float]] = {label: [] for label, _ in cases}
             for i in range(requests):  # interleaved, so drift on a busy machine hits all alike
                 for label, extra in cases:
@@ -283,7 +291,7 @@ def main() -> None:
         for label, median, worst in asyncio.run(
             ttft_rows(args.engine_url, args.model_name, args.requests)
         ):
-            print(f"  {label:34s} median {median:8.1f}   max {worst:8.1f}")
+            print(f"  {label:38s} median {median:8.1f}   max {worst:8.1f}")
 
 
 if __name__ == "__main__":
