@@ -153,6 +153,9 @@ class EngineKind:
 
     # -- start-up report --
 
+    #: extra command-line arguments that make the engine log what `startup_report` reads
+    startup_log_args: ClassVar[tuple[str, ...]] = ()
+
     def startup_report(self, log_text: str) -> StartupReport:
         """Parse the engine's start-up log; engines that report nothing useful keep this."""
         return StartupReport()
