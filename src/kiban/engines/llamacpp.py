@@ -108,18 +108,6 @@ class LlamaCpp(EngineKind):
             errors=errors,
         )
 
-
-def _device_of(buffers: list[str]) -> str | None:
-    """``"cuda"`` when any weights or KV landed in a CUDA0.. buffer, else ``"cpu"``.
-
-    Buffer names are ggml backend names: CPU, CPU_Mapped, CUDA_Host (pinned host
-    memory) stay on the CPU; CUDA0, ROCm0, Vulkan0, Metal, ... are devices.
-    """
-    devices = [b for b in buffers if not b.startswith("CPU") and not b.endswith("_Host")]
-    if devices:
-        return re.sub(r"\d+$", "", devices[0]).lower()
-    return "cpu" if buffers else None
-
     # -- structured output --
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:
@@ -157,3 +145,15 @@ def _device_of(buffers: list[str]) -> str | None:
         if constraint.kind == "choice":
             return {"grammar": choice_gbnf(constraint.choices)}
         return {"grammar": constraint.grammar}
+
+
+def _device_of(buffers: list[str]) -> str | None:
+    """``"cuda"`` when any weights or KV landed in a CUDA0.. buffer, else ``"cpu"``.
+
+    Buffer names are ggml backend names: CPU, CPU_Mapped, CUDA_Host (pinned host
+    memory) stay on the CPU; CUDA0, ROCm0, Vulkan0, Metal, ... are devices.
+    """
+    devices = [b for b in buffers if not b.startswith("CPU") and not b.endswith("_Host")]
+    if devices:
+        return re.sub(r"\d+$", "", devices[0]).lower()
+    return "cpu" if buffers else None
