@@ -4,8 +4,8 @@
 bootstrap:
 	./scripts/bootstrap.sh
 
-demo: bootstrap
-	.venv/bin/kiban demo
+demo:
+	./scripts/demo.sh
 
 lint: bootstrap
 	.venv/bin/ruff check .

@@ -35,10 +35,13 @@ def vllm_engine_factory(
     log_dir = tmp_path_factory.mktemp("engine-logs")
     started: list[EngineProcess] = []
 
-    def factory(model_dir: Path, served_name: str = "tiny", **kwargs) -> EngineProcess:
+    def factory(
+        model_dir: Path, served_name: str = "tiny", *, start: bool = True, **kwargs
+    ) -> EngineProcess:
+        """A vLLM server, started unless ``start=False`` (then see ``start_together``)."""
         engine = vllm_server(vllm_env.python, model_dir, served_name, log_dir, **kwargs)
         started.append(engine)
-        return engine.start()
+        return engine.start() if start else engine
 
     yield factory
     for engine in reversed(started):

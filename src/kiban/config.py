@@ -93,6 +93,11 @@ class LaunchConfig(_Strict):
     """
 
     model: Annotated[str, Field(min_length=1, description="local path or hub name")]
+    command: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="kind openai only: the server's command line; {host}, {port}, {model} "
+        "and {name} are filled in",
+    )
     device: Literal["gpu", "cpu"] = "gpu"
     gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -114,6 +119,60 @@ class GpuPolicy(_Strict):
 
     require: bool | None = None
     min_free_mib: Annotated[int, Field(ge=0)] = 0
+
+
+class GpuInventory(_Strict):
+    """A GPU for planning where NVML cannot see it: a known type or a memory size.
+
+    ``type`` is a name from kiban's GPU catalogue (``rtx4090``, ``h100-80``, ...);
+    ``memory`` a size (``24GiB``, ``23028MiB``); ``compute_capability`` like ``8.9``.
+    """
+
+    index: Annotated[int, Field(ge=0)]
+    type: str | None = None
+    memory: str | int | None = None
+    compute_capability: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        from kiban.planning.catalogue import find_gpu, gpu_keys
+
+        if value is not None and find_gpu(value) is None:
+            raise ValueError(f"unknown GPU type; expected one of {', '.join(gpu_keys())}")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        from kiban.planning.units import parse_size
+
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("compute_capability")
+    @classmethod
+    def _capability(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+\.\d", value):
+            raise ValueError("expected MAJOR.MINOR such as 8.9")
+        return value
+
+    @model_validator(mode="after")
+    def _type_or_memory(self) -> GpuInventory:
+        if self.type is None and self.memory is None:
+            raise ValueError("give the GPU's type (e.g. rtx4090) or its memory (e.g. 24GiB)")
+        return self
+
+
+class PlanningConfig(_Strict):
+    """How `kiban plan` shares memory out.
+
+    ``reserve_fraction`` of each GPU (and of host memory for CPU engines) is
+    left unplanned for the driver, the desktop and other processes.
+    """
+
+    reserve_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.03
 
 
 class EngineConfig(_Strict):
@@ -234,9 +293,34 @@ class RouteConfig(_Strict):
         return [self.model, *self.aliases]
 
 
+class ObservabilityConfig(_Strict):
+    """Where Prometheus runs and how kiban's generated scrape configuration reads the stack.
+
+    ``gpu_exporter``: ``gateway`` puts the NVML GPU metrics on the gateway's own
+    /metrics; ``standalone`` scrapes ``kiban gpu-exporter`` on ``gpu_exporter_port``;
+    ``off`` leaves GPUs out.
+    """
+
+    prometheus_url: str = "http://127.0.0.1:9090"
+    scrape_interval_s: Annotated[float, Field(ge=1, le=300)] = 15.0
+    gpu_exporter: Literal["gateway", "standalone", "off"] = "gateway"
+    gpu_exporter_port: Annotated[int, Field(ge=1, le=65535)] = 9835
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not _HTTP_URL.match(value):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9090")
+        return value.rstrip("/")
+
+
 class KibanConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     gpu: GpuPolicy = Field(default_factory=GpuPolicy)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    gpus: list[GpuInventory] = Field(default_factory=list)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     engines: Annotated[list[EngineConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
@@ -302,9 +386,28 @@ def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
             msg = "unknown key"
         elif item["type"] == "missing":
             msg = "required key is missing"
+            if loc[-1:] == ["url"] and loc[:1] == ["engines"]:
+                msg += " (or give a launch section with launch.port)"
         found, value = _lookup_value(raw, loc)
         shown = f" (got {value!r})" if found and item["type"] != "extra_forbidden" else ""
         problems.append(f"{_loc_to_path(loc)}: {msg}{shown}")
+    return problems
+
+
+def _check_launch(key: str, engine: EngineConfig) -> list[str]:
+    assert engine.launch is not None
+    problems = []
+    takes_command = ENGINE_KINDS[engine.kind].takes_launch_command
+    if takes_command and engine.launch.command is None:
+        problems.append(
+            f"{key}.launch.command: required for kind {engine.kind!r} (the server's command "
+            "line; {host}, {port}, {model} and {name} are filled in)"
+        )
+    if not takes_command and engine.launch.command is not None:
+        problems.append(
+            f"{key}.launch.command: kind {engine.kind!r} is launched by kiban from "
+            "launch.model; only kind 'openai' takes a command (remove it, or use launch.args)"
+        )
     return problems
 
 
@@ -320,6 +423,17 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
         seen_engines.setdefault(engine.name, i)
         for key, problem in ENGINE_KINDS[engine.kind].option_problems(engine):
             problems.append(f"engines[{i}].{key}: {problem}")
+        if engine.launch is not None:
+            problems += _check_launch(f"engines[{i}]", engine)
+
+    seen_gpus: dict[int, int] = {}
+    for i, gpu in enumerate(cfg.gpus):
+        if gpu.index in seen_gpus:
+            problems.append(
+                f"gpus[{i}].index: GPU {gpu.index} is already described by "
+                f"gpus[{seen_gpus[gpu.index]}]"
+            )
+        seen_gpus.setdefault(gpu.index, i)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
         schema = route.structured.schema_
@@ -350,15 +464,40 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
     return problems
 
 
+def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
+    """Relative paths in the file mean relative to the file (not to the current directory).
+
+    ``launch.model`` counts as a path when it starts with ``./`` or ``../`` (otherwise
+    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` always.
+    """
+    for engine in tree.get("engines") or []:
+        launch = engine.get("launch") if isinstance(engine, dict) else None
+        model = launch.get("model") if isinstance(launch, dict) else None
+        if isinstance(model, str) and model.startswith(("./", "../")):
+            launch["model"] = str((base_dir / model).resolve())
+    keys = (
+        (tree.get("gateway") or {}).get("api_keys")
+        if isinstance(tree.get("gateway"), dict)
+        else None
+    )
+    if isinstance(keys, dict) and isinstance(keys.get("file"), str):
+        keys["file"] = str((base_dir / keys["file"]).resolve())
+
+
 def parse_config(
-    raw: Any, env: Mapping[str, str] | None = None, source: str = "config"
+    raw: Any,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+    base_dir: Path | None = None,
 ) -> KibanConfig:
-    """Validate an already-parsed YAML/JSON tree."""
+    """Validate an already-parsed YAML/JSON tree (relative paths against *base_dir*)."""
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: expected a mapping (got {type(raw).__name__})"], source)
     tree, problems = substitute_env(raw, os.environ if env is None else env)
     if problems:
         raise ConfigError(problems, source)
+    if base_dir is not None:
+        _resolve_paths(tree, base_dir)
     try:
         cfg = KibanConfig.model_validate(tree)
     except ValidationError as err:
@@ -383,7 +522,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Kiban
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError([f"{where}invalid YAML: {problem}"], str(path)) from None
-    return parse_config(raw, env, str(path))
+    return parse_config(raw, env, str(path), base_dir=path.resolve().parent)
 
 
 def resolve_target_model(cfg: KibanConfig, route: RouteConfig, target: RouteTarget) -> str:

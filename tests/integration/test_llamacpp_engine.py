@@ -13,9 +13,10 @@ import openai
 import pytest
 from openai import OpenAI
 
+from kiban.deploy.process import group_members
 from kiban.engines.llamacpp import MIB, LlamaCpp
 from kiban.models.tiny import IM_END, IM_START, TinySpec, train_tokenizer
-from tests.support.engines import EngineProcess, EngineStartError, group_members
+from tests.support.engines import EngineProcess, EngineStartError
 
 pytestmark = pytest.mark.engine
 
@@ -204,13 +205,13 @@ def test_quantized_v_cache_without_flash_attention_fails(
 def test_crash_and_restart_on_same_port(engine: EngineProcess, client: OpenAI) -> None:
     """Runs last: kill() leaves nothing behind, restart() serves again on the port."""
     old_pid, port = engine.pid, engine.port
-    assert old_pid is not None and group_members(old_pid) == [old_pid]  # one process
+    assert old_pid is not None and group_members(old_pid) == {old_pid}  # one process
     assert engine.kill() == -9
     assert not engine.running() and not engine.healthy()
     deadline = time.monotonic() + 5  # SIGKILL lands asynchronously
     while group_members(old_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert group_members(old_pid) == []
+    assert group_members(old_pid) == set()
     engine.restart()
     print(f"llama-server restarted in {engine.startup_seconds:.1f}s")
     assert engine.port == port and engine.pid != old_pid

@@ -12,8 +12,9 @@ import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
+from kiban.deploy.process import group_members
 from kiban.models.tiny import IM_END, IM_START
-from tests.support.engines import EngineProcess, group_members
+from tests.support.engines import EngineProcess
 
 pytestmark = pytest.mark.engine
 
@@ -105,7 +106,7 @@ def test_crash_and_restart_on_same_port(engine: EngineProcess, client: OpenAI) -
     deadline = time.monotonic() + 5  # SIGKILL lands asynchronously on the group
     while group_members(old_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert group_members(old_pid) == []
+    assert group_members(old_pid) == set()
     engine.restart()
     print(f"vLLM restarted in {engine.startup_seconds:.1f}s")
     assert engine.port == port and engine.pid != old_pid

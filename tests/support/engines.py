@@ -47,6 +47,7 @@ class EngineProcess:
     health_path: str = "/health"
     proc: subprocess.Popen | None = None
     startup_seconds: float | None = None
+    _launched_at: float = 0.0
 
     @property
     def base_url(self) -> str:
@@ -60,10 +61,15 @@ class EngineProcess:
 
     def start(self, timeout: float = HEALTH_TIMEOUT_S) -> EngineProcess:
         """Launch the server in its own session and wait for a 200 from the health path."""
+        self.launch()
+        return self.wait_started(timeout)
+
+    def launch(self) -> EngineProcess:
+        """Start the process without waiting (see :func:`start_together`)."""
         if self.running():
             raise RuntimeError(f"{self.name} already running as PID {self.pid}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
+        self._launched_at = time.monotonic()
         with self.log_path.open("ab") as log:
             log.write(f"\n$ {' '.join(self.argv)}\n".encode())
             log.flush()
@@ -75,12 +81,16 @@ class EngineProcess:
                 env=os.environ | self.env,
                 start_new_session=True,
             )
+        return self
+
+    def wait_started(self, timeout: float = HEALTH_TIMEOUT_S) -> EngineProcess:
+        """Wait until a launched server is healthy; kill it and raise if it is not."""
         try:
             self._wait_healthy(timeout)
         except BaseException:
             self.kill()
             raise
-        self.startup_seconds = time.monotonic() - started
+        self.startup_seconds = time.monotonic() - self._launched_at
         return self
 
     def running(self) -> bool:
@@ -183,17 +193,17 @@ class EngineProcess:
         )
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) PIDs whose process group is `pgid`, from /proc/PID/stat."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+def start_together(*engines: EngineProcess, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """Launch every engine at once, then wait for each (start-up overlaps)."""
+    for engine in engines:
+        engine.launch()
+    try:
+        for engine in engines:
+            engine.wait_started(timeout)
+    except BaseException:
+        for engine in engines:
+            engine.kill()
+        raise
 
 
 def _wait_port_free(port: int, timeout: float) -> None:

@@ -73,8 +73,20 @@ def test_vllm_launch_args_limit_whitespace() -> None:
     args = vllm.structured_launch_args(cfg.engines[0])
     assert args[0] == "--structured-outputs-config"
     assert orjson.loads(args[1]) == {"backend": "guidance", "disable_any_whitespace": True}
-    old = config({"name": "e", "kind": "vllm", "version": "0.9.2"}).engines[0]
-    assert vllm.structured_launch_args(old) == ["--guided-decoding-backend", "auto"]
+    old = config(
+        {
+            "name": "e",
+            "kind": "vllm",
+            "version": "0.9.2",
+            "options": {"structured_backend": "xgrammar"},
+        }
+    ).engines[0]
+    assert vllm.structured_launch_args(old) == [
+        "--guided-decoding-backend",
+        "xgrammar",
+        "--guided-decoding-disable-any-whitespace",
+    ]
+    assert vllm.structured_launch_args(config({"name": "e", "kind": "vllm"}).engines[0]) == []
 
 
 def test_llamacpp_uses_top_level_fields() -> None:
@@ -195,3 +207,25 @@ def test_llamacpp_unparsable_output_error_is_an_output_failure() -> None:
     assert failure is not None and failure.kind == "invalid_json"
     assert llama.structured_output_error(500, "out of memory") is None
     assert ENGINE_KINDS["vllm"].structured_output_error(500, message) is None
+
+
+def test_managed_vllm_is_launched_with_the_structured_backend(tmp_path) -> None:
+    from kiban.deploy.launch import engine_command
+
+    cfg = parse_config(
+        {
+            "engines": [
+                {
+                    "name": "v",
+                    "kind": "vllm",
+                    "models": ["m"],
+                    "options": {"structured_backend": "xgrammar"},
+                    "launch": {"model": "/models/m", "port": 18000, "device": "cpu"},
+                }
+            ],
+            "routes": [{"model": "m", "engines": ["v"]}],
+        }
+    )
+    argv = engine_command(cfg.engines[0], tmp_path).argv
+    at = argv.index("--structured-outputs-config")
+    assert orjson.loads(argv[at + 1]) == {"backend": "xgrammar", "disable_any_whitespace": True}

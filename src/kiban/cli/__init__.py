@@ -4,7 +4,15 @@ A new command group is a new module here that imports ``app`` from
 :mod:`kiban.cli.app` and is listed below.
 """
 
-from kiban.cli import config_cmd, serve  # noqa: F401  (registers the commands)
+from kiban.cli import (  # noqa: F401  (importing a module registers its commands)
+    config_cmd,
+    doctor,
+    engines,
+    models,
+    observability,
+    plan,
+    serve,
+)
 from kiban.cli.app import app
 
 __all__ = ["app"]

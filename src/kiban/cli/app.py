@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,8 @@ app = typer.Typer(
 )
 
 console = Console(stderr=True, soft_wrap=True)
+#: results (tables, reports) on stdout; 160 columns when piped, so nothing is cut
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Path to kiban.yaml.", show_default=True)

@@ -220,7 +220,7 @@ def ensure_engine_env(name: str, *, progress: Progress | None = None) -> EngineE
     root = env_root(name)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root.parent / f".{name}.lock"):
-        state = _marker_state(root, spec)
+        state = marker_state(root, spec)
         if state == "current":
             return _engine_env(spec, root)
         if state == "stale":
@@ -245,7 +245,7 @@ def _engine_env(spec: EnvSpec, root: Path) -> EngineEnv:
     return EngineEnv(name=spec.name, root=root, python=root / "bin" / "python")
 
 
-def _marker_state(root: Path, spec: EnvSpec) -> str:
+def marker_state(root: Path, spec: EnvSpec) -> str:
     """One of: "missing", "unfinished", "stale", "current"."""
     if not (root / "bin" / "python").exists():
         return "stale" if root.exists() else "missing"

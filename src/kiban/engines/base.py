@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from kiban.gateway.errors import error_body
+from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.plan import EnginePlan
 
 _VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
@@ -43,6 +48,25 @@ class EngineOption:
     help: str = ""
 
 
+class LaunchUnsupported(Exception):
+    """kiban cannot start this engine kind (or not on this device); the message says why."""
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    """Where a managed engine runs: its environment's root, and the address to listen on."""
+
+    env_root: Path | None  # None for engines that run from the system (kind openai)
+    host: str
+    port: int
+
+    def program(self, name: str) -> str:
+        """Path of an executable in the engine's environment (``bin/<name>``)."""
+        if self.env_root is None:
+            raise LaunchUnsupported(f"no engine environment to run {name!r} from")
+        return str(self.env_root / "bin" / name)
+
+
 @dataclass(frozen=True)
 class StartupReport:
     """What an engine's start-up log says about itself (None where it says nothing).
@@ -58,6 +82,29 @@ class StartupReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineMetricNames:
+    """An engine's own Prometheus series for the signals kiban charts and alerts on.
+
+    None where the engine exports nothing for the signal. kiban's recording
+    rules (:mod:`kiban.observability.scrape`) map these onto one set of
+    ``kiban:engine_*`` series, so dashboards and alerts work for every kind.
+    """
+
+    #: gauge, share of the KV cache in use, 0 to 1
+    kv_cache_usage: str | None = None
+    #: gauge, requests being processed (in the running batch)
+    requests_running: str | None = None
+    #: gauge, requests queued inside the engine
+    requests_waiting: str | None = None
+    #: counter, prompt (prefill) tokens processed
+    prompt_tokens: str | None = None
+    #: counter, generated tokens
+    generation_tokens: str | None = None
+    #: histogram (base name), time to first token in seconds
+    ttft: str | None = None
+
+
 class EngineKind:
     """Defaults follow the OpenAI-compatible servers most engines ship."""
 
@@ -70,6 +117,8 @@ class EngineKind:
     supports_images: ClassVar[bool] = True
     #: keys an engine of this kind accepts under ``options``
     options: ClassVar[tuple[EngineOption, ...]] = ()
+    #: launched from a user-given ``launch.command`` instead of a command kiban knows
+    takes_launch_command: ClassVar[bool] = False
 
     def path_for(self, endpoint: str) -> str:
         """Upstream path for one of ``chat``, ``completions``, ``embeddings``."""
@@ -151,6 +200,38 @@ class EngineKind:
         """Server flags that make structured output safe (backend, whitespace limit)."""
         return []
 
+    # -- launch --
+
+    def environment(self, device: str) -> str | None:
+        """The engine environment (kiban.deploy.envs) this kind runs from on *device*.
+
+        None: the command runs as given, from the system (no environment to build).
+        """
+        raise LaunchUnsupported(
+            f"kiban cannot launch {self.name!r} engines; start the server yourself and give "
+            "its url (remove the launch section)"
+        )
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        """The engine's own server command: model, served names, address (no tuning flags).
+
+        The supervisor appends the planner's flags and then ``launch.args``.
+        """
+        raise LaunchUnsupported(f"kiban cannot launch {self.name!r} engines")
+
+    def launch_env(self, engine: EngineConfig) -> dict[str, str]:
+        """Environment variables the engine needs besides the device selection."""
+        return {}
+
+    # -- metrics --
+
+    #: path of the engine's Prometheus endpoint on its API port; None: it has none
+    metrics_path: ClassVar[str | None] = "/metrics"
+    #: launch flags that turn the metrics endpoint on (added to every managed launch)
+    metrics_launch_args: ClassVar[tuple[str, ...]] = ()
+    #: the engine's series for kiban's common signals
+    metric_names: ClassVar[EngineMetricNames] = EngineMetricNames()
+
     # -- start-up report --
 
     #: extra command-line arguments that make the engine log what `startup_report` reads
@@ -159,6 +240,80 @@ class EngineKind:
     def startup_report(self, log_text: str) -> StartupReport:
         """Parse the engine's start-up log; engines that report nothing useful keep this."""
         return StartupReport()
+
+    # -- planning --
+    # Defaults describe an engine kiban does not launch; engines it launches
+    # override them with their own facts (each citing the engine's code).
+
+    #: whether kiban can plan (and so launch) this kind
+    plannable: ClassVar[bool] = False
+    #: KV dtype names the engine's flag takes, as shown in refusals and `kiban plan model`
+    kv_dtypes: ClassVar[tuple[str, ...]] = ()
+    #: True when the engine allocates its cache from a token count (llama.cpp -c), not a
+    #: byte budget: the plan then records exactly what that count takes
+    kv_sized_by_tokens: ClassVar[bool] = False
+
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
+        """(K, V) storage for *kv_dtype* (kiban's generic name or the engine's own).
+
+        Raises :class:`PlanRefusal` naming the reason when the engine cannot
+        use that dtype for this model or device.
+        """
+        raise PlanRefusal(f"kiban does not launch {self.name} engines, so it cannot plan one")
+
+    def kv_need(self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget) -> KvNeed:
+        """KV bytes per token on one GPU as this engine lays the cache out."""
+        return kv_need(spec, k, v, target.tp)
+
+    def weights_on_device(self, spec: ModelSpec, target: PlanTarget) -> int:
+        """Weight bytes on each of the engine's GPUs (all of them in host memory on CPU)."""
+        return -(-spec.weights_bytes // target.tp)
+
+    def kv_allocation_unit(self, target: PlanTarget) -> int:
+        """Granularity in bytes of the KV size the engine can be told (1: any byte count)."""
+        return 1
+
+    def kv_block_tokens(self, target: PlanTarget) -> int:
+        """Tokens per cache block (the unit the engine allocates sequences in)."""
+        return 1
+
+    def kv_cache_bytes(
+        self, need: KvNeed, context: int, concurrency: int, target: PlanTarget
+    ) -> int:
+        """Cache bytes (one GPU) the engine needs to hold *concurrency* sequences of *context*."""
+        block = self.kv_block_tokens(target)
+        per_sequence = blocks(context, block) * block * need.bytes_per_token
+        sliding = blocks(min(context, need.window), block) * block * need.sliding_bytes_per_token
+        return concurrency * (per_sequence + sliding)
+
+    def kv_capacity_tokens(
+        self, need: KvNeed, kv_bytes: int, context: int, target: PlanTarget
+    ) -> int:
+        """Tokens a cache of *kv_bytes* holds, counted the way the engine reports it."""
+        block = self.kv_block_tokens(target)
+        return kv_bytes // (block * need.bytes_per_token) * block
+
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
+        """Memory (one GPU) beyond weights and KV cache: CUDA context, activations, graphs."""
+        return 0
+
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
+        """Known traps of this engine with this model, KV dtype and device."""
+        return []
+
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
+        """Command-line flags that make the engine allocate what *plan* says."""
+        return []
+
+    def plan_env(self, plan: EnginePlan) -> dict[str, str]:
+        """Environment variables the plan needs (e.g. vLLM CPU's KV cache size)."""
+        return {}
 
     @staticmethod
     def _message_of(data: dict, err: object) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.engines.base import EngineKind
+from kiban.engines.base import EngineKind, LaunchTarget
 from kiban.structured.capability import StructuredCapability
 
 if TYPE_CHECKING:
@@ -16,6 +16,27 @@ class OpenAICompatible(EngineKind):
 
     name = "openai"
     health_path = "/v1/models"
+    takes_launch_command = True
+
+    # -- metrics --
+    # A generic server has no known metrics endpoint; the gateway's own metrics cover it.
+    metrics_path = None
+
+    # -- launch --
+
+    def environment(self, device: str) -> str | None:
+        return None
+
+    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+        """``launch.command`` with ``{host}``, ``{port}``, ``{model}``, ``{name}`` filled in."""
+        assert engine.launch is not None and engine.launch.command is not None
+        values = {
+            "host": target.host,
+            "port": str(target.port),
+            "model": engine.launch.model,
+            "name": engine.models[0],
+        }
+        return [_fill(arg, values) for arg in engine.launch.command]
 
     # -- structured output --
 
@@ -27,3 +48,9 @@ class OpenAICompatible(EngineKind):
             expressible=frozenset({"json_schema", "json_object"}),
             describes=f"{config.name} (OpenAI-compatible, no enforcement assumed)",
         )
+
+
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg

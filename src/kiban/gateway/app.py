@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from kiban.config import KibanConfig
+from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import KeyChecker, load_key_digests
 from kiban.gateway.errors import APIError
@@ -64,6 +65,7 @@ class Gateway:
         self.router = Router(config)
         self.metrics = Metrics()
         self.structured = StructuredService(config.routes)
+        self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
         self.session: aiohttp.ClientSession | None = None
@@ -71,6 +73,7 @@ class Gateway:
         self.health: HealthChecker | None = None
         self.created = int(time.time())
         self.log_requests = config.gateway.request_log
+        self.worker_pid = os.getpid()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,15 +93,22 @@ class Gateway:
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
+            on_checked=self._after_health_checks,
         )
         await self.health.check_all()
         self.health.start()
+
+    def _after_health_checks(self) -> None:
+        self.metrics.routes_health(self.router.routes)
+        for engine, verified in gpu_verdicts(os.environ.get(RUN_STATE_ENV)).items():
+            self.metrics.set_gpu_verified(engine, verified)
 
     async def shutdown(self) -> None:
         if self.health is not None:
             await self.health.stop()
         if self.session is not None:
             await self.session.close()
+        self.metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -222,7 +232,7 @@ class Gateway:
             client_headers=scope["headers"],
             structured=structured,
         )
-        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
         try:
             work = self.proxy.handle(ex, route, send, needs_images)
@@ -232,31 +242,24 @@ class Gateway:
         except APIError as err:
             ex.status = err.status
             ex.error = err.code or err.type
+            if err.code == "engines_saturated":
+                self.metrics.rate_limited(route.name, "engine_concurrency")
             raise
         finally:
             in_flight.dec()
             self._record(ex, route.name)
 
     def _record(self, ex: Exchange, route: str) -> None:
-        engine = ex.engine or "none"
         elapsed = time.perf_counter() - ex.started
-        m = self.metrics
-        m.requests.labels(route, engine, str(ex.status)).inc()
-        m.duration.labels(route, engine).observe(elapsed)
-        if ex.ttft_s is not None:
-            m.ttft.labels(route, engine).observe(ex.ttft_s)
-            m.chunks.labels(route, engine).inc(ex.chunks)
+        self.metrics.observe_exchange(route, ex, elapsed)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            m.tokens.labels(route, engine, "prompt").inc(prompt)
-        if isinstance(completion, int):
-            m.tokens.labels(route, engine, "completion").inc(completion)
         if self.log_requests:
             access_log.info(
                 orjson.dumps(
                     {
                         "request_id": ex.request_id,
+                        "worker": self.worker_pid,
                         "route": route,
                         "engine": ex.engine,
                         "endpoint": ex.endpoint,

@@ -69,6 +69,7 @@ class Exchange:
     status: int = 0
     attempts: int = 0
     ttft_s: float | None = None
+    itl_s: float | None = None  # mean gap between streamed events after the first read
     chunks: int = 0
     usage: dict[str, Any] | None = None
     committed: bool = False  # a byte of the response has reached the client
@@ -118,7 +119,7 @@ class Proxy:
             try:
                 candidates = structured.targets(route, candidates)
             except APIError:
-                self.metrics.structured_outcomes.labels(route.name, "none", "unsupported").inc()
+                self.metrics.structured_outcome(route.name, "unsupported")
                 raise
         if not candidates:
             raise self._nothing_available(route, needs_images)
@@ -210,7 +211,15 @@ class Proxy:
                 resp = await self.session.post(
                     url, data=body, headers=headers, timeout=self._client_timeout(route)
                 )
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+        except aiohttp.ConnectionTimeoutError:
+            return _Failure(
+                "timeout",
+                f"engine {upstream.name!r} did not accept a connection within the connect "
+                f"timeout ({route.config.timeouts.connect_s:g} s)",
+            )
+        except TimeoutError:
+            raise  # the first-byte deadline: _attempt names it
+        except (aiohttp.ClientError, OSError) as exc:
             return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(exc)}")
         try:
             if resp.status >= 400:
@@ -245,6 +254,8 @@ class Proxy:
     ) -> _Failure | None:
         try:
             raw = await resp.read()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
         body = target.upstream.kind.error_to_openai(resp.status, raw)
@@ -255,9 +266,7 @@ class Proxy:
         if ex.structured is not None:
             output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
             if output is not None:
-                self.metrics.structured_outcomes.labels(
-                    route.name, target.upstream.name, output.kind
-                ).inc()
+                self.metrics.structured_outcome(route.name, output.kind)
                 return _Failure(
                     "invalid_output",
                     f"engine {target.upstream.name!r}: {output.message}",
@@ -273,9 +282,7 @@ class Proxy:
             )
         if ex.structured is not None and resp.status in (400, 422):
             # the engine could not compile or accept the constraint: another engine may
-            self.metrics.structured_outcomes.labels(
-                route.name, target.upstream.name, "engine_rejected"
-            ).inc()
+            self.metrics.structured_outcome(route.name, "engine_rejected")
             return _Failure(
                 "rejected",
                 f"engine {target.upstream.name!r} refused the "
@@ -294,13 +301,13 @@ class Proxy:
     ) -> _Failure | None:
         try:
             body = await resp.read()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
         if ex.structured is not None:
             output = ex.structured.verify_body(body)
-            self.metrics.structured_outcomes.labels(
-                route.name, ex.engine or "none", output.kind if output else "valid"
-            ).inc()
+            self.metrics.structured_outcome(route.name, output.kind if output else "valid")
             if output is not None:
                 return _Failure(
                     "invalid_output", f"engine {ex.engine!r}: {output.message}", output=output
@@ -326,23 +333,28 @@ class Proxy:
         try:
             async with asyncio.timeout_at(first_byte_deadline):
                 first = await content.readany()
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure(
                 "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
             )
         if not first:
             return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
-        ex.ttft_s = time.perf_counter() - ex.started
+        first_at = time.perf_counter()
+        ex.ttft_s = first_at - ex.started
         ex.status = resp.status
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
-        chunks = first.count(b"\n\n")
+        chunks = first_events = first.count(b"\n\n")
+        last_at = first_at
         tail = first[-_TAIL_BYTES:]
         held = ex.structured.start_stream() if ex.structured is not None else None
         out = held.feed(first) if held is not None else first
         await send({"type": "http.response.body", "body": out, "more_body": True})
         try:
             while chunk := await content.readany():
+                last_at = time.perf_counter()
                 chunks += chunk.count(b"\n\n")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 if held is not None:
@@ -350,6 +362,8 @@ class Proxy:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except TimeoutError:
+            raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             ex.chunks = chunks
             await self._end_stream_with_error(
@@ -360,6 +374,8 @@ class Proxy:
             )
             return _Failure("broken", "mid-stream")
         ex.chunks = chunks
+        if chunks > first_events:
+            ex.itl_s = (last_at - first_at) / (chunks - first_events)
         ex.usage = _stream_usage(tail)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
@@ -380,9 +396,7 @@ class Proxy:
         """[DONE] after content that passed verification; an error event otherwise."""
         assert ex.structured is not None
         output = ex.structured.verify_stream()
-        self.metrics.structured_outcomes.labels(
-            route.name, ex.engine or "none", output.kind if output else "valid"
-        ).inc()
+        self.metrics.structured_outcome(route.name, output.kind if output else "valid")
         if output is None:
             await send({"type": "http.response.body", "body": DONE_EVENT, "more_body": False})
             return None

@@ -116,7 +116,7 @@ class RetryBudget:
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.min_per_s)
         self._last = now
-        if self.tokens >= 1.0:
+        if self.tokens >= 1.0 - 1e-9:  # ten deposits of 0.1 make one retry, not 0.999...
             self.tokens -= 1.0
             return True
         return False

@@ -1,0 +1,467 @@
+"""The gateway in front of REAL vLLM servers (CPU build, tiny model), with the openai SDK.
+
+Two generating engines (a, b) and one embedding engine serve behind kiban
+(`kiban serve` as a subprocess); a fault-injecting upstream plays the engines
+that cannot be made to misbehave on demand (hang, HTTP 500/429, header echo).
+The last tests kill engine a by PID mid-stream and under load, then restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.support.engines import EngineProcess, free_port, start_together
+from tests.support.gateway import fault_upstream, gateway_process
+
+pytestmark = pytest.mark.engine
+
+KEY = "sk-kiban-test-5f0c1d2e3a4b"
+MESSAGES = [{"role": "user", "content": "Tell me about licences."}]
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_engine_factory, tiny_model_dir: Path) -> dict[str, EngineProcess]:
+    a = vllm_engine_factory(tiny_model_dir, "tiny", start=False)
+    b = vllm_engine_factory(tiny_model_dir, "tiny", start=False)
+    embed = vllm_engine_factory(
+        tiny_model_dir,
+        "tiny-embed",
+        start=False,
+        max_model_len=512,
+        extra_args=("--runner", "pooling", "--convert", "embed"),
+    )
+    start_together(a, b, embed)
+    return {"a": a, "b": b, "embed": embed}
+
+
+@pytest.fixture(scope="module")
+def fault(tmp_path_factory: pytest.TempPathFactory):
+    upstream = fault_upstream(tmp_path_factory.mktemp("fault")).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
+    a, b, embed = engines["a"].base_url, engines["b"].base_url, engines["embed"].base_url
+    config = {
+        "gateway": {
+            "api_keys": {"env": ["KIBAN_TEST_KEY"]},
+            "max_body_bytes": MAX_BODY,
+            "health_interval_s": 0.5,
+            "health_timeout_s": 2,
+        },
+        "engines": [
+            {
+                "name": "a",
+                "kind": "vllm",
+                "url": a,
+                "models": ["tiny"],
+                "circuit": {"failures": 2, "cooldown_s": 1},
+            },
+            {"name": "b", "kind": "vllm", "url": b, "models": ["tiny"]},
+            {"name": "embedder", "kind": "vllm", "url": embed, "models": ["tiny-embed"]},
+            *[
+                {
+                    "name": f"fault-{m}",
+                    "kind": "openai",
+                    "url": fault.base_url,
+                    "models": [m],
+                    "images": False,
+                }
+                for m in ("ok", "hang", "status-500", "status-429")
+            ],
+            {
+                "name": "vlm",
+                "kind": "openai",
+                "url": fault.base_url,
+                "models": ["ok"],
+                "images": True,
+                "api_key": "engine-secret",
+            },
+            {
+                "name": "nowhere",
+                "kind": "vllm",
+                "url": f"http://127.0.0.1:{free_port()}",
+                "models": ["tiny"],
+            },
+        ],
+        "routes": [
+            {
+                "model": "tiny",
+                "aliases": ["default"],
+                "engines": ["a", "b"],
+                "strategy": "round_robin",
+            },
+            {"model": "tiny-a-first", "engines": ["a", "b"], "strategy": "priority"},
+            {"model": "embed", "engines": ["embedder"]},
+            {"model": "echo", "engines": ["fault-ok"]},
+            {"model": "ok", "engines": ["fault-ok"]},
+            {"model": "hang", "engines": ["fault-hang"], "timeouts": {"first_byte_s": 1}},
+            {"model": "always-500", "engines": ["fault-status-500"]},
+            {"model": "always-429", "engines": ["fault-status-429"]},
+            {"model": "vision", "engines": ["fault-ok", "vlm"]},
+            {"model": "nowhere", "engines": ["nowhere"]},
+        ],
+    }
+    work = tmp_path_factory.mktemp("gateway")
+    gw = gateway_process(config, work, env={"KIBAN_TEST_KEY": KEY}).start(timeout=60)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: EngineProcess) -> OpenAI:
+    return OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _raw(gateway: EngineProcess, path: str, body: bytes | str | None, **headers: str):
+    """One HTTP request to the gateway with the test key unless overridden."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"} | headers
+    method = "GET" if body is None else "POST"
+    return httpx.request(method, gateway.base_url + path, content=body, headers=headers, timeout=60)
+
+
+def _assert_openai_error(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# -- the OpenAI API through kiban ---------------------------------------------------------
+
+
+def test_models_lists_every_public_name(client: OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids[:3] == ["tiny", "default", "tiny-a-first"]
+    assert {"embed", "echo", "vision", "nowhere"} <= set(ids)
+
+
+def test_chat_and_completions_sync(client: OpenAI) -> None:
+    chat = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=8)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 8
+    text = client.completions.create(model="tiny", prompt="Licence:", max_tokens=5)
+    assert text.choices[0].text and text.usage.completion_tokens == 5
+
+
+def test_streams_sync(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 10
+    completion = list(
+        client.completions.create(model="tiny", prompt="A", max_tokens=6, stream=True)
+    )
+    assert len([c for c in completion if c.choices and c.choices[0].text]) >= 2
+
+
+def test_async_client_concurrent_requests(gateway: EngineProcess) -> None:
+    async def run() -> list[str]:
+        client = AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEY, max_retries=0)
+
+        async def one(i: int) -> str:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model="tiny", messages=MESSAGES, max_tokens=6, stream=True
+                )
+                return "".join([c.choices[0].delta.content or "" async for c in stream])
+            resp = await client.chat.completions.create(
+                model="tiny", messages=MESSAGES, max_tokens=6
+            )
+            return resp.choices[0].message.content
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(8)))
+        finally:
+            await client.close()
+
+    assert all(asyncio.run(run()))
+
+
+def test_round_robin_uses_both_engines(client: OpenAI) -> None:
+    seen = set()
+    for _ in range(4):
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=2
+        )
+        seen.add(raw.headers["x-kiban-engine"])
+    assert seen == {"a", "b"}
+
+
+def test_embeddings(client: OpenAI) -> None:
+    resp = client.embeddings.create(model="embed", input=["hello world", "licence"])
+    assert len(resp.data) == 2 and len(resp.data[0].embedding) == 256
+
+
+def test_unknown_fields_pass_through_untouched(client: OpenAI, engines) -> None:
+    """Sampling fields kiban does not interpret reach the engine: same seed, same text."""
+    extra = {"top_k": 5, "repetition_penalty": 1.3, "min_tokens": 12}
+    kwargs = dict(messages=MESSAGES, max_tokens=12, temperature=1.0, seed=7, extra_body=extra)
+    via_kiban = client.chat.completions.create(model="tiny-a-first", **kwargs)
+    direct = OpenAI(base_url=f"{engines['a'].base_url}/v1", api_key="x", max_retries=0)
+    straight = direct.chat.completions.create(model="tiny", **kwargs)
+    assert via_kiban.choices[0].message.content == straight.choices[0].message.content
+    assert via_kiban.usage.completion_tokens == 12  # min_tokens honoured
+
+
+def test_body_and_headers_as_the_engine_sees_them(gateway: EngineProcess) -> None:
+    body = {
+        "model": "echo",
+        "messages": MESSAGES,
+        "vendor_field": {"nested": [1, 2.5, None]},
+        "temperature": 0.25,
+    }
+    resp = _raw(
+        gateway,
+        "/v1/chat/completions",
+        json.dumps(body),
+        **{
+            "X-Custom-Trace": "abc",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "Keep-Alive": "timeout=5",
+            "X-Request-Id": "client-chosen-id-1",
+        },
+    )
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "client-chosen-id-1"
+    seen = json.loads(resp.json()["choices"][0]["message"]["content"])
+    assert seen["body"] == body | {"model": "ok"}  # the engine's own name for the model
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers["x-custom-trace"] == "abc" and headers["x-request-id"] == "client-chosen-id-1"
+    for not_forwarded in ("authorization", "proxy-authorization", "keep-alive"):
+        assert not_forwarded not in headers
+    assert KEY not in json.dumps(seen)
+
+
+def test_body_bytes_untouched_when_no_rename(gateway: EngineProcess) -> None:
+    raw = b'{ "messages" : [{"role":"user","content":"hi \\u00e9"}],\n "model":"ok", "z": 1e3 }'
+    resp = _raw(gateway, "/v1/chat/completions", raw)
+    assert resp.status_code == 200
+    assert json.loads(resp.json()["choices"][0]["message"]["content"])["raw"] == raw.decode()
+
+
+def test_engine_key_replaces_client_key(gateway: EngineProcess) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]
+    resp = _raw(
+        gateway, "/v1/chat/completions", json.dumps({"model": "vision", "messages": messages})
+    )
+    assert resp.status_code == 200 and resp.headers["x-kiban-engine"] == "vlm"
+    seen = json.loads(resp.json()["choices"][0]["message"]["content"])
+    assert seen["headers"]["Authorization"] == "Bearer engine-secret"
+    assert seen["body"]["messages"] == messages  # image parts untouched
+
+
+# -- errors kiban answers itself -----------------------------------------------------------
+
+
+def test_malformed_json_400(gateway: EngineProcess) -> None:
+    error = _assert_openai_error(
+        _raw(gateway, "/v1/chat/completions", b'{"model": "tiny",'), 400, "invalid_json"
+    )
+    assert "not valid JSON" in error["message"]
+    _assert_openai_error(_raw(gateway, "/v1/chat/completions", b"[1, 2]"), 400, "invalid_json")
+    _assert_openai_error(
+        _raw(gateway, "/v1/chat/completions", b'{"messages": []}'), 400, "missing_model"
+    )
+
+
+def test_unknown_model_404_lists_models(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    message = info.value.body["message"]
+    assert "'gpt-9' does not exist" in message and "tiny, default, tiny-a-first" in message
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+
+
+def test_body_too_large_413(gateway: EngineProcess) -> None:
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * MAX_BODY}]})
+    error = _assert_openai_error(_raw(gateway, "/v1/chat/completions", big), 413, "body_too_large")
+    assert str(MAX_BODY) in error["message"]
+
+
+def test_missing_or_invalid_key_401(gateway: EngineProcess) -> None:
+    body = json.dumps({"model": "tiny", "messages": MESSAGES})
+    for auth in (
+        {"Authorization": ""},
+        {"Authorization": "Bearer sk-wrong-key"},
+        {"Authorization": f"Basic {KEY}"},
+    ):
+        error = _assert_openai_error(
+            _raw(gateway, "/v1/chat/completions", body, **auth), 401, "invalid_api_key"
+        )
+        assert error["type"] == "authentication_error" and "wrong" not in error["message"]
+    _assert_openai_error(_raw(gateway, "/v1/models", None, Authorization=""), 401)
+    assert _raw(gateway, "/health", None, Authorization="").status_code == 200
+
+
+def test_no_healthy_engine_503(client: OpenAI, gateway: EngineProcess) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="nowhere", messages=MESSAGES)
+    assert info.value.status_code == 503 and info.value.body["code"] == "no_healthy_engine"
+    ready = _raw(gateway, "/ready", None)
+    assert ready.status_code == 503
+    assert ready.json()["routes_without_healthy_engine"] == ["nowhere"]
+
+
+def test_upstream_timeout_504(client: OpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="hang", messages=MESSAGES)
+    assert info.value.status_code == 504 and info.value.body["code"] == "upstream_timeout"
+    assert "first-byte timeout (1 s)" in info.value.body["message"]
+    assert time.monotonic() - started < 10  # 1 s per attempt, 3 attempts at most
+
+
+def test_upstream_errors_keep_status_and_message(client: OpenAI, engines) -> None:
+    kwargs = dict(model="tiny-a-first", messages=MESSAGES, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError) as via_kiban:
+        client.chat.completions.create(**kwargs)
+    direct = OpenAI(base_url=f"{engines['a'].base_url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as straight:
+        direct.chat.completions.create(**{**kwargs, "model": "tiny"})
+    assert via_kiban.value.body["message"] == straight.value.body["message"]
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="always-500", messages=MESSAGES)
+    assert info.value.status_code == 500 and "injected HTTP 500" in info.value.body["message"]
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="always-429", messages=MESSAGES)
+    assert info.value.response.headers["retry-after"] == "7"
+
+
+def test_images_only_to_engines_that_take_them(gateway: EngineProcess) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    messages = [{"role": "user", "content": [image]}]
+    error = _assert_openai_error(
+        _raw(gateway, "/v1/chat/completions", json.dumps({"model": "echo", "messages": messages})),
+        400,
+        "images_not_supported",
+    )
+    assert "image" in error["message"] and error["param"] == "messages"
+
+
+def test_wrong_method_and_path(gateway: EngineProcess) -> None:
+    resp = _raw(gateway, "/v1/chat/completions", None)
+    _assert_openai_error(resp, 405, "method_not_allowed")
+    assert resp.headers["allow"] == "POST"
+    _assert_openai_error(_raw(gateway, "/v1/nothing", b"{}"), 404, "unknown_path")
+
+
+def test_metrics_and_request_log(client: OpenAI, gateway: EngineProcess) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=MESSAGES, max_tokens=3, extra_headers={"X-Request-Id": "log-me-1"}
+    )
+    assert raw.headers["x-request-id"] == "log-me-1"
+    text = _raw(gateway, "/metrics", None).text
+    assert re.search(r'kiban_requests_total\{engine="(a|b)",route="tiny",status="200"\} \d', text)
+    assert "kiban_time_to_first_token_seconds_bucket" in text
+    assert re.search(r'kiban_tokens_total\{engine="[ab]",route="tiny",type="completion"\}', text)
+    line = next(ln for ln in gateway.log_tail(10**6).splitlines() if "log-me-1" in ln)
+    entry = json.loads(line)
+    assert entry["status"] == 200 and entry["route"] == "tiny" and entry["completion_tokens"] == 3
+    assert KEY not in gateway.log_tail(10**7)
+
+
+# -- cancellation and engine failures (these kill engine a; they run last) -----------------
+
+
+def _running(engine: EngineProcess) -> float:
+    with urllib.request.urlopen(engine.base_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(r"^vllm:num_requests_running\{[^}]*\} ([\d.]+)", text, re.MULTILINE)
+    assert match, "vLLM metrics lack num_requests_running"
+    return float(match.group(1))
+
+
+def test_client_disconnect_cancels_engine_request(client: OpenAI, engines) -> None:
+    stream = client.chat.completions.create(
+        model="tiny-a-first",
+        messages=MESSAGES,
+        max_tokens=1500,
+        stream=True,
+        extra_body={"min_tokens": 1500},
+    )
+    for i, _chunk in enumerate(stream):
+        if i == 3:
+            break
+    assert _running(engines["a"]) == 1  # 1500 tokens take several seconds here
+    stream.close()
+    deadline = time.monotonic() + 5
+    while _running(engines["a"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(engines["a"]) == 0
+
+
+def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -> None:
+    a = engines["a"]
+    results: list[tuple[str, str]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="tiny", messages=MESSAGES, max_tokens=4
+                )
+                results.append(
+                    (raw.headers["x-kiban-engine"], raw.parse().choices[0].finish_reason)
+                )
+            except BaseException as exc:
+                failures.append(exc)
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    stream = client.chat.completions.create(
+        model="tiny-a-first",
+        messages=MESSAGES,
+        max_tokens=1500,
+        stream=True,
+        extra_body={"min_tokens": 1500},
+    )
+    got = []
+    with pytest.raises(openai.APIError) as broken:
+        for chunk in stream:
+            got.append(chunk)
+            if len(got) == 5:
+                a.kill()
+    time.sleep(2)
+    stop.set()
+    for w in workers:
+        w.join(timeout=60)
+    assert "broke mid-stream" in broken.value.message or "without [DONE]" in broken.value.message
+    assert failures == [] and len(results) > 5
+    assert {engine for engine, _ in results[-3:]} == {"b"}
+
+    a.restart()
+    deadline = time.monotonic() + 30
+    seen: set[str] = set()
+    while "a" not in seen and time.monotonic() < deadline:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=2
+        )
+        seen.add(raw.headers["x-kiban-engine"])
+        time.sleep(0.2)
+    assert "a" in seen
+    assert _raw(gateway, "/ready", None).json()["routes_without_healthy_engine"] == ["nowhere"]

@@ -1,0 +1,141 @@
+"""A fault-injecting OpenAI-compatible upstream, run as its own process on loopback.
+
+The request's ``model`` picks the behaviour, so one server plays many engines:
+
+* ``ok``          a normal chat completion (stream or not); its content echoes
+                  the headers, the parsed body and the raw body the upstream
+                  received, as JSON;
+* ``hang``        accepts the request and never answers;
+* ``status-NNN``  answers HTTP NNN with an OpenAI-shaped error (429 adds Retry-After: 7);
+* ``nonjson``     answers 502 with an HTML body;
+* ``truncated``   200 with a JSON body cut in the middle;
+* ``no-done``     streams two chunks and ends the response without ``[DONE]``;
+* ``drop``        streams two chunks and closes the connection mid-response;
+* ``slow``        streams one token per ``--slow-interval`` seconds.
+
+``python -m tests.support.fault_upstream --port P`` serves until SIGTERM.
+GET /health answers 200; GET /v1/models lists the behaviours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "drop", "slow")
+
+
+def _completion(model: str, content: str) -> dict:
+    return {
+        "id": "cmpl-fault",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def _chunk(model: str, content: str, finish: str | None = None) -> bytes:
+    data = {
+        "id": "cmpl-fault",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+async def _stream(
+    request: web.Request, model: str, pieces: list[str], interval: float, end: str = "done"
+) -> web.StreamResponse:
+    """Stream *pieces*; *end* is ``done`` ([DONE]), ``eof`` (no [DONE]) or ``drop``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        await resp.write(_chunk(model, piece, "stop" if last and end == "done" else None))
+        if interval and not last:
+            await asyncio.sleep(interval)
+    if end == "drop":
+        assert request.transport is not None
+        request.transport.close()  # under the client, mid-response
+        return resp
+    if end == "done":
+        await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    body = json.loads(raw)
+    model, stream = body.get("model", ""), bool(body.get("stream"))
+    slow_interval: float = request.app["slow_interval"]
+    if model == "hang":
+        await asyncio.sleep(3600)
+    if model.startswith("status-"):
+        status = int(model.removeprefix("status-"))
+        headers = {"Retry-After": "7"} if status == 429 else {}
+        error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
+        return web.json_response(error, status=status, headers=headers)
+    if model == "nonjson":
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+    if model == "truncated":
+        return web.Response(
+            body=b'{"id": "cmpl-fault", "choices": [{"mess', content_type="application/json"
+        )
+    if model in ("no-done", "drop"):
+        return await _stream(
+            request, model, ["a", "b"], 0.0, "eof" if model == "no-done" else "drop"
+        )
+    if model == "slow":
+        return await _stream(request, model, [f"t{i} " for i in range(30)], slow_interval)
+    echo = json.dumps({"headers": dict(request.headers), "body": body, "raw": raw.decode()})
+    if stream:
+        return await _stream(
+            request, model, [echo[i : i + 64] for i in range(0, len(echo), 64)], 0.0
+        )
+    return web.json_response(_completion(model, echo))
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def models(_request: web.Request) -> web.Response:
+    data = [{"id": b, "object": "model"} for b in BEHAVIOURS]
+    return web.json_response({"object": "list", "data": data})
+
+
+def make_app(slow_interval: float = 1.0) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["slow_interval"] = slow_interval
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--slow-interval", type=float, default=1.0)
+    args = parser.parse_args()
+    web.run_app(make_app(args.slow_interval), host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
