@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from kiban.engines import ENGINE_KINDS
+from kiban.structured.validator import CompiledSchema, SchemaError
 
 Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
@@ -185,6 +186,12 @@ class EngineConfig(_Strict):
     api_key: str | None = Field(default=None, description="key sent to the engine")
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
     launch: LaunchConfig | None = None
+    version: str | None = Field(
+        default=None, description="engine release (selects its API dialect), e.g. 0.11.2"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="engine-specific settings (see the engine kind)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -206,6 +213,15 @@ class EngineConfig(_Strict):
     def _known_kind(cls, value: str) -> str:
         if value not in ENGINE_KINDS:
             raise ValueError(f"unknown engine kind; expected one of {', '.join(ENGINE_KINDS)}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        from kiban.engines.base import parse_version
+
+        if value is not None and parse_version(value) is None:
+            raise ValueError("expected a release number such as 0.11.2")
         return value
 
     @field_validator("url")
@@ -236,6 +252,26 @@ class RouteTarget(_Strict):
     model: str | None = None
 
 
+class StructuredPolicy(_Strict):
+    """How a route handles structured output.
+
+    ``schema`` makes the route an extractor: every request gets this JSON
+    Schema without sending it. ``unenforced`` decides what happens when no
+    engine of the route can enforce a request's constraint: ``refuse`` (400
+    naming the feature) or ``validate`` (send it anyway, validate, retry).
+    ``retries`` more attempts follow an invalid output, on the next engine or
+    the same one (``retry_on``).
+    """
+
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "response"
+    unenforced: Literal["refuse", "validate"] = "refuse"
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    retry_on: Literal["next", "same"] = "next"
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    whitespace_run: Annotated[int, Field(ge=8)] = 64
+
+
 class RouteConfig(_Strict):
     model: Annotated[str, Field(min_length=1)]
     aliases: list[str] = Field(default_factory=list)
@@ -243,6 +279,7 @@ class RouteConfig(_Strict):
     strategy: Strategy = "priority"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
+    structured: StructuredPolicy = Field(default_factory=StructuredPolicy)
 
     @field_validator("engines", mode="before")
     @classmethod
@@ -384,6 +421,8 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
                 f"(also engines[{seen_engines[engine.name]}])"
             )
         seen_engines.setdefault(engine.name, i)
+        for key, problem in ENGINE_KINDS[engine.kind].option_problems(engine):
+            problems.append(f"engines[{i}].{key}: {problem}")
         if engine.launch is not None:
             problems += _check_launch(f"engines[{i}]", engine)
 
@@ -397,6 +436,12 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
         seen_gpus.setdefault(gpu.index, i)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
+        schema = route.structured.schema_
+        if schema is not None:
+            try:
+                CompiledSchema(schema)
+            except SchemaError as err:
+                problems.append(f"routes[{r}].structured.schema: not a valid JSON Schema: {err}")
         for n, name in enumerate(route.public_names):
             key = f"routes[{r}].model" if n == 0 else f"routes[{r}].aliases[{n - 1}]"
             if name in public:

@@ -58,8 +58,10 @@ def engine_command(
     kind = ENGINE_KINDS[engine.kind]
     host, port = listen_address(engine)
     argv = kind.launch_argv(engine, LaunchTarget(env_root=env_root, host=host, port=port))
-    # what kiban itself relies on: the start-up report's lines and the metrics endpoint
+    # what kiban itself relies on: the start-up report's lines, the metrics endpoint, and
+    # the structured-output backend with bounded whitespace
     argv += [*kind.startup_log_args, *kind.metrics_launch_args]
+    argv += kind.structured_launch_args(engine)
     argv += [*(plan_flags or []), *engine.launch.args]
     extra = {
         **kind.launch_env(engine),

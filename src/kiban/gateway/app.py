@@ -27,6 +27,8 @@ from kiban.gateway.health import HealthChecker
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.routing import Router
+from kiban.structured.constraint import STRUCTURED_KEYS
+from kiban.structured.request import StructuredService
 
 access_log = logging.getLogger("kiban.access")
 log = logging.getLogger("kiban.gateway")
@@ -62,6 +64,7 @@ class Gateway:
         self.config = config
         self.router = Router(config)
         self.metrics = Metrics()
+        self.structured = StructuredService(config.routes)
         self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
@@ -214,6 +217,11 @@ class Gateway:
         if stream is not None and not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
+        structured = None
+        if endpoint != "embeddings" and (
+            route.name in self.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
+        ):
+            structured = self.structured.prepare(payload, route)
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,
@@ -222,6 +230,7 @@ class Gateway:
             model=model,
             stream=bool(stream),
             client_headers=scope["headers"],
+            structured=structured,
         )
         in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
