@@ -133,3 +133,21 @@ def test_llamacpp_failed_step_is_named(home: Path, monkeypatch: pytest.MonkeyPat
 def test_llama_server_binary_lives_in_the_env(home: Path) -> None:
     env = envs.EngineEnv(name="llamacpp-cpu", root=home / "e", python=home / "e/bin/python")
     assert envs.llama_server_binary(env) == home / "e" / "bin" / "llama-server"
+
+
+def test_every_launchable_engine_names_a_pinned_environment() -> None:
+    from kiban.engines import ENGINE_KINDS
+    from kiban.engines.base import LaunchUnsupported
+
+    for kind in ENGINE_KINDS.values():
+        for device in ("gpu", "cpu"):
+            try:
+                name = kind.environment(device)
+            except LaunchUnsupported:
+                continue
+            if name is None:  # runs the user's own command (kind openai)
+                continue
+            assert name in envs.ENGINE_ENVS, f"{kind.name} on {device} needs env {name!r}"
+            steps = [a for step in envs.ENGINE_ENVS[name].steps for a in step.argv]
+            installs = [a for a in steps if a.startswith(("vllm", "lmdeploy", "sglang"))]
+            assert all("==" in a for a in installs), installs

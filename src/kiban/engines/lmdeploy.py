@@ -46,8 +46,8 @@ class LMDeploy(EngineKind):
         return "lmdeploy"
 
     def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
-        # lmdeploy/cli/serve.py (v0.16.0): `serve api_server MODEL --server-name --server-port
-        # --model-name`; one served name per server.
+        # lmdeploy/cli/serve.py (v0.16.0 to 0.18.0): `serve api_server MODEL --server-name
+        # --server-port --model-name`; one served name per server.
         assert engine.launch is not None
         return [
             target.program("lmdeploy"),
