@@ -1,4 +1,4 @@
-"""Session fixtures: a tiny deterministic model, the vLLM CPU venv, real engines."""
+"""Session fixtures: tiny deterministic models, engine environments, real engines."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from kiban.deploy.envs import EngineEnv, ensure_engine_env
-from kiban.models.tiny import build_tiny_model
-from tests.support.engines import EngineProcess, vllm_server
+from kiban.deploy.envs import EngineEnv, ensure_engine_env, llama_server_binary
+from kiban.models.tiny import build_tiny_gguf, build_tiny_model
+from tests.support.engines import EngineProcess, llamacpp_server, vllm_server
 
 VllmFactory = Callable[..., EngineProcess]
+LlamaCppFactory = Callable[..., EngineProcess]
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,46 @@ def vllm_engine_factory(
     ) -> EngineProcess:
         """A vLLM server, started unless ``start=False`` (then see ``start_together``)."""
         engine = vllm_server(vllm_env.python, model_dir, served_name, log_dir, **kwargs)
+        started.append(engine)
+        return engine.start() if start else engine
+
+    yield factory
+    for engine in reversed(started):
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Qwen2 as one GGUF file for llama.cpp, built once per session.
+
+    Shapes from `TinySpec`: 2 layers, 2 KV heads, head_dim 64; weights stored as F32.
+    """
+    return build_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-qwen2.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_env() -> EngineEnv:
+    """The llama.cpp CPU env with llama-server built from source (first use: minutes)."""
+    return ensure_engine_env("llamacpp-cpu", progress=print)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_engine_factory(
+    llamacpp_env: EngineEnv, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LlamaCppFactory]:
+    """Real llama-servers: ``factory(gguf, name, start=True, **kw)``; all stopped at the end.
+
+    ``start=False`` returns the engine unstarted (tests of failed starts call
+    ``start()`` themselves); it is still stopped at the end of the session.
+    """
+    log_dir = tmp_path_factory.mktemp("engine-logs")
+    binary = llama_server_binary(llamacpp_env)
+    started: list[EngineProcess] = []
+
+    def factory(
+        gguf_path: Path, served_name: str = "tiny", *, start: bool = True, **kwargs
+    ) -> EngineProcess:
+        engine = llamacpp_server(binary, gguf_path, served_name, log_dir, **kwargs)
         started.append(engine)
         return engine.start() if start else engine
 

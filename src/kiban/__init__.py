@@ -1,3 +1,6 @@
 """kiban: one OpenAI-compatible endpoint in front of self-hosted inference engines."""
 
+from kiban.extract import ExtractionError, aextract, extract
+
 __version__ = "0.1.0"
+__all__ = ["ExtractionError", "aextract", "extract"]

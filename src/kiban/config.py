@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from kiban.engines import ENGINE_KINDS
+from kiban.structured.validator import CompiledSchema, SchemaError
 
 Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
@@ -120,6 +121,60 @@ class GpuPolicy(_Strict):
     min_free_mib: Annotated[int, Field(ge=0)] = 0
 
 
+class GpuInventory(_Strict):
+    """A GPU for planning where NVML cannot see it: a known type or a memory size.
+
+    ``type`` is a name from kiban's GPU catalogue (``rtx4090``, ``h100-80``, ...);
+    ``memory`` a size (``24GiB``, ``23028MiB``); ``compute_capability`` like ``8.9``.
+    """
+
+    index: Annotated[int, Field(ge=0)]
+    type: str | None = None
+    memory: str | int | None = None
+    compute_capability: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str | None) -> str | None:
+        from kiban.planning.catalogue import find_gpu, gpu_keys
+
+        if value is not None and find_gpu(value) is None:
+            raise ValueError(f"unknown GPU type; expected one of {', '.join(gpu_keys())}")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str | int | None) -> str | int | None:
+        from kiban.planning.units import parse_size
+
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("compute_capability")
+    @classmethod
+    def _capability(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+\.\d", value):
+            raise ValueError("expected MAJOR.MINOR such as 8.9")
+        return value
+
+    @model_validator(mode="after")
+    def _type_or_memory(self) -> GpuInventory:
+        if self.type is None and self.memory is None:
+            raise ValueError("give the GPU's type (e.g. rtx4090) or its memory (e.g. 24GiB)")
+        return self
+
+
+class PlanningConfig(_Strict):
+    """How `kiban plan` shares memory out.
+
+    ``reserve_fraction`` of each GPU (and of host memory for CPU engines) is
+    left unplanned for the driver, the desktop and other processes.
+    """
+
+    reserve_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.03
+
+
 class EngineConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     kind: str
@@ -131,6 +186,12 @@ class EngineConfig(_Strict):
     api_key: str | None = Field(default=None, description="key sent to the engine")
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
     launch: LaunchConfig | None = None
+    version: str | None = Field(
+        default=None, description="engine release (selects its API dialect), e.g. 0.11.2"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="engine-specific settings (see the engine kind)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +213,15 @@ class EngineConfig(_Strict):
     def _known_kind(cls, value: str) -> str:
         if value not in ENGINE_KINDS:
             raise ValueError(f"unknown engine kind; expected one of {', '.join(ENGINE_KINDS)}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        from kiban.engines.base import parse_version
+
+        if value is not None and parse_version(value) is None:
+            raise ValueError("expected a release number such as 0.11.2")
         return value
 
     @field_validator("url")
@@ -182,6 +252,26 @@ class RouteTarget(_Strict):
     model: str | None = None
 
 
+class StructuredPolicy(_Strict):
+    """How a route handles structured output.
+
+    ``schema`` makes the route an extractor: every request gets this JSON
+    Schema without sending it. ``unenforced`` decides what happens when no
+    engine of the route can enforce a request's constraint: ``refuse`` (400
+    naming the feature) or ``validate`` (send it anyway, validate, retry).
+    ``retries`` more attempts follow an invalid output, on the next engine or
+    the same one (``retry_on``).
+    """
+
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "response"
+    unenforced: Literal["refuse", "validate"] = "refuse"
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    retry_on: Literal["next", "same"] = "next"
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    whitespace_run: Annotated[int, Field(ge=8)] = 64
+
+
 class RouteConfig(_Strict):
     model: Annotated[str, Field(min_length=1)]
     aliases: list[str] = Field(default_factory=list)
@@ -189,6 +279,7 @@ class RouteConfig(_Strict):
     strategy: Strategy = "priority"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
+    structured: StructuredPolicy = Field(default_factory=StructuredPolicy)
 
     @field_validator("engines", mode="before")
     @classmethod
@@ -202,9 +293,34 @@ class RouteConfig(_Strict):
         return [self.model, *self.aliases]
 
 
+class ObservabilityConfig(_Strict):
+    """Where Prometheus runs and how kiban's generated scrape configuration reads the stack.
+
+    ``gpu_exporter``: ``gateway`` puts the NVML GPU metrics on the gateway's own
+    /metrics; ``standalone`` scrapes ``kiban gpu-exporter`` on ``gpu_exporter_port``;
+    ``off`` leaves GPUs out.
+    """
+
+    prometheus_url: str = "http://127.0.0.1:9090"
+    scrape_interval_s: Annotated[float, Field(ge=1, le=300)] = 15.0
+    gpu_exporter: Literal["gateway", "standalone", "off"] = "gateway"
+    gpu_exporter_port: Annotated[int, Field(ge=1, le=65535)] = 9835
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not _HTTP_URL.match(value):
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9090")
+        return value.rstrip("/")
+
+
 class KibanConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     gpu: GpuPolicy = Field(default_factory=GpuPolicy)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    gpus: list[GpuInventory] = Field(default_factory=list)
+    planning: PlanningConfig = Field(default_factory=PlanningConfig)
     engines: Annotated[list[EngineConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
 
@@ -278,18 +394,9 @@ def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
     return problems
 
 
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
-
-
 def _check_launch(key: str, engine: EngineConfig) -> list[str]:
     assert engine.launch is not None
     problems = []
-    host = urlsplit(engine.url).hostname or ""
-    if host not in _LOCAL_HOSTS:
-        problems.append(
-            f"{key}.url: a launched engine runs on this machine, so its url must name "
-            f"127.0.0.1, localhost or 0.0.0.0 (got {engine.url!r})"
-        )
     takes_command = ENGINE_KINDS[engine.kind].takes_launch_command
     if takes_command and engine.launch.command is None:
         problems.append(
@@ -314,10 +421,27 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
                 f"(also engines[{seen_engines[engine.name]}])"
             )
         seen_engines.setdefault(engine.name, i)
+        for key, problem in ENGINE_KINDS[engine.kind].option_problems(engine):
+            problems.append(f"engines[{i}].{key}: {problem}")
         if engine.launch is not None:
             problems += _check_launch(f"engines[{i}]", engine)
+
+    seen_gpus: dict[int, int] = {}
+    for i, gpu in enumerate(cfg.gpus):
+        if gpu.index in seen_gpus:
+            problems.append(
+                f"gpus[{i}].index: GPU {gpu.index} is already described by "
+                f"gpus[{seen_gpus[gpu.index]}]"
+            )
+        seen_gpus.setdefault(gpu.index, i)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
+        schema = route.structured.schema_
+        if schema is not None:
+            try:
+                CompiledSchema(schema)
+            except SchemaError as err:
+                problems.append(f"routes[{r}].structured.schema: not a valid JSON Schema: {err}")
         for n, name in enumerate(route.public_names):
             key = f"routes[{r}].model" if n == 0 else f"routes[{r}].aliases[{n - 1}]"
             if name in public:

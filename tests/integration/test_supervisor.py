@@ -228,7 +228,7 @@ def test_launch_config_errors(tmp_path: Path) -> None:
     generic = {
         "name": "g",
         "kind": "openai",
-        "url": "http://10.1.2.3:8000",
+        "url": "http://127.0.0.1:8000",
         "models": ["m"],
         "launch": {"model": "x"},
     }
@@ -236,5 +236,13 @@ def test_launch_config_errors(tmp_path: Path) -> None:
     result = kiban("config", "check", "-c", str(config))
     assert result.returncode == 2
     assert "engines[0].launch.command: kind 'vllm' is launched by kiban" in result.stderr
-    assert "engines[1].url: a launched engine runs on this machine" in result.stderr
     assert "engines[1].launch.command: required for kind 'openai'" in result.stderr
+
+
+def test_up_refuses_a_launched_engine_on_another_host(tmp_path: Path) -> None:
+    remote = _engine("far")
+    remote["url"] = "http://10.1.2.3:8000"
+    config = _write(tmp_path, [remote])
+    result = kiban("up", "-c", str(config))
+    assert result.returncode == 1
+    assert "engine 'far': kiban up runs engines on this machine" in result.stderr

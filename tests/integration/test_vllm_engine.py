@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
+from kiban.deploy.process import group_members
 from kiban.models.tiny import IM_END, IM_START
 from tests.support.engines import EngineProcess
 
@@ -96,29 +97,16 @@ def test_log_reports_kv_cache_size(engine: EngineProcess) -> None:
     assert any(re.search(r"KV cache size: [\d,]+ tokens", ln) for ln in lines)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) PIDs whose process group is `pgid`, from /proc/PID/stat."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
 def test_crash_and_restart_on_same_port(engine: EngineProcess, client: OpenAI) -> None:
     """Runs last: kill() leaves nothing behind, restart() serves again on the port."""
     old_pid, port = engine.pid, engine.port
-    assert old_pid is not None and len(_group_members(old_pid)) > 1  # API server + EngineCore
+    assert old_pid is not None and len(group_members(old_pid)) > 1  # API server + EngineCore
     assert engine.kill() == -9
     assert not engine.running() and not engine.healthy()
     deadline = time.monotonic() + 5  # SIGKILL lands asynchronously on the group
-    while _group_members(old_pid) and time.monotonic() < deadline:
+    while group_members(old_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _group_members(old_pid) == []
+    assert group_members(old_pid) == set()
     engine.restart()
     print(f"vLLM restarted in {engine.startup_seconds:.1f}s")
     assert engine.port == port and engine.pid != old_pid

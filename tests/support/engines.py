@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiban.engines.llamacpp import LlamaCpp
+
 HEALTH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_CHARS = 6000
@@ -256,3 +258,47 @@ def vllm_server(
     }
     log = log_dir / f"vllm-{served_name}-{port}.log"
     return EngineProcess(name=f"vllm:{served_name}", argv=argv, port=port, log_path=log, env=env)
+
+
+def llamacpp_server(
+    binary: Path,
+    gguf_path: Path,
+    served_name: str,
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    ctx: int = 2048,
+    parallel: int = 2,
+    extra_args: tuple[str, ...] = (),
+) -> EngineProcess:
+    """An (unstarted) llama.cpp ``llama-server`` for one GGUF file, on the CPU.
+
+    Every sizing flag is explicit (``-c`` total context, ``-np`` slots, ``-ngl 0``,
+    ``--fit off``) so that llama.cpp allocates exactly what a test computes;
+    ``--alias`` makes /v1/models list `served_name`.
+    """
+    port = port or free_port()
+    argv = [
+        str(binary),
+        "--model",
+        str(gguf_path),
+        "--alias",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(ctx),
+        "-np",
+        str(parallel),
+        "-ngl",
+        "0",
+        "--fit",
+        "off",
+        "--metrics",
+        *LlamaCpp.startup_log_args,
+        *extra_args,
+    ]
+    log = log_dir / f"llamacpp-{served_name}-{port}.log"
+    return EngineProcess(name=f"llamacpp:{served_name}", argv=argv, port=port, log_path=log)

@@ -122,3 +122,19 @@ def test_yaml_errors_and_missing_file(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "kiban.yaml"
+    path.write_text(
+        "gateway: {api_keys: {file: keys.txt}}\n"
+        "engines:\n"
+        "  - {name: a, kind: vllm, models: [m], launch: {model: ../models/m, port: 9001}}\n"
+        "  - {name: b, kind: vllm, models: [n], launch: {model: Org/Model-7B, port: 9002}}\n"
+        "routes: [{model: m, engines: [a]}, {model: n, engines: [b]}]\n"
+    )
+    cfg = load_config(path)
+    assert cfg.engine("a").launch.model == str(tmp_path / "models" / "m")
+    assert cfg.engine("b").launch.model == "Org/Model-7B"  # a hub name stays as it is
+    assert cfg.gateway.api_keys.file == tmp_path / "conf" / "keys.txt"

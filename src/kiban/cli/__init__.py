@@ -10,6 +10,8 @@ from kiban.cli import (  # noqa: F401  (importing a module registers its command
     doctor,
     engines,
     models,
+    observability,
+    plan,
     serve,
 )
 from kiban.cli.app import app

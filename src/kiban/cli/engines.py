@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from kiban.deploy.process import spawn, stop_group, tail
 from kiban.deploy.state import ProcessRecord, RunDir, RunState
 from kiban.deploy.supervisor import Supervisor, SupervisorError, http_ok
 from kiban.engines import ENGINE_KINDS
+from kiban.observability.snapshot import EngineTarget, LiveSnapshot, snapshot
 
 _HANDOVER_S = 30.0
 _STATE_STYLE = {
@@ -160,18 +162,54 @@ def _launches(config: Path):
 def status(
     config: ConfigOption = Path("kiban.yaml"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    live: Annotated[
+        bool, typer.Option(help="Scrape the engines' and gateway's metrics for live figures.")
+    ] = True,
 ) -> None:
-    """Engines and gateway of this configuration: state, health, uptime, restarts, URL."""
+    """Engines and gateway: state, health, uptime, restarts, URL, and live figures
+    (tokens/s, requests running and waiting, KV cache, in-flight, GPU memory)."""
     run_dir = RunDir(config)
     state = run_dir.read()
     if state is None:
         raise fail(f"kiban is not up for {config} (no {run_dir.state_file})", code=1)
+    figures = _live(state) if live else None
     if as_json:
         rows = [_row(rec) for rec in state.records()]
+        for row in rows:
+            if figures is not None and row["name"] in figures.engines:
+                row["live"] = asdict(figures.engines[str(row["name"])])
         sup = state.supervisor
-        typer.echo(json.dumps({"supervisor_alive": bool(sup and sup.alive()), "processes": rows}))
+        document = {"supervisor_alive": bool(sup and sup.alive()), "processes": rows}
+        if figures is not None:
+            document["in_flight"] = figures.in_flight
+            document["gpu_memory"] = figures.gpu_memory
+        typer.echo(json.dumps(document))
         return
-    _print_status(state)
+    _print_status(state, figures)
+
+
+def _live(state: RunState) -> LiveSnapshot | None:
+    targets = []
+    for rec in state.engines.values():
+        kind = ENGINE_KINDS[rec.kind]
+        if kind.metrics_path is None or rec.state not in ("running", "starting"):
+            continue
+        names = kind.metric_names
+        targets.append(
+            EngineTarget(
+                name=rec.name,
+                metrics_url=rec.url + kind.metrics_path,
+                running=names.requests_running,
+                waiting=names.requests_waiting,
+                kv_cache_usage=names.kv_cache_usage,
+                generation_tokens=names.generation_tokens,
+            )
+        )
+    gateway = state.gateway
+    gateway_url = gateway.url + "/metrics" if gateway and gateway.state == "running" else None
+    if not targets and gateway_url is None:
+        return None
+    return snapshot(targets, gateway_url)
 
 
 def _row(rec: ProcessRecord) -> dict[str, object]:
@@ -196,19 +234,16 @@ def _row(rec: ProcessRecord) -> dict[str, object]:
     }
 
 
-def _print_status(state: RunState) -> None:
+def _figure(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _print_status(state: RunState, figures: LiveSnapshot | None = None) -> None:
     table = Table(title=f"kiban: {state.config}", title_justify="left")
-    for column in (
-        "engine",
-        "kind",
-        "model",
-        "GPU",
-        "state",
-        "health",
-        "uptime",
-        "restarts",
-        "URL",
-    ):
+    columns = ["engine", "kind", "model", "GPU", "state", "health", "uptime", "restarts", "URL"]
+    if figures is not None:
+        columns += ["tok/s", "running", "waiting", "KV"]
+    for column in columns:
         table.add_column(column)
     notes = []
     for rec in state.records():
@@ -221,22 +256,38 @@ def _print_status(state: RunState) -> None:
         health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
         uptime = "-" if row["uptime_s"] is None else _duration(float(row["uptime_s"]))
         style = _STATE_STYLE.get(str(row["state"]), "red")
-        table.add_row(
+        model = Path(rec.model).name or "-"
+        state_cell = f"[{style}]{row['state']}[/]"
+        cells = [
             rec.name,
             str(row["kind"]),
-            Path(rec.model).name or "-",
+            model,
             gpu,
-            f"[{style}]{row['state']}[/]",
+            state_cell,
             health,
             uptime,
             str(rec.restarts),
             rec.url,
-        )
+        ]
+        if figures is not None:
+            live = figures.engines.get(rec.name)
+            cells += [
+                _figure(live.tokens_per_s if live else None, "{:.1f}"),
+                _figure(live.running if live else None, "{:.0f}"),
+                _figure(live.waiting if live else None, "{:.0f}"),
+                _figure(live.kv_cache_usage if live else None, "{:.0%}"),
+            ]
+        table.add_row(*cells)
         if rec.message:
             notes.append(f"{rec.name}: {rec.message}")
     out.print(table)
     for note in notes:
         out.print(f"  {note}", highlight=False, markup=False)
+    if figures is not None:
+        line = f"gateway in flight: {_figure(figures.in_flight, '{:.0f}')}"
+        for gpu, (used, size) in sorted(figures.gpu_memory.items()):
+            line += f"; GPU {gpu} memory {used / 2**30:.1f}/{size / 2**30:.1f} GiB"
+        out.print(line, highlight=False)
 
 
 def _duration(seconds: float) -> str:

@@ -128,6 +128,10 @@ def verify_on_gpu(engine: EngineConfig, pids: set[int], report: StartupReport) -
                     held.append(f"PID {proc.pid} holds {amount} on GPU {index}")
     except nvml.GpuUnavailable as err:
         return Verdict(False, f"cannot read GPU processes: {err}")
+    reported = report.device.lower() if report.device else None
+    if reported is not None and not reported.startswith(("cuda", "gpu")):
+        # A CUDA context alone shows in NVML's list too: the engine's own word decides.
+        return Verdict(False, f"the engine's log reports device {report.device!r}")
     if held:
         return Verdict(True, "; ".join(held))
     if unknown:
@@ -136,8 +140,7 @@ def verify_on_gpu(engine: EngineConfig, pids: set[int], report: StartupReport) -
             return Verdict(
                 None, "NVML lists no processes here and the engine's log names no device"
             )
-        on_gpu = report.device.lower().startswith(("cuda", "gpu"))
-        return Verdict(on_gpu, f"the engine's log reports device {report.device!r}")
+        return Verdict(True, f"the engine's log reports device {report.device!r}")
     return Verdict(
         False,
         f"no process of the engine holds memory on GPU {_ids(engine)}: it fell back to the CPU "

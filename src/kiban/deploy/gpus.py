@@ -108,7 +108,7 @@ def processes(index: int) -> list[GpuProcess] | None:
     _init()
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     try:
-        found = pynvml.nvmlDeviceGetComputeProcesses(handle)
+        found = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
     except pynvml.NVMLError_NotSupported:
         return None
     out = []

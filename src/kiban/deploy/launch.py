@@ -1,7 +1,8 @@
 """From an engine's `launch` section to the exact command, environment and URLs it runs with.
 
-The command line is the engine kind's own server command, then the planner's
-flags, then ``launch.args`` verbatim. The environment selects the device:
+The command line is the engine kind's own server command, the flags kiban
+relies on (start-up report lines, metrics endpoint), then the planner's flags,
+then ``launch.args`` verbatim. The environment selects the device:
 the engine's GPUs by UUID for ``device: gpu``, no GPU at all for ``device: cpu``.
 """
 
@@ -57,6 +58,10 @@ def engine_command(
     kind = ENGINE_KINDS[engine.kind]
     host, port = listen_address(engine)
     argv = kind.launch_argv(engine, LaunchTarget(env_root=env_root, host=host, port=port))
+    # what kiban itself relies on: the start-up report's lines, the metrics endpoint, and
+    # the structured-output backend with bounded whitespace
+    argv += [*kind.startup_log_args, *kind.metrics_launch_args]
+    argv += kind.structured_launch_args(engine)
     argv += [*(plan_flags or []), *engine.launch.args]
     extra = {
         **kind.launch_env(engine),

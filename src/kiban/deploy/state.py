@@ -19,6 +19,8 @@ from typing import IO, Any, Literal
 from kiban.deploy.process import ProcessId
 
 EngineState = Literal["starting", "running", "restarting", "failed", "stopped"]
+#: set by the supervisor for the gateway it starts: where state.json is
+RUN_STATE_ENV = "KIBAN_RUN_STATE"
 
 
 @dataclass
@@ -122,3 +124,22 @@ class RunDir:
             fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
             self._lock_fh.close()
             self._lock_fh = None
+
+
+def gpu_verdicts(state_file: str | None) -> dict[str, bool]:
+    """The supervisor's GPU verdict per managed GPU engine (engines not yet judged are left out).
+
+    Read by the gateway after each round of health checks, for the
+    ``kiban_engine_gpu_verified`` metric; a missing or unreadable file means none.
+    """
+    if not state_file:
+        return {}
+    try:
+        engines = json.loads(Path(state_file).read_text()).get("engines", {})
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: bool(rec["gpu_verified"])
+        for name, rec in engines.items()
+        if rec.get("gpus") and rec.get("gpu_verified") is not None
+    }

@@ -22,16 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
+from urllib.parse import urlsplit
 
 from kiban.config import EngineConfig, KibanConfig, RestartPolicy
 from kiban.deploy import gpu_policy
 from kiban.deploy.launch import EngineCommand, engine_command, engine_env_root
 from kiban.deploy.process import ProcessId, group_members, spawn, stop_group, tail
-from kiban.deploy.state import ProcessRecord, RunDir, RunState
+from kiban.deploy.state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
 from kiban.engines import ENGINE_KINDS
+from kiban.planning.plan import Plan, plan_config
 
 Say = Callable[[str], None]
 GATEWAY = "gateway"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
 _GATEWAY_READY_S = 60.0
 _GATEWAY_GRACE_S = 35.0  # the gateway's own graceful shutdown is 30 s
 
@@ -81,6 +84,7 @@ class Supervisor:
         self.state = RunState(config=str(self.config_path))
         self.managed: dict[str, _Managed] = {}
         self.stopping = False
+        self.plan: Plan | None = None
 
     @property
     def engines(self) -> list[EngineConfig]:
@@ -96,20 +100,41 @@ class Supervisor:
         """
         problems: list[str] = []
         for engine in self.engines:
+            host = urlsplit(engine.url).hostname or ""
+            if host not in _LOCAL_HOSTS:
+                problems.append(
+                    f"engine {engine.name!r}: kiban up runs engines on this machine, so its url "
+                    f"must name 127.0.0.1, localhost or 0.0.0.0 (got {engine.url!r}); engines "
+                    "on other hosts are for kiban compose / render k8s, or drop the launch section"
+                )
+                continue
             try:
                 ENGINE_KINDS[engine.kind].environment(engine.launch.device)  # type: ignore[union-attr]
             except Exception as err:  # LaunchUnsupported: say it for every engine at once
                 problems.append(f"engine {engine.name!r}: {err}")
+        gpus_checked = not adopting and gpu_policy.gpu_required(self.cfg)
+        if not problems and gpus_checked:
+            problems += gpu_policy.preflight(self.cfg, self.engines)  # driver, GPUs exist
+        plan = plan_config(self.cfg) if not problems else None
+        if plan is not None:
+            problems += plan.problems
+            if not adopting:
+                for warning in plan.warnings:
+                    self.say(f"plan: {warning}")
+        if not problems and gpus_checked:
+            problems += gpu_policy.preflight(self.cfg, self.engines, _gpu_need(plan))  # memory
         if not problems and not adopting:
-            if gpu_policy.gpu_required(self.cfg):
-                problems += gpu_policy.preflight(self.cfg, self.engines)
             problems += self._busy_ports()
         if problems:
             raise SupervisorError(problems)
+        assert plan is not None
         for engine in self.engines:
             root = engine_env_root(engine, progress)
-            self._manage_engine(engine, engine_command(engine, root))
+            ep = plan.engine(engine.name)  # None: nothing to plan (kind openai's own command)
+            flags, env = (ep.flags, ep.env) if ep is not None else ([], {})
+            self._manage_engine(engine, engine_command(engine, root, flags, env))
         self._manage_gateway()
+        self.plan = plan
 
     def _busy_ports(self) -> list[str]:
         problems = []
@@ -152,7 +177,7 @@ class Supervisor:
         command = EngineCommand(
             name=GATEWAY,
             argv=argv,
-            env=dict(os.environ),
+            env=os.environ | {RUN_STATE_ENV: str(self.run_dir.state_file)},
             url=url,
             health_url=url + "/health",
         )
@@ -190,11 +215,14 @@ class Supervisor:
         display). If an engine fails to start, everything started is stopped and
         SupervisorError carries the reason and the end of the engine's log.
         """
-        engines = [m for name, m in self.managed.items() if name != GATEWAY]
-        for m in engines:
-            self._spawn(m)
-        self._save()
-        failed = self._wait_ready(engines, tick)
+        failed: list[str] = []
+        for wave in self._waves():
+            for m in wave:
+                self._spawn(m)
+            self._save()
+            failed = self._wait_ready(wave, tick)
+            if failed:
+                break
         if not failed:
             gateway = self.managed[GATEWAY]
             self._spawn(gateway)
@@ -202,6 +230,27 @@ class Supervisor:
         if failed:
             self.shutdown()
             raise SupervisorError(failed)
+
+    def _waves(self) -> list[list[_Managed]]:
+        """Start order: an engine waits for the earlier engines on any of its GPUs.
+
+        Engines that size their cache from the memory free when they start
+        (lmdeploy, SGLang; vLLM checks free memory too) must not race for a
+        shared GPU; engines on other GPUs or on the CPU start together.
+        """
+        waves: list[list[_Managed]] = []
+        wave_of_gpu: dict[int, int] = {}
+        for name, m in self.managed.items():
+            if name == GATEWAY:
+                continue
+            gpus = m.record.gpus
+            wave = max((wave_of_gpu[g] + 1 for g in gpus if g in wave_of_gpu), default=0)
+            for g in gpus:
+                wave_of_gpu[g] = wave
+            while len(waves) <= wave:
+                waves.append([])
+            waves[wave].append(m)
+        return waves
 
     def _spawn(self, m: _Managed) -> None:
         rec = m.record
@@ -389,6 +438,17 @@ class Supervisor:
 
     def _save(self) -> None:
         self.run_dir.write(self.state)
+
+
+def _gpu_need(plan: Plan | None) -> dict[int, int] | None:
+    """Bytes the plan gives the engines on each GPU index (what must be free at start)."""
+    if plan is None:
+        return None
+    need: dict[int, int] = {}
+    for device in plan.devices:
+        if device.key.startswith("gpu") and device.shares:
+            need[int(device.key.removeprefix("gpu"))] = sum(device.shares.values())
+    return need
 
 
 def _connect_host(host: str) -> str:

@@ -8,16 +8,44 @@ here as methods with a default, and overridden where an engine differs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from kiban.gateway.errors import error_body
+from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.structured.capability import StructuredCapability
+from kiban.structured.constraint import Constraint
+from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.plan import EnginePlan
+
+_VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """``"0.11.2"`` -> ``(0, 11, 2)``; ``"v0.10.2rc1"`` -> ``(0, 10, 2)``; None if not a version."""
+    match = _VERSION.match(text.strip())
+    if match is None:
+        return None
+    return tuple(int(g or 0) for g in match.groups())  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """An engine-specific key of ``engines[].options``: its accepted values and default."""
+
+    name: str
+    choices: tuple[str, ...]
+    default: str
+    help: str = ""
 
 
 class LaunchUnsupported(Exception):
@@ -54,6 +82,29 @@ class StartupReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineMetricNames:
+    """An engine's own Prometheus series for the signals kiban charts and alerts on.
+
+    None where the engine exports nothing for the signal. kiban's recording
+    rules (:mod:`kiban.observability.scrape`) map these onto one set of
+    ``kiban:engine_*`` series, so dashboards and alerts work for every kind.
+    """
+
+    #: gauge, share of the KV cache in use, 0 to 1
+    kv_cache_usage: str | None = None
+    #: gauge, requests being processed (in the running batch)
+    requests_running: str | None = None
+    #: gauge, requests queued inside the engine
+    requests_waiting: str | None = None
+    #: counter, prompt (prefill) tokens processed
+    prompt_tokens: str | None = None
+    #: counter, generated tokens
+    generation_tokens: str | None = None
+    #: histogram (base name), time to first token in seconds
+    ttft: str | None = None
+
+
 class EngineKind:
     """Defaults follow the OpenAI-compatible servers most engines ship."""
 
@@ -64,6 +115,8 @@ class EngineKind:
     health_path: ClassVar[str] = "/health"
     #: whether the engine family can serve vision-language models at all
     supports_images: ClassVar[bool] = True
+    #: keys an engine of this kind accepts under ``options``
+    options: ClassVar[tuple[EngineOption, ...]] = ()
     #: launched from a user-given ``launch.command`` instead of a command kiban knows
     takes_launch_command: ClassVar[bool] = False
 
@@ -91,6 +144,62 @@ class EngineKind:
                 return error_body(message, _type_for(status), code=data.get("code", status))
         return error_body(body.decode("utf-8", "replace")[:2000], _type_for(status), code=status)
 
+    def option(self, config: EngineConfig, name: str) -> str:
+        """The configured value of option *name*, or its default."""
+        spec = next(o for o in self.options if o.name == name)
+        value = config.options.get(name)
+        return spec.default if value is None else str(value)
+
+    def option_problems(self, config: EngineConfig) -> list[tuple[str, str]]:
+        """``(key, problem)`` for each bad entry of ``options`` (key relative to the engine)."""
+        known = {o.name: o for o in self.options}
+        problems = []
+        for name, value in config.options.items():
+            spec = known.get(name)
+            if spec is None:
+                accepted = ", ".join(known) or "none"
+                problems.append(
+                    (f"options.{name}", f"unknown option for {self.name}; accepted: {accepted}")
+                )
+            elif value not in spec.choices:
+                problems.append(
+                    (
+                        f"options.{name}",
+                        f"expected one of {', '.join(spec.choices)} (got {value!r})",
+                    )
+                )
+        return problems
+
+    # -- structured output --
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """What this engine, at its configured version and backend, can enforce.
+
+        The default assumes nothing: a server kiban knows nothing about may
+        accept ``response_format`` and ignore it.
+        """
+        return StructuredCapability(describes=f"{self.name} (no guided decoding assumed)")
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        """The request fields that carry *constraint* in this engine's dialect.
+
+        Only called for kinds in ``structured_capability(config).expressible``.
+        The default is OpenAI's ``response_format``.
+        """
+        return openai_response_format(constraint)
+
+    def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
+        """An engine error that reports a bad *output* (not a bad request or a broken engine).
+
+        Such an answer is a verification failure: retried as the route says, and
+        no mark against the engine's health.
+        """
+        return None
+
+    def structured_launch_args(self, config: EngineConfig) -> list[str]:
+        """Server flags that make structured output safe (backend, whitespace limit)."""
+        return []
+
     # -- launch --
 
     def environment(self, device: str) -> str | None:
@@ -114,11 +223,97 @@ class EngineKind:
         """Environment variables the engine needs besides the device selection."""
         return {}
 
+    # -- metrics --
+
+    #: path of the engine's Prometheus endpoint on its API port; None: it has none
+    metrics_path: ClassVar[str | None] = "/metrics"
+    #: launch flags that turn the metrics endpoint on (added to every managed launch)
+    metrics_launch_args: ClassVar[tuple[str, ...]] = ()
+    #: the engine's series for kiban's common signals
+    metric_names: ClassVar[EngineMetricNames] = EngineMetricNames()
+
     # -- start-up report --
+
+    #: extra command-line arguments that make the engine log what `startup_report` reads
+    startup_log_args: ClassVar[tuple[str, ...]] = ()
 
     def startup_report(self, log_text: str) -> StartupReport:
         """Parse the engine's start-up log; engines that report nothing useful keep this."""
         return StartupReport()
+
+    # -- planning --
+    # Defaults describe an engine kiban does not launch; engines it launches
+    # override them with their own facts (each citing the engine's code).
+
+    #: whether kiban can plan (and so launch) this kind
+    plannable: ClassVar[bool] = False
+    #: KV dtype names the engine's flag takes, as shown in refusals and `kiban plan model`
+    kv_dtypes: ClassVar[tuple[str, ...]] = ()
+    #: True when the engine allocates its cache from a token count (llama.cpp -c), not a
+    #: byte budget: the plan then records exactly what that count takes
+    kv_sized_by_tokens: ClassVar[bool] = False
+
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
+        """(K, V) storage for *kv_dtype* (kiban's generic name or the engine's own).
+
+        Raises :class:`PlanRefusal` naming the reason when the engine cannot
+        use that dtype for this model or device.
+        """
+        raise PlanRefusal(f"kiban does not launch {self.name} engines, so it cannot plan one")
+
+    def kv_need(self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget) -> KvNeed:
+        """KV bytes per token on one GPU as this engine lays the cache out."""
+        return kv_need(spec, k, v, target.tp)
+
+    def weights_on_device(self, spec: ModelSpec, target: PlanTarget) -> int:
+        """Weight bytes on each of the engine's GPUs (all of them in host memory on CPU)."""
+        return -(-spec.weights_bytes // target.tp)
+
+    def kv_allocation_unit(self, target: PlanTarget) -> int:
+        """Granularity in bytes of the KV size the engine can be told (1: any byte count)."""
+        return 1
+
+    def kv_block_tokens(self, target: PlanTarget) -> int:
+        """Tokens per cache block (the unit the engine allocates sequences in)."""
+        return 1
+
+    def kv_cache_bytes(
+        self, need: KvNeed, context: int, concurrency: int, target: PlanTarget
+    ) -> int:
+        """Cache bytes (one GPU) the engine needs to hold *concurrency* sequences of *context*."""
+        block = self.kv_block_tokens(target)
+        per_sequence = blocks(context, block) * block * need.bytes_per_token
+        sliding = blocks(min(context, need.window), block) * block * need.sliding_bytes_per_token
+        return concurrency * (per_sequence + sliding)
+
+    def kv_capacity_tokens(
+        self, need: KvNeed, kv_bytes: int, context: int, target: PlanTarget
+    ) -> int:
+        """Tokens a cache of *kv_bytes* holds, counted the way the engine reports it."""
+        block = self.kv_block_tokens(target)
+        return kv_bytes // (block * need.bytes_per_token) * block
+
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
+        """Memory (one GPU) beyond weights and KV cache: CUDA context, activations, graphs."""
+        return 0
+
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
+        """Known traps of this engine with this model, KV dtype and device."""
+        return []
+
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
+        """Command-line flags that make the engine allocate what *plan* says."""
+        return []
+
+    def plan_env(self, plan: EnginePlan) -> dict[str, str]:
+        """Environment variables the plan needs (e.g. vLLM CPU's KV cache size)."""
+        return {}
 
     @staticmethod
     def _message_of(data: dict, err: object) -> str | None:
@@ -126,6 +321,40 @@ class EngineKind:
             if isinstance(candidate, str) and candidate:
                 return candidate
         return None
+
+
+def openai_response_format(constraint: Constraint) -> dict[str, Any]:
+    """OpenAI's ``response_format`` for a json_schema or json_object constraint."""
+    if constraint.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    return {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": constraint.name, "schema": constraint.schema, "strict": True},
+        }
+    }
+
+
+def choice_regex(choices: tuple[str, ...]) -> str:
+    """A regular expression matching exactly one of *choices*."""
+    return "(" + "|".join(_escape_regex(c) for c in choices) + ")"
+
+
+def choice_gbnf(choices: tuple[str, ...]) -> str:
+    """A GBNF grammar (llama.cpp, xgrammar EBNF) matching exactly one of *choices*."""
+    return "root ::= " + " | ".join(_gbnf_literal(c) for c in choices)
+
+
+def _escape_regex(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in text)
+
+
+_REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}")
+
+
+def _gbnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + escaped.replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
 def _type_for(status: int) -> str:

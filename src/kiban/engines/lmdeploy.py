@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
-from kiban.engines.base import EngineKind, LaunchTarget, LaunchUnsupported
+from kiban.engines.base import (
+    EngineKind,
+    EngineMetricNames,
+    LaunchTarget,
+    LaunchUnsupported,
+    choice_regex,
+    openai_response_format,
+)
+from kiban.planning.kv import KvFormat, dtype_format, plain
+from kiban.planning.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
+from kiban.planning.target import PlanRefusal
+from kiban.structured.capability import (
+    SILENTLY_SKIPPED,
+    XGRAMMAR_FEATURES,
+    XGRAMMAR_FORMATS,
+    StructuredCapability,
+)
+from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+
+#: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
+#: dialect below is checked against in tests
+PINNED_VERSION = "0.18.0"
 
 
 class LMDeploy(EngineKind):
@@ -24,8 +46,8 @@ class LMDeploy(EngineKind):
         return "lmdeploy"
 
     def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
-        # lmdeploy/cli/serve.py (v0.16.0): `serve api_server MODEL --server-name --server-port
-        # --model-name`; one served name per server.
+        # lmdeploy/cli/serve.py (v0.16.0 to 0.18.0): `serve api_server MODEL --server-name
+        # --server-port --model-name`; one served name per server.
         assert engine.launch is not None
         return [
             target.program("lmdeploy"),
@@ -39,3 +61,256 @@ class LMDeploy(EngineKind):
             "--model-name",
             engine.models[0],
         ]
+
+    # -- metrics --
+    # ``lmdeploy serve api_server --enable-metrics`` serves /metrics on the API port.
+    metrics_launch_args = ("--enable-metrics",)
+    metric_names = EngineMetricNames(
+        kv_cache_usage="lmdeploy:gpu_cache_usage_perc",
+        requests_running="lmdeploy:num_requests_running",
+        requests_waiting="lmdeploy:num_requests_waiting",
+        prompt_tokens="lmdeploy:prompt_tokens_total",
+        generation_tokens="lmdeploy:generation_tokens_total",
+        ttft="lmdeploy:time_to_first_token_seconds",
+    )
+
+    # -- planning --
+    # Facts checked against lmdeploy 0.18.0 (PyPI wheel) unless noted:
+    # lmdeploy/messages.py: QuantPolicy 0/4/8/16(fp8)/17(fp8_e5m2)/42(TurboQuant);
+    #   TurbomindEngineConfig asserts "FP8 quantization is not supported";
+    #   cache_max_entry_count = fraction of FREE memory after the weights load (since
+    #   v0.2.2); cache_block_seq_len = block_size = 64; max_prefill_token_num = 8192.
+    # lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (no MiniCPMV since 0.14, PR #4557).
+    # lmdeploy/vl/model/minicpmv.py: "Only support v2.5 and v2.6".
+    # lmdeploy/pytorch/engine/executor/base.py _get_runtime_size: the PyTorch engine takes
+    #   (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes off free memory first.
+    # src/turbomind/kernels/attention/block.h (InternLM/lmdeploy): per token and head,
+    #   K and V each store head_dim x bits / 8 bytes plus t_bits x 2 / 8 = 4 bytes of
+    #   fp16/bf16 scale and zero point when quantized (int8 d=128: 132 B; int4: 68 B);
+    #   src/turbomind/models/llama/object_cache_plan.cc (HEAD) builds the cache from that
+    #   layout per layer with cache_block_seq_len tokens a block.
+    # lmdeploy/utils.py get_max_batch_size: 128 on GPUs other than A100/H100/H200/H800/L20Y.
+    # docs/en/supported_models/supported_models.md: TurboMind KV int8/int4 need head_dim 128;
+    #   the PyTorch engine quantizes no KV cache for MiniCPM-V or Qwen2.5-VL.
+
+    plannable = True
+    kv_dtypes = ("0", "8", "4", "16", "17")
+
+    def kv_formats(self, kv_dtype, spec, target):
+        policy = _LMDEPLOY_POLICIES.get(kv_dtype.lower())
+        if policy is None:
+            raise PlanRefusal(
+                f"lmdeploy has no KV cache setting {kv_dtype!r}",
+                ("auto (0)", "int8 (8)", "int4 (4)"),
+            )
+        if not target.on_gpu:
+            raise PlanRefusal("lmdeploy has no CPU backend (cuda, ascend, maca, camb only)")
+        capability = target.gpu.compute_capability
+        if capability is not None and capability < (7, 0):
+            raise PlanRefusal(f"lmdeploy needs sm70 or newer; {target.name} is older")
+        _check_model(spec)
+        backend = backend_for(spec)
+        if policy == 0:
+            return (dtype_format(spec, "0"),) * 2
+        if policy == 42:
+            raise PlanRefusal(
+                "TurboQuant (quant_policy 42) packs K and V unevenly; kiban does not model its "
+                "layout",
+                ("int8 (8)", "int4 (4)"),
+            )
+        if policy in (16, 17):
+            if backend == "turbomind":
+                raise PlanRefusal(
+                    "fp8 KV (quant_policy 16/17) is PyTorch-engine only and "
+                    f"{spec.architecture} runs on TurboMind (it asserts 'FP8 quantization is "
+                    "not supported')",
+                    ("int8 (8)", "int4 (4)"),
+                )
+            if target.fp8_capable is False:
+                raise PlanRefusal(
+                    f"fp8 KV needs an FP8-capable GPU (sm89+); {target.name} is not",
+                    ("int8 (8)", "int4 (4)"),
+                )
+            fmt = plain(str(policy), 8, "fp8 (per-tensor scale)", quantized=True)
+            return fmt, fmt
+        if spec.family == "minicpmv":
+            raise PlanRefusal(
+                "MiniCPM-V left lmdeploy's TurboMind in 0.14 (PR #4557 removed MiniCPMV from "
+                "SUPPORTED_ARCHS); it runs on the PyTorch engine, which does not quantize its "
+                "KV cache (supported_models.md)",
+                ("auto (0)",),
+            )
+        if spec.mla is not None:
+            raise PlanRefusal(
+                "kiban does not model lmdeploy's int8/int4 layout for MLA (latent) caches",
+                ("auto (0)", "fp8 (16)"),
+            )
+        if backend == "turbomind" and spec.head_dim != 128:
+            raise PlanRefusal(
+                f"TurboMind quantizes the KV cache only for head_dim 128 (this model: "
+                f"{spec.head_dim})",
+                ("auto (0)",),
+            )
+        label = f"int{policy} (fp16 scale + zero per token and head)"
+        fmt = KvFormat(str(policy), label, policy, 1, 0, 4, True)
+        return fmt, fmt
+
+    def kv_block_tokens(self, target):
+        return 64
+
+    def overhead_bytes(self, spec, target, context, concurrency):
+        """CUDA context, prefill activations and logits; the PyTorch engine also reserves
+        (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes before its cache."""
+        overhead = (
+            TORCH_CUDA_CONTEXT_BYTES
+            + activation_bytes(spec, _MAX_PREFILL_TOKENS, target.tp)
+            + logits_bytes(spec, concurrency)
+        )
+        if backend_for(spec) == "pytorch":
+            overhead += _pytorch_runtime_reserve(spec, concurrency)
+        return overhead
+
+    def planning_warnings(self, spec, k, v, target):
+        warnings = []
+        if k.name == "4" and spec.family in {"qwen2", "qwen3", "minicpmv"}:
+            warnings.append(
+                "int4 KV (quant_policy 4) on Qwen-family models loses accuracy badly (large "
+                "k_proj biases; lmdeploy issues 2822, 3752, 4743); prefer quant_policy 8"
+            )
+        if spec.family == "minicpmv":
+            warnings.append(
+                "MiniCPM-V runs on lmdeploy's PyTorch engine (TurboMind dropped it in 0.14); "
+                "older docs that list TurboMind KV int8/int4 for it are stale"
+            )
+        if backend_for(spec) == "turbomind":
+            warnings.append(
+                "TurboMind silently shortens session_len when its blocks run out; the planned "
+                "--cache-max-entry-count leaves room for session_len x max_batch_size"
+            )
+        warnings.append(
+            "lmdeploy sizes its cache as a fraction of the memory free after its weights load: "
+            "start it after the engines listed before it on the same GPU"
+        )
+        return warnings
+
+    def plan_flags(self, plan):
+        backend = backend_for(plan.model)
+        free_after_weights = (
+            plan.free_at_start_bytes - plan.weights_bytes - TORCH_CUDA_CONTEXT_BYTES
+        )
+        if backend == "pytorch":
+            free_after_weights -= _pytorch_runtime_reserve(plan.model, plan.concurrency)
+        ratio = plan.kv_cache_bytes / free_after_weights if free_after_weights > 0 else 1.0
+        ratio = min(0.99, max(0.01, math.floor(ratio * 10000) / 10000))
+        flags = [
+            "--backend",
+            backend,
+            "--quant-policy",
+            plan.kv_format.name,
+            "--cache-max-entry-count",
+            f"{ratio:.4f}",
+            "--session-len",
+            str(plan.context),
+            "--max-batch-size",
+            str(plan.concurrency),
+        ]
+        if plan.tp > 1:
+            flags += ["--tp", str(plan.tp)]
+        return flags
+
+    # -- structured output --
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """xgrammar for both engines since v0.10.2; ``json_object`` since v0.11.0.
+
+        ``ResponseFormat.type`` is text, json_object, json_schema or regex_schema
+        (an lmdeploy extension): no choice (sent as a regex), no grammar. The
+        schema goes to xgrammar's ``compile_json_schema`` with its defaults (any
+        whitespace: no knob), without vLLM's pre-check, so only what xgrammar
+        enforces is declared. v0.18 compiles the format before queueing the
+        request (``ensure_response_format_compilable``) and answers an error;
+        TurboMind before it logged the compile error and ran unconstrained.
+        """
+        kinds = frozenset({"json_schema", "json_object", "regex", "choice"})
+        return StructuredCapability(
+            enforced=kinds,
+            expressible=kinds,
+            features=XGRAMMAR_FEATURES,
+            formats=XGRAMMAR_FORMATS,
+            skipped=SILENTLY_SKIPPED,
+            describes=f"lmdeploy {config.version or PINNED_VERSION} (xgrammar)",
+        )
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        if constraint.kind == "regex":
+            return {"response_format": {"type": "regex_schema", "regex_schema": constraint.pattern}}
+        if constraint.kind == "choice":
+            pattern = choice_regex(constraint.choices)
+            return {"response_format": {"type": "regex_schema", "regex_schema": pattern}}
+        return openai_response_format(constraint)
+
+
+_MAX_PREFILL_TOKENS = 8192
+#: kiban's generic names and lmdeploy's own (numbers and QuantPolicy names) -> policy
+_LMDEPLOY_POLICIES = {
+    "auto": 0,
+    "0": 0,
+    "none": 0,
+    "bf16": 0,
+    "fp16": 0,
+    "int8": 8,
+    "8": 8,
+    "int4": 4,
+    "4": 4,
+    "fp8": 16,
+    "fp8_e4m3": 16,
+    "16": 16,
+    "fp8_e5m2": 17,
+    "17": 17,
+    "turbo_quant": 42,
+    "42": 42,
+}
+#: lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS at 0.18.0
+TURBOMIND_ARCHS = frozenset(
+    {
+        "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Qwen3_5ForConditionalGeneration",
+        "Qwen3_5MoeForConditionalGeneration",
+        "InternS2PreviewForConditionalGeneration",
+        "InternS2MobiusForConditionalGeneration",
+        "InternVLChatModel",
+        "InternVLForConditionalGeneration",
+        "InternS1ForConditionalGeneration",
+        "LlamaForCausalLM",
+        "InternLM2ForCausalLM",
+        "InternLM3ForCausalLM",
+        "Glm4MoeLiteForCausalLM",
+        "GptOssForCausalLM",
+        "MixtralForCausalLM",
+    }
+)
+
+
+def _pytorch_runtime_reserve(spec, concurrency: int) -> int:
+    """lmdeploy/pytorch/engine/executor/base.py _get_runtime_size (before halving)."""
+    return (_MAX_PREFILL_TOKENS + 2 * concurrency) * spec.vocab_size * 2
+
+
+def backend_for(spec) -> str:
+    """``turbomind`` for the architectures TurboMind lists, else ``pytorch``."""
+    return "turbomind" if spec.architecture in TURBOMIND_ARCHS else "pytorch"
+
+
+def _check_model(spec) -> None:
+    """Models lmdeploy refuses whatever the KV setting."""
+    if spec.family == "minicpmv" and spec.version not in {"2.5", "2.6"}:
+        raise PlanRefusal(
+            f"lmdeploy supports MiniCPM-V 2.5 and 2.6 only (lmdeploy/vl/model/minicpmv.py: "
+            f"'Only support v2.5 and v2.6'); this is version {spec.version} "
+            "(lmdeploy issues 3901, 4050); serve it with vLLM or llama.cpp"
+        )

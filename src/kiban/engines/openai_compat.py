@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kiban.engines.base import EngineKind, LaunchTarget
+from kiban.structured.capability import StructuredCapability
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
@@ -16,6 +17,10 @@ class OpenAICompatible(EngineKind):
     name = "openai"
     health_path = "/v1/models"
     takes_launch_command = True
+
+    # -- metrics --
+    # A generic server has no known metrics endpoint; the gateway's own metrics cover it.
+    metrics_path = None
 
     # -- launch --
 
@@ -32,6 +37,17 @@ class OpenAICompatible(EngineKind):
             "name": engine.models[0],
         }
         return [_fill(arg, values) for arg in engine.launch.command]
+
+    # -- structured output --
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """``response_format`` can be sent, but nothing says the server enforces it
+        (Ollama Cloud accepts a schema and ignores it): usable only on routes that
+        validate and retry (``structured.unenforced: validate``)."""
+        return StructuredCapability(
+            expressible=frozenset({"json_schema", "json_object"}),
+            describes=f"{config.name} (OpenAI-compatible, no enforcement assumed)",
+        )
 
 
 def _fill(arg: str, values: dict[str, str]) -> str:

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
-from kiban.engines.base import EngineKind, LaunchTarget, LaunchUnsupported
+from kiban.engines.base import (
+    EngineKind,
+    EngineMetricNames,
+    LaunchTarget,
+    LaunchUnsupported,
+    choice_regex,
+    openai_response_format,
+)
+from kiban.planning.kv import dtype_format, plain
+from kiban.planning.overhead import (
+    CUDA_GRAPHS_BYTES,
+    TORCH_CUDA_CONTEXT_BYTES,
+    activation_bytes,
+    logits_bytes,
+)
+from kiban.planning.target import PlanRefusal
+from kiban.structured.capability import (
+    ALL_KINDS,
+    SILENTLY_SKIPPED,
+    XGRAMMAR_FEATURES,
+    XGRAMMAR_FORMATS,
+    StructuredCapability,
+)
+from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+
+#: the SGLang release whose ChatCompletionRequest
+#: (sglang/srt/entrypoints/openai/protocol.py) the dialect is checked against in tests
+PINNED_VERSION = "0.5.23"
 
 
 class SGLang(EngineKind):
@@ -37,3 +65,117 @@ class SGLang(EngineKind):
             "--port",
             str(target.port),
         ]
+
+    # -- metrics --
+    # ``--enable-metrics`` serves /metrics on the API port; token_usage is the KV pool in use.
+    metrics_launch_args = ("--enable-metrics",)
+    metric_names = EngineMetricNames(
+        kv_cache_usage="sglang:token_usage",
+        requests_running="sglang:num_running_reqs",
+        requests_waiting="sglang:num_queue_reqs",
+        prompt_tokens="sglang:prompt_tokens_total",
+        generation_tokens="sglang:generation_tokens_total",
+        ttft="sglang:time_to_first_token_seconds",
+    )
+
+    # -- planning --
+    # Facts checked against sglang 0.5.23 (PyPI wheel):
+    # sglang/srt/arg_groups/fields/model.py: --kv-cache-dtype auto, fp8_e5m2, fp8_e4m3, mxfp8,
+    #   bf16/bfloat16, FP4 recipes ("fp8_e5m2 and fp8_e4m3 are supported for CUDA 11.8+").
+    # sglang/srt/model_executor/pool_configurator.py: cell_size = kv_heads x (head_dim +
+    #   v_head_dim) x layers x dtype size per token (page size 1 by default).
+    # sglang/srt/mem_cache/kv_cache_configurator.py _profile_available_bytes: KV pool =
+    #   free memory after the weights load - free memory before it x (1 - mem_fraction_static);
+    #   --max-total-tokens caps the pool (arg_groups/fields/schedule.py).
+
+    plannable = True
+    kv_dtypes = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2")
+
+    def kv_formats(self, kv_dtype, spec, target):
+        name = {"fp8": "fp8_e4m3", "bfloat16": "bf16"}.get(kv_dtype, kv_dtype)
+        if name not in self.kv_dtypes:
+            raise PlanRefusal(
+                f"SGLang KV cache dtype {kv_dtype!r} is not one kiban plans "
+                "(FP4 and mxfp8 layouts are not modelled)",
+                self.kv_dtypes,
+            )
+        if not target.on_gpu:
+            raise PlanRefusal("kiban plans SGLang on CUDA GPUs only")
+        if name == "auto":
+            return (dtype_format(spec),) * 2
+        if name == "bf16":
+            return (plain("bf16", 16),) * 2
+        if target.fp8_capable is False:
+            raise PlanRefusal(
+                f"{name} KV cache needs an FP8-capable GPU (sm89+); {target.name} is not",
+                ("auto",),
+            )
+        fmt = plain(name, 8, f"{name} (per-tensor scale)", quantized=True)
+        return fmt, fmt
+
+    def overhead_bytes(self, spec, target, context, concurrency):
+        return (
+            TORCH_CUDA_CONTEXT_BYTES
+            + CUDA_GRAPHS_BYTES
+            + activation_bytes(spec, _CHUNKED_PREFILL, target.tp)
+            + logits_bytes(spec, min(concurrency, _CHUNKED_PREFILL))
+        )
+
+    def planning_warnings(self, spec, k, v, target):
+        return [
+            "SGLang sizes its pool from the memory free when it starts "
+            "(--mem-fraction-static): start it after the engines listed before it on the GPU"
+        ]
+
+    def plan_flags(self, plan):
+        before_load = plan.free_at_start_bytes - TORCH_CUDA_CONTEXT_BYTES
+        static = (plan.weights_bytes + plan.kv_cache_bytes) / before_load if before_load else 1.0
+        fraction = min(0.99, math.ceil(static * 1000) / 1000)
+        flags = [
+            "--context-length",
+            str(plan.context),
+            "--max-running-requests",
+            str(plan.concurrency),
+            "--kv-cache-dtype",
+            plan.kv_format.name,
+            "--mem-fraction-static",
+            f"{fraction:.3f}",
+            "--max-total-tokens",
+            str(plan.kv_tokens),
+        ]
+        if plan.tp > 1:
+            flags += ["--tp-size", str(plan.tp)]
+        return flags
+
+    #: SGLang's default chunked prefill size on large GPUs (tokens per prefill step; estimate)
+
+    # -- structured output --
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """The default grammar backend is xgrammar; its whitespace knob is ignored (#8250)."""
+        return StructuredCapability(
+            enforced=ALL_KINDS,
+            expressible=ALL_KINDS,
+            features=XGRAMMAR_FEATURES,
+            formats=XGRAMMAR_FORMATS,
+            skipped=SILENTLY_SKIPPED,
+            describes=f"sglang {config.version or PINNED_VERSION} (xgrammar)",
+        )
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        """``response_format`` for JSON, top-level ``regex`` / ``ebnf`` otherwise.
+
+        ``strict`` is always true: with ``strict: false`` SGLang leaves the
+        schema to the chat template when the renderer handles response_format
+        (``to_sampling_params``), i.e. unconstrained.
+        """
+        if constraint.kind == "regex":
+            return {"regex": constraint.pattern}
+        if constraint.kind == "choice":
+            return {"regex": choice_regex(constraint.choices)}
+        if constraint.kind == "grammar":
+            return {"ebnf": constraint.grammar}
+        return openai_response_format(constraint)
+
+
+_CHUNKED_PREFILL = 8192

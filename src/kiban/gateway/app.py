@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from kiban.config import KibanConfig
+from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import KeyChecker, load_key_digests
 from kiban.gateway.errors import APIError
@@ -26,6 +27,8 @@ from kiban.gateway.health import HealthChecker
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.routing import Router
+from kiban.structured.constraint import STRUCTURED_KEYS
+from kiban.structured.request import StructuredService
 
 access_log = logging.getLogger("kiban.access")
 log = logging.getLogger("kiban.gateway")
@@ -61,6 +64,8 @@ class Gateway:
         self.config = config
         self.router = Router(config)
         self.metrics = Metrics()
+        self.structured = StructuredService(config.routes)
+        self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
         self.session: aiohttp.ClientSession | None = None
@@ -88,15 +93,22 @@ class Gateway:
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
+            on_checked=self._after_health_checks,
         )
         await self.health.check_all()
         self.health.start()
+
+    def _after_health_checks(self) -> None:
+        self.metrics.routes_health(self.router.routes)
+        for engine, verified in gpu_verdicts(os.environ.get(RUN_STATE_ENV)).items():
+            self.metrics.set_gpu_verified(engine, verified)
 
     async def shutdown(self) -> None:
         if self.health is not None:
             await self.health.stop()
         if self.session is not None:
             await self.session.close()
+        self.metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -171,7 +183,9 @@ class Gateway:
             body = orjson.dumps({"ready": not missing, "routes_without_healthy_engine": missing})
             await send_response(send, status, body, _JSON + rid)
         elif path == "/metrics":
-            body = self.metrics.render()
+            # off the event loop: NVML readings (PCIe throughput samples for 20 ms per
+            # GPU) took 57 ms a scrape on the H100, which would stall every stream
+            body = await asyncio.to_thread(self.metrics.render)
             await send_response(send, 200, body, [(b"content-type", Metrics.content_type.encode())])
         else:
             self._authorize(scope)
@@ -205,6 +219,11 @@ class Gateway:
         if stream is not None and not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
+        structured = None
+        if endpoint != "embeddings" and (
+            route.name in self.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
+        ):
+            structured = self.structured.prepare(payload, route)
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,
@@ -213,8 +232,9 @@ class Gateway:
             model=model,
             stream=bool(stream),
             client_headers=scope["headers"],
+            structured=structured,
         )
-        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
         try:
             work = self.proxy.handle(ex, route, send, needs_images)
@@ -224,26 +244,18 @@ class Gateway:
         except APIError as err:
             ex.status = err.status
             ex.error = err.code or err.type
+            if err.code == "engines_saturated":
+                self.metrics.rate_limited(route.name, "engine_concurrency")
             raise
         finally:
             in_flight.dec()
             self._record(ex, route.name)
 
     def _record(self, ex: Exchange, route: str) -> None:
-        engine = ex.engine or "none"
         elapsed = time.perf_counter() - ex.started
-        m = self.metrics
-        m.requests.labels(route, engine, str(ex.status)).inc()
-        m.duration.labels(route, engine).observe(elapsed)
-        if ex.ttft_s is not None:
-            m.ttft.labels(route, engine).observe(ex.ttft_s)
-            m.chunks.labels(route, engine).inc(ex.chunks)
+        self.metrics.observe_exchange(route, ex, elapsed)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            m.tokens.labels(route, engine, "prompt").inc(prompt)
-        if isinstance(completion, int):
-            m.tokens.labels(route, engine, "completion").inc(completion)
         if self.log_requests:
             access_log.info(
                 orjson.dumps(

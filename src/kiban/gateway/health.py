@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import aiohttp
 
@@ -24,12 +25,14 @@ class HealthChecker:
         metrics: Metrics,
         interval_s: float,
         timeout_s: float,
+        on_checked: Callable[[], None] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.session = session
         self.metrics = metrics
         self.interval_s = interval_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.on_checked = on_checked
         self._task: asyncio.Task[None] | None = None
 
     async def check(self, upstream: Upstream) -> bool:
@@ -59,6 +62,8 @@ class HealthChecker:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.upstreams))
+        if self.on_checked is not None:
+            self.on_checked()
 
     async def _loop(self) -> None:
         while True:

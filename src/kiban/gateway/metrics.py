@@ -1,13 +1,23 @@
-"""Gateway metrics in Prometheus form (``kiban_`` prefix, base units).
+"""Gateway metrics in Prometheus form: ``kiban_`` prefix, base units, ``_total`` counters.
+
+Every name the gateway exports is defined here, and docs/observability.md
+lists them. The hot path never calls ``.labels()``: each (route, engine) pair
+gets a :class:`Series` of label children bound once and cached, so recording
+one request costs a dict lookup and a few ``inc``/``observe`` calls (measured
+by ``bench/metrics_cost.py``).
 
 With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before any worker
 starts and prometheus_client aggregates the per-process files, so /metrics
-shows one view whichever worker answers.
+shows one view whichever worker answers. Gauges say how workers combine:
+``livesum`` for in-flight requests, ``livemax``/``livemin`` for health as
+each worker's own checker sees it, ``mostrecent`` for what the supervisor sets.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,11 +28,57 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
-from kiban.gateway.upstreams import Upstream
+if TYPE_CHECKING:
+    from kiban.gateway.proxy import Exchange
+    from kiban.gateway.routing import Route
+    from kiban.gateway.upstreams import Upstream
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
+
+#: label value for requests that never reached an engine (no route target, auth, 4xx of ours)
+NO_ENGINE = "none"
+
+
+class Series:
+    """Label children of one (route, engine) pair, bound once."""
+
+    __slots__ = (
+        "_engine",
+        "_requests",
+        "_route",
+        "_status",
+        "chunks",
+        "completion_tokens",
+        "duration",
+        "failovers",
+        "itl",
+        "prompt_tokens",
+        "ttft",
+    )
+
+    def __init__(self, m: Metrics, route: str, engine: str) -> None:
+        self._requests = m.requests
+        self._status: dict[int, Any] = {}
+        labels = (route, engine)
+        self.duration = m.duration.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.itl = m.itl.labels(*labels)
+        self.chunks = m.chunks.labels(*labels)
+        self.prompt_tokens = m.tokens.labels(*labels, "prompt")
+        self.completion_tokens = m.tokens.labels(*labels, "completion")
+        self.failovers = m.failovers.labels(*labels)
+        self._route, self._engine = route, engine
+
+    def requests(self, status: int) -> Any:
+        child = self._status.get(status)
+        if child is None:
+            child = self._requests.labels(self._route, self._engine, str(status))
+            self._status[status] = child
+        return child
 
 
 class Metrics:
@@ -33,29 +89,47 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self._extra_collectors: list[Collector] = []
+        self._series: dict[tuple[str, str], Series] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._outcomes: dict[tuple[str, str], Any] = {}
         r = self.registry
+        route_engine = ["route", "engine"]
         self.requests = Counter(
-            "kiban_requests", "Requests answered", ["route", "engine", "status"], registry=r
+            "kiban_requests",
+            "Requests answered, by route, engine that answered and HTTP status",
+            ["route", "engine", "status"],
+            registry=r,
         )
         self.duration = Histogram(
             "kiban_request_duration_seconds",
-            "End-to-end request latency",
-            ["route", "engine"],
-            buckets=_LATENCY_BUCKETS,
+            "End-to-end request latency as the gateway sees it",
+            route_engine,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "kiban_time_to_first_token_seconds",
-            "Time to the first streamed chunk",
-            ["route", "engine"],
-            buckets=_TTFT_BUCKETS,
+            "Time from request arrival to the first streamed chunk",
+            route_engine,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kiban_inter_token_latency_seconds",
+            "Mean gap between streamed events of one response, one observation per stream",
+            route_engine,
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(
-            "kiban_tokens", "Tokens reported by engines", ["route", "engine", "type"], registry=r
+            "kiban_tokens",
+            "Tokens the engines reported in usage, by type (prompt, completion)",
+            ["route", "engine", "type"],
+            registry=r,
         )
         self.chunks = Counter(
-            "kiban_stream_chunks", "SSE events relayed", ["route", "engine"], registry=r
+            "kiban_stream_chunks", "SSE events relayed to clients", route_engine, registry=r
         )
         self.in_flight = Gauge(
             "kiban_in_flight_requests",
@@ -67,9 +141,15 @@ class Metrics:
         self.retries = Counter(
             "kiban_retries", "Attempts on another engine after a failure", ["route"], registry=r
         )
+        self.failovers = Counter(
+            "kiban_failovers",
+            "Requests answered by an engine after an earlier engine failed them",
+            route_engine,
+            registry=r,
+        )
         self.upstream_failures = Counter(
             "kiban_upstream_failures",
-            "Failed attempts by reason",
+            "Failed attempts by reason (connect, timeout, status, broken)",
             ["route", "engine", "reason"],
             registry=r,
         )
@@ -77,7 +157,7 @@ class Metrics:
             "kiban_engine_up",
             "1 when the engine's health check passes",
             ["engine"],
-            multiprocess_mode="livemax",
+            multiprocess_mode="livemin",
             registry=r,
         )
         self.circuit = Gauge(
@@ -87,17 +167,129 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.route_healthy = Gauge(
+            "kiban_route_healthy_engines",
+            "Engines of the route whose health check passes",
+            ["route"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.gpu_verified = Gauge(
+            "kiban_engine_gpu_verified",
+            "GPU policy: 1 when the managed engine is verified on its GPU, 0 when not",
+            ["engine"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
         self.auth_rejections = Counter(
             "kiban_auth_rejections", "Requests refused for a missing or invalid key", registry=r
         )
+        self.rate_limit_rejections = Counter(
+            "kiban_rate_limit_rejections",
+            "Requests refused with 429 by a kiban limit, by route and limit",
+            ["route", "limit"],
+            registry=r,
+        )
+        self.structured_outcomes = Counter(
+            "kiban_structured_outcomes",
+            "Structured-output requests by route and verification outcome",
+            ["route", "outcome"],
+            registry=r,
+        )
+
+    # -- hot path --------------------------------------------------------------------------
+
+    def series(self, route: str, engine: str) -> Series:
+        """The bound children of (route, engine), created on first use."""
+        key = (route, engine)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(self, route, engine)
+        return found
+
+    def in_flight_for(self, route: str) -> Any:
+        """The bound in-flight gauge of *route*."""
+        child = self._in_flight.get(route)
+        if child is None:
+            child = self._in_flight[route] = self.in_flight.labels(route)
+        return child
+
+    def observe_exchange(self, route: str, ex: Exchange, elapsed_s: float) -> None:
+        """Record one finished request: status, latencies, tokens, failover."""
+        s = self.series(route, ex.engine or NO_ENGINE)
+        s.requests(ex.status).inc()
+        s.duration.observe(elapsed_s)
+        if ex.ttft_s is not None:
+            s.ttft.observe(ex.ttft_s)
+            s.chunks.inc(ex.chunks)
+            if ex.itl_s is not None:
+                s.itl.observe(ex.itl_s)
+        usage = ex.usage
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if type(prompt) is int:
+                s.prompt_tokens.inc(prompt)
+            if type(completion) is int:
+                s.completion_tokens.inc(completion)
+        if ex.attempts > 1 and ex.status < 500:
+            s.failovers.inc()
+
+    # -- events off the hot path -------------------------------------------------------------
+
+    def prepare(self, routes: Iterable[Route]) -> None:
+        """Create every (route, engine) series at zero, so rates and increases count from 0.
+
+        Status 200 is created too: a counter that first appears at N hides
+        those N from Prometheus' ``increase()``.
+        """
+        for route in routes:
+            self.in_flight_for(route.name)
+            for target in route.targets:
+                self.series(route.name, target.upstream.name).requests(200)
+
+    def structured_outcome(self, route: str, outcome: str) -> None:
+        """Count one structured-output verification outcome (the structured module's names)."""
+        key = (route, outcome)
+        child = self._outcomes.get(key)
+        if child is None:
+            child = self._outcomes[key] = self.structured_outcomes.labels(route, outcome)
+        child.inc()
+
+    def rate_limited(self, route: str, limit: str) -> None:
+        """Count one request refused with 429 by the kiban limit named *limit*."""
+        self.rate_limit_rejections.labels(route, limit).inc()
 
     def engine_health(self, upstream: Upstream) -> None:
         self.engine_up.labels(upstream.name).set(1 if upstream.healthy else 0)
         self.circuit.labels(upstream.name).set(int(upstream.breaker.state))
 
+    def routes_health(self, routes: Iterable[Route]) -> None:
+        for route in routes:
+            healthy = sum(1 for t in route.targets if t.upstream.healthy)
+            self.route_healthy.labels(route.name).set(healthy)
+
+    def set_gpu_verified(self, engine: str, verified: bool) -> None:
+        """The supervisor's verdict on *engine*: runs on the GPU it was given (1) or not (0)."""
+        self.gpu_verified.labels(engine).set(1 if verified else 0)
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at scrape time (the NVML GPU exporter), in every worker."""
+        self._extra_collectors.append(collector)
+        if not self.multiprocess:
+            self.registry.register(collector)
+
     def render(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            for collector in self._extra_collectors:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """Tell the multiprocess files that this worker is gone (its live gauges leave)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())

@@ -23,6 +23,9 @@ from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
+from kiban.structured.request import StructuredRequest
+from kiban.structured.stream import DONE_EVENT
+from kiban.structured.verify import OutputFailure
 
 _SKIP_REQUEST_HEADERS = frozenset(
     {
@@ -66,21 +69,29 @@ class Exchange:
     status: int = 0
     attempts: int = 0
     ttft_s: float | None = None
+    itl_s: float | None = None  # mean gap between streamed events after the first read
     chunks: int = 0
     usage: dict[str, Any] | None = None
     committed: bool = False  # a byte of the response has reached the client
     error: str | None = None
+    structured: StructuredRequest | None = None  # set only when a constraint applies
 
 
 @dataclass(slots=True)
 class _Failure:
     """An attempt that failed before anything was sent to the client."""
 
-    reason: str  # "connect", "timeout", "status", "broken"
+    reason: str  # "connect", "timeout", "status", "broken", "invalid_output", "rejected"
     message: str
     status: int = 0
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    output: OutputFailure | None = None  # why a structured output failed verification
+
+    @property
+    def engine_answered(self) -> bool:
+        """The engine worked; the output or the request was the problem (no breaker trip)."""
+        return self.reason in ("invalid_output", "rejected")
 
 
 class Proxy:
@@ -102,12 +113,27 @@ class Proxy:
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
         candidates = route.candidates(needs_images)
+        retries = route.config.retries
+        structured = ex.structured
+        if structured is not None:
+            try:
+                candidates = structured.targets(route, candidates)
+            except APIError:
+                self.metrics.structured_outcome(route.name, "unsupported")
+                raise
         if not candidates:
             raise self._nothing_available(route, needs_images)
-        retries = route.config.retries
+        if structured is None:
+            plan = candidates[: retries.attempts]
+        else:
+            plan = structured.plan(candidates, retries.attempts)
         route.budget.deposit()
         failures: list[tuple[str, _Failure]] = []
-        for i, target in enumerate(candidates[: retries.attempts]):
+        invalid_outputs = 0
+        done_with: set[str] | None = None  # engines not to try again (failed other than output)
+        for i, target in enumerate(plan):
+            if done_with is not None and target.upstream.name in done_with:
+                continue
             if i:
                 if not route.budget.try_withdraw():
                     break
@@ -121,7 +147,13 @@ class Proxy:
             self.metrics.upstream_failures.labels(
                 route.name, target.upstream.name, failure.reason
             ).inc()
-        raise self._all_failed(failures)
+            if failure.reason != "invalid_output":
+                done_with = (done_with or set()) | {target.upstream.name}
+            elif structured is not None:
+                invalid_outputs += 1
+                if invalid_outputs > structured.policy.retries:
+                    break
+        raise self._all_failed(failures, structured)
 
     async def _attempt(
         self, ex: Exchange, route: Route, target: Target, send: Send
@@ -148,7 +180,7 @@ class Proxy:
                 failure = None
         finally:
             upstream.outstanding -= 1
-        if failure is None:
+        if failure is None or failure.engine_answered:
             upstream.breaker.on_success()
             upstream.observe_latency(time.perf_counter() - started)
         elif failure.reason != "status" or failure.status >= 500:
@@ -169,7 +201,9 @@ class Proxy:
         upstream = target.upstream
         url = upstream.config.url + upstream.kind.path_for(ex.endpoint)
         body = ex.body
-        if target.model != ex.model:
+        if ex.structured is not None:
+            body = ex.structured.body_for(ex.payload, target)
+        elif target.model != ex.model:
             body = orjson.dumps({**ex.payload, "model": target.model})
         headers = self._upstream_headers(ex, target)
         try:
@@ -189,7 +223,7 @@ class Proxy:
             return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(exc)}")
         try:
             if resp.status >= 400:
-                return await self._upstream_error(ex, resp, target, send)
+                return await self._upstream_error(ex, resp, target, send, route)
             if ex.stream:
                 return await self._relay_stream(ex, resp, send, first_byte_deadline, route)
             return await self._relay_body(ex, resp, send, route)
@@ -216,7 +250,7 @@ class Proxy:
         ]
 
     async def _upstream_error(
-        self, ex: Exchange, resp: aiohttp.ClientResponse, target: Target, send: Send
+        self, ex: Exchange, resp: aiohttp.ClientResponse, target: Target, send: Send, route: Route
     ) -> _Failure | None:
         try:
             raw = await resp.read()
@@ -229,10 +263,30 @@ class Proxy:
         retry_after = resp.headers.get("Retry-After")
         if retry_after:
             headers.append((b"retry-after", retry_after.encode("latin-1")))
+        if ex.structured is not None:
+            output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
+            if output is not None:
+                self.metrics.structured_outcome(route.name, output.kind)
+                return _Failure(
+                    "invalid_output",
+                    f"engine {target.upstream.name!r}: {output.message}",
+                    output=output,
+                )
         if resp.status >= 500 or resp.status == 429:
             return _Failure(
                 "status",
                 f"engine {target.upstream.name!r} answered HTTP {resp.status}",
+                resp.status,
+                body,
+                headers,
+            )
+        if ex.structured is not None and resp.status in (400, 422):
+            # the engine could not compile or accept the constraint: another engine may
+            self.metrics.structured_outcome(route.name, "engine_rejected")
+            return _Failure(
+                "rejected",
+                f"engine {target.upstream.name!r} refused the "
+                f"{ex.structured.constraint.kind} constraint: {_error_message(body)}",
                 resp.status,
                 body,
                 headers,
@@ -251,6 +305,13 @@ class Proxy:
             raise  # a deadline of kiban's own: _attempt reports it
         except (aiohttp.ClientError, OSError) as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+        if ex.structured is not None:
+            output = ex.structured.verify_body(body)
+            self.metrics.structured_outcome(route.name, output.kind if output else "valid")
+            if output is not None:
+                return _Failure(
+                    "invalid_output", f"engine {ex.engine!r}: {output.message}", output=output
+                )
         content_type = resp.headers.get("Content-Type", "application/json").encode("latin-1")
         ex.status = resp.status
         ex.usage = _usage_of(body)
@@ -280,17 +341,26 @@ class Proxy:
             )
         if not first:
             return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
-        ex.ttft_s = time.perf_counter() - ex.started
+        first_at = time.perf_counter()
+        ex.ttft_s = first_at - ex.started
         ex.status = resp.status
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
-        chunks = first.count(b"\n\n")
+        chunks = first_events = first.count(b"\n\n")
+        last_at = first_at
         tail = first[-_TAIL_BYTES:]
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        held = ex.structured.start_stream() if ex.structured is not None else None
+        out = held.feed(first) if held is not None else first
+        await send({"type": "http.response.body", "body": out, "more_body": True})
         try:
             while chunk := await content.readany():
+                last_at = time.perf_counter()
                 chunks += chunk.count(b"\n\n")
                 tail = (tail + chunk)[-_TAIL_BYTES:]
+                if held is not None:
+                    chunk = held.feed(chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except TimeoutError:
             raise  # a deadline of kiban's own: _attempt reports it
@@ -304,6 +374,8 @@ class Proxy:
             )
             return _Failure("broken", "mid-stream")
         ex.chunks = chunks
+        if chunks > first_events:
+            ex.itl_s = (last_at - first_at) / (chunks - first_events)
         ex.usage = _stream_usage(tail)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
@@ -313,8 +385,30 @@ class Proxy:
                 "upstream_stream_incomplete",
             )
             return _Failure("broken", "stream ended without [DONE]")
+        if held is not None:
+            return await self._end_structured_stream(ex, send, route)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return None
+
+    async def _end_structured_stream(
+        self, ex: Exchange, send: Send, route: Route
+    ) -> _Failure | None:
+        """[DONE] after content that passed verification; an error event otherwise."""
+        assert ex.structured is not None
+        output = ex.structured.verify_stream()
+        self.metrics.structured_outcome(route.name, output.kind if output else "valid")
+        if output is None:
+            await send({"type": "http.response.body", "body": DONE_EVENT, "more_body": False})
+            return None
+        ex.error = output.code
+        event = error_event(
+            f"engine {ex.engine!r}: {output.message}",
+            "invalid_response_error",
+            output.code,
+            _output_extra(output),
+        )
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+        return _Failure("invalid_output", output.message, output=output)
 
     @staticmethod
     async def _end_stream_with_error(ex: Exchange, send: Send, message: str, code: str) -> None:
@@ -359,9 +453,29 @@ class Proxy:
         )
 
     @staticmethod
-    def _all_failed(failures: list[tuple[str, _Failure]]) -> APIError:
+    def _all_failed(
+        failures: list[tuple[str, _Failure]], structured: StructuredRequest | None = None
+    ) -> APIError:
         last = failures[-1][1]
         summary = "; ".join(f.message for _, f in failures)
+        output = next((f for _, f in reversed(failures) if f.reason == "invalid_output"), None)
+        if output is not None and output.output is not None:
+            attempts = sum(1 for _, f in failures if f.reason == "invalid_output")
+            return APIError(
+                422,
+                f"no valid structured output after {attempts} attempt(s): {summary}",
+                "invalid_response_error",
+                param=structured.constraint.source if structured else None,
+                code=output.output.code,
+                extra=_output_extra(output.output),
+            )
+        if all(f.reason == "rejected" for _, f in failures):
+            return APIError(
+                400,
+                summary,
+                param=structured.constraint.source if structured else None,
+                code="structured_output_rejected",
+            )
         if last.reason == "status":
             return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
         if last.reason == "timeout":
@@ -373,6 +487,24 @@ class Proxy:
             code="no_healthy_engine",
             headers=[(b"retry-after", b"5")],
         )
+
+
+def _output_extra(output: OutputFailure) -> dict[str, object]:
+    extra: dict[str, object] = {"failure": output.kind}
+    if output.pointer is not None:
+        extra["pointer"] = output.pointer
+    return extra
+
+
+def _error_message(body: bytes) -> str:
+    """The message of an OpenAI-shaped error body (the body itself if it has none)."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return body.decode("utf-8", "replace")[:500]
 
 
 def _describe(exc: BaseException) -> str:

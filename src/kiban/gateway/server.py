@@ -61,7 +61,27 @@ def app_factory() -> Gateway:
     if overrides:
         gateway = config.gateway.model_copy(update=overrides)
         config = config.model_copy(update={"gateway": gateway})
-    return Gateway(config)
+    app = Gateway(config)
+    if config.observability.gpu_exporter == "gateway":
+        add_gpu_collector(app, watch_xid=config.gateway.workers == 1)
+    return app
+
+
+def add_gpu_collector(app: Gateway, watch_xid: bool, nvml: object | None = None) -> bool:
+    """NVML GPU metrics on the gateway's /metrics, when this machine has an NVIDIA driver.
+
+    *nvml* replaces the pynvml module (tests). Returns whether GPU metrics were added.
+    """
+    from kiban.observability.gpu import GpuCollector
+
+    collector = GpuCollector(nvml, watch_xid=watch_xid)
+    log = logging.getLogger("kiban.gpu")
+    if collector.available:
+        app.metrics.add_collector(collector)
+        log.info("GPU metrics on /metrics: %s", collector.describe_state())
+        return True
+    log.info("%s; /metrics has no kiban_gpu_* series", collector.describe_state())
+    return False
 
 
 def _uvicorn_config(log_level: str) -> uvicorn.Config:

@@ -8,6 +8,7 @@ from enum import IntEnum
 
 from kiban.config import EngineConfig
 from kiban.engines import ENGINE_KINDS, EngineKind
+from kiban.structured.capability import StructuredCapability
 
 
 class Circuit(IntEnum):
@@ -65,6 +66,7 @@ class Upstream:
     config: EngineConfig
     kind: EngineKind
     breaker: CircuitBreaker
+    structured: StructuredCapability = field(default_factory=StructuredCapability)
     healthy: bool = True
     outstanding: int = 0
     ewma_latency_s: float = 0.0
@@ -74,7 +76,13 @@ class Upstream:
     @classmethod
     def from_config(cls, config: EngineConfig) -> Upstream:
         breaker = CircuitBreaker(config.circuit.failures, config.circuit.cooldown_s)
-        return cls(config=config, kind=ENGINE_KINDS[config.kind], breaker=breaker)
+        kind = ENGINE_KINDS[config.kind]
+        return cls(
+            config=config,
+            kind=kind,
+            breaker=breaker,
+            structured=kind.structured_capability(config),
+        )
 
     @property
     def name(self) -> str:

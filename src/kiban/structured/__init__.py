@@ -1,0 +1,1 @@
+"""Structured output: request normalisation, schema features, validation, verification."""

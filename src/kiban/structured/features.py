@@ -1,0 +1,167 @@
+"""Which JSON Schema features a schema uses, as a set of names.
+
+A feature is a constraint keyword (``"minLength"``, ``"uniqueItems"``) or a
+named combination that some engines cannot enforce even though they handle
+each part alone (``"string-length+pattern"``, ``"allOf-multi"``). Annotations
+(``title``, ``description``, ``examples`` ...) and unknown keywords constrain
+nothing and are not features. Engines declare the features they enforce; the
+difference is what a request would leave unenforced.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+#: keywords whose value is one subschema
+_SUBSCHEMA = (
+    "additionalProperties",
+    "unevaluatedProperties",
+    "items",
+    "additionalItems",
+    "unevaluatedItems",
+    "contains",
+    "propertyNames",
+    "not",
+    "if",
+    "then",
+    "else",
+)
+#: keywords whose value is a list of subschemas
+_SUBSCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+#: keywords whose value maps names to subschemas
+_SUBSCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+#: keywords that constrain an instance (JSON Schema draft 4 to 2020-12)
+CONSTRAINT_KEYWORDS = frozenset(
+    {
+        "type",
+        "enum",
+        "const",
+        "properties",
+        "required",
+        "additionalProperties",
+        "patternProperties",
+        "propertyNames",
+        "minProperties",
+        "maxProperties",
+        "dependentRequired",
+        "dependentSchemas",
+        "dependencies",
+        "unevaluatedProperties",
+        "items",
+        "prefixItems",
+        "additionalItems",
+        "unevaluatedItems",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "allOf",
+        "anyOf",
+        "oneOf",
+        "not",
+        "if",
+        "then",
+        "else",
+        "$ref",
+        "$dynamicRef",
+        "$recursiveRef",
+    }
+)
+_NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+#: combined features (beyond plain keyword names)
+COMBINED_FEATURES = frozenset(
+    {
+        "string-length+pattern",  # minLength/maxLength beside pattern or format
+        "number-bounds",  # numeric bounds on a schema that is not integer-only
+        "allOf-multi",  # allOf with two or more branches
+        "properties+propertyNames",
+        "properties+patternProperties",
+        "patternProperties-multi",
+        "pattern-unanchored",  # a pattern not written as ^...$
+        "$ref-remote",  # a $ref that does not start with '#'
+    }
+)
+
+
+def schema_features(schema: Any) -> frozenset[str]:
+    """Every feature *schema* uses (keywords, ``format:<name>``, combinations)."""
+    return canonical_schema_features(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+
+
+@lru_cache(maxsize=2048)
+def canonical_schema_features(canonical: bytes) -> frozenset[str]:
+    """:func:`schema_features` of a schema given as its sorted-keys JSON (cached)."""
+    found: set[str] = set()
+    _visit(orjson.loads(canonical), found)
+    return frozenset(found)
+
+
+def _visit(node: Any, found: set[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    for key in node.keys() & CONSTRAINT_KEYWORDS:
+        found.add(key)
+    _combinations(node, found)
+    for key in _SUBSCHEMA:
+        _visit(node.get(key), found)
+    for key in _SUBSCHEMA_LIST:
+        value = node.get(key)
+        if isinstance(value, list):
+            for item in value:
+                _visit(item, found)
+    items = node.get("items")
+    if isinstance(items, list):  # draft 4-2019 tuple form
+        for item in items:
+            _visit(item, found)
+    for key in _SUBSCHEMA_MAP:
+        value = node.get(key)
+        if isinstance(value, dict):
+            for item in value.values():
+                _visit(item, found)
+    deps = node.get("dependencies")
+    if isinstance(deps, dict):
+        for item in deps.values():
+            _visit(item, found)
+
+
+def _combinations(node: dict[str, Any], found: set[str]) -> None:
+    fmt = node.get("format")
+    if isinstance(fmt, str):
+        found.add(f"format:{fmt}")
+    if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+        found.add("string-length+pattern")
+    if any(k in node for k in _NUMERIC_BOUNDS) and node.get("type") != "integer":
+        found.add("number-bounds")
+    all_of = node.get("allOf")
+    if isinstance(all_of, list) and len(all_of) > 1:
+        found.add("allOf-multi")
+    if "properties" in node and "propertyNames" in node:
+        found.add("properties+propertyNames")
+    pattern_props = node.get("patternProperties")
+    if isinstance(pattern_props, dict):
+        if "properties" in node:
+            found.add("properties+patternProperties")
+        if len(pattern_props) > 1:
+            found.add("patternProperties-multi")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and not (pattern.startswith("^") and pattern.endswith("$")):
+        found.add("pattern-unanchored")
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        found.add("$ref-remote")

@@ -1,0 +1,313 @@
+"""Structured output end to end: clients -> kiban gateway -> real vLLM (CPU, tiny random model).
+
+A random-weights model writes garbage, so only the engine's guided decoding can
+make it produce valid JSON, and only kiban's verification can keep what is
+still invalid (cut off at max_tokens) from reaching the client as success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+import kiban
+from kiban.config import parse_config
+from kiban.engines import ENGINE_KINDS
+from tests.support.engines import EngineProcess
+from tests.support.inprocess_gateway import running_gateway
+from tests.support.schema_corpus import load_corpus, run_corpus
+
+pytestmark = pytest.mark.engine
+
+BACKEND = {"structured_backend": "guidance"}
+MESSAGES = [{"role": "user", "content": "Extract the record."}]
+PERSON = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+class Flag(BaseModel):
+    ok: bool
+    level: int = Field(ge=0, le=5)
+
+
+class Essay(BaseModel):
+    title: str
+    body: str
+
+
+def engine_entry(name: str, url: str, kind: str = "vllm", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "url": url, "models": ["tiny"], **extra}
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_engine_factory, tiny_model_dir: Path) -> EngineProcess:
+    """vLLM with the launch flags kiban's vLLM module asks for (guidance, no free whitespace)."""
+    entry = engine_entry("v", "http://127.0.0.1:1", options=BACKEND)
+    cfg = parse_config({"engines": [entry], "routes": [{"model": "tiny", "engines": ["v"]}]})
+    args = ENGINE_KINDS["vllm"].structured_launch_args(cfg.engines[0])
+    return vllm_engine_factory(tiny_model_dir, "tiny", extra_args=tuple(args))
+
+
+@pytest.fixture(scope="module")
+def gateway(engine: EngineProcess):
+    url = engine.base_url
+    config = {
+        "engines": [
+            engine_entry("v", url, options=BACKEND),
+            engine_entry("generic", url, kind="openai"),
+        ],
+        "routes": [
+            {"model": "tiny", "engines": ["v"], "structured": {"retries": 1}},
+            {
+                "model": "flags",
+                "engines": [{"engine": "v", "model": "tiny"}],
+                "structured": {"schema": PERSON, "name": "flag", "default_max_tokens": 48},
+            },
+            {"model": "generic", "engines": [{"engine": "generic", "model": "tiny"}]},
+            {
+                "model": "generic-validated",
+                "engines": [{"engine": "generic", "model": "tiny"}],
+                "structured": {"unenforced": "validate"},
+            },
+        ],
+    }
+    with running_gateway(config) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{gateway.base_url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def stream_raw(gateway, body: dict[str, Any]) -> bytes:
+    async def go() -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{gateway.base_url}/v1/chat/completions", json=body) as resp,
+        ):
+            assert resp.status == 200
+            return await resp.read()
+
+    return asyncio.run(go())
+
+
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def test_corpus_never_returns_invalid_output(gateway) -> None:
+    """Every success kiban returns satisfies its schema; the rest are clear errors."""
+    schemas = load_corpus()
+    assert len(schemas) >= 200
+    report = asyncio.run(run_corpus(gateway.base_url, "tiny", schemas, max_tokens=512))
+    print("\n" + report.summary())
+    assert report.count("returned_invalid") == 0, [
+        o for o in report.outcomes if o.category == "returned_invalid"
+    ]
+    assert report.count("other") == 0, [o for o in report.outcomes if o.category == "other"]
+    assert report.count("valid") > 0
+    for outcome in report.outcomes:
+        if outcome.category in ("refused", "failed_verification"):
+            assert outcome.code and outcome.message
+
+
+def test_openai_sdk_parse(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.parse(
+        model="tiny", messages=MESSAGES, response_format=Flag, max_tokens=64, temperature=1.0
+    )
+    flag = completion.choices[0].message.parsed
+    assert isinstance(flag, Flag) and 0 <= flag.level <= 5
+
+
+def test_kiban_extract(gateway) -> None:
+    flag = kiban.extract(
+        Flag, MESSAGES, model="tiny", base_url=f"{gateway.base_url}/v1", max_tokens=64
+    )
+    assert isinstance(flag, Flag)
+
+
+def test_kiban_extract_reports_truncation(gateway) -> None:
+    with pytest.raises(kiban.ExtractionError) as err:
+        kiban.extract(
+            Essay, MESSAGES, model="tiny", base_url=f"{gateway.base_url}/v1", max_tokens=3
+        )
+    assert err.value.code == "structured_output_truncated"
+
+
+def test_legacy_guided_json_is_translated_not_ignored(gateway) -> None:
+    status, body = post(
+        gateway,
+        {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "guided_json": {"type": "integer"},
+            "max_tokens": 16,
+        },
+    )
+    assert status == 200, body
+    assert isinstance(json.loads(body["choices"][0]["message"]["content"]), int)
+
+
+def test_choice_and_regex(gateway) -> None:
+    status, body = post(
+        gateway, {"model": "tiny", "messages": MESSAGES, "guided_choice": ["a", "b"]}
+    )
+    assert status == 200 and body["choices"][0]["message"]["content"] in ("a", "b")
+    status, body = post(
+        gateway,
+        {"model": "tiny", "messages": MESSAGES, "structured_outputs": {"regex": "[0-9]{4}"}},
+    )
+    assert status == 200 and len(body["choices"][0]["message"]["content"]) == 4
+
+
+def test_extractor_route_applies_its_schema_and_bounds_tokens(gateway) -> None:
+    status, body = post(gateway, {"model": "flags", "messages": MESSAGES})
+    assert status == 200, body
+    doc = json.loads(body["choices"][0]["message"]["content"])
+    assert set(doc) == {"ok", "n"} and 0 <= doc["n"] <= 9
+    assert body["usage"]["completion_tokens"] <= 48  # default_max_tokens reached the engine
+
+
+def test_truncated_output_is_a_422_with_reason(gateway) -> None:
+    essay = Essay.model_json_schema()
+    status, body = post(
+        gateway,
+        {
+            "model": "tiny",
+            "messages": MESSAGES,
+            "response_format": schema_format(essay),
+            "max_tokens": 4,
+        },
+    )
+    assert status == 422
+    error = body["error"]
+    assert error["code"] == "structured_output_truncated"
+    assert error["failure"] == "truncated" and "after 2 attempt(s)" in error["message"]
+    assert error["param"] == "response_format.json_schema.schema"
+
+
+def test_engine_compile_error_is_a_clear_400(gateway) -> None:
+    schema = {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}
+    status, body = post(
+        gateway, {"model": "tiny", "messages": MESSAGES, "response_format": schema_format(schema)}
+    )
+    assert status == 400
+    assert body["error"]["code"] == "structured_output_rejected"
+    assert "engine 'v' refused the json_schema constraint" in body["error"]["message"]
+    assert "not" in body["error"]["message"]
+
+
+def test_unenforcing_engine_refused_or_validated(gateway) -> None:
+    request = {"messages": MESSAGES, "response_format": schema_format(PERSON), "max_tokens": 48}
+    status, body = post(gateway, {"model": "generic", **request})
+    assert status == 400 and body["error"]["code"] == "structured_output_unsupported"
+    assert "no enforcement assumed" in body["error"]["message"]
+    status, body = post(gateway, {"model": "generic-validated", **request})
+    assert status in (200, 422), body
+    if status == 200:
+        doc = json.loads(body["choices"][0]["message"]["content"])
+        assert set(doc) == {"ok", "n"}
+
+
+def test_stream_valid_ends_with_done(gateway, client: openai.OpenAI) -> None:
+    body = {"model": "flags", "messages": MESSAGES, "stream": True}
+    raw = stream_raw(gateway, body)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    content = "".join(
+        (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for line in raw.decode().splitlines()
+        if line.startswith("data: {")
+    )
+    assert set(json.loads(content)) == {"ok", "n"}
+    chunks = list(client.chat.completions.create(model="flags", messages=MESSAGES, stream=True))
+    assert chunks
+
+
+def test_stream_invalid_ends_with_error_event(gateway, client: openai.OpenAI) -> None:
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 4,
+        "response_format": schema_format(Essay.model_json_schema()),
+    }
+    raw = stream_raw(gateway, body)
+    assert b"[DONE]" not in raw
+    last = json.loads(raw.strip().splitlines()[-1][6:])
+    assert last["error"]["code"] == "structured_output_truncated"
+    with pytest.raises(openai.APIError, match="max_tokens"):
+        list(client.chat.completions.create(**body))
+
+
+def test_plain_requests_skip_structured_handling(gateway, monkeypatch) -> None:
+    def forbidden(*_args: Any) -> None:
+        raise AssertionError("structured handling ran for a plain request")
+
+    monkeypatch.setattr(gateway.structured, "prepare", forbidden)
+    status, body = post(gateway, {"model": "tiny", "messages": MESSAGES, "max_tokens": 4})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 4
+
+
+def test_metrics_count_outcomes(gateway) -> None:
+    with urllib.request.urlopen(f"{gateway.base_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("kiban_structured_outcomes_total")]
+    outcomes = {ln.split('outcome="')[1].split('"')[0] for ln in lines}
+    assert {"valid", "truncated", "engine_rejected", "unsupported"} <= outcomes
+
+
+@pytest.fixture(scope="module")
+def free_whitespace_engine(vllm_engine_factory, tiny_model_dir: Path) -> EngineProcess:
+    """vLLM as it starts without kiban's flags: auto backend, any whitespace allowed."""
+    return vllm_engine_factory(tiny_model_dir, "tiny")
+
+
+def test_whitespace_runaway_is_detected_on_default_vllm(free_whitespace_engine) -> None:
+    """Runs last (both engines up only now). A weak model inside guided JSON with free
+    whitespace fills max_tokens with spaces and newlines; kiban names it."""
+    config = {
+        "engines": [engine_entry("auto", free_whitespace_engine.base_url)],
+        "routes": [{"model": "tiny", "engines": ["auto"], "structured": {"retries": 0}}],
+    }
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    request = {"model": "tiny", "messages": MESSAGES, "max_tokens": 96, "temperature": 0.0}
+    codes = set()
+    with running_gateway(config) as gw:
+        for prompt in ("a", "b", "c", "d"):
+            messages = [{"role": "user", "content": prompt}]
+            body = {**request, "messages": messages, "response_format": schema_format(schema)}
+            status, answer = post(gw, body)
+            if status == 200:
+                assert json.loads(answer["choices"][0]["message"]["content"])["a"] is not None
+            else:
+                assert status == 422, answer
+                codes.add(answer["error"]["code"])
+    print(codes)
+    assert "structured_output_whitespace_runaway" in codes
