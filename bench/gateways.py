@@ -275,11 +275,15 @@ def measure_stream(
 
 
 def profile(pid: int, url: str, args: argparse.Namespace, loads: Loads) -> dict[str, Any]:
-    """py-spy on the gateway during a non-streaming run: functions by self time."""
+    """py-spy on the gateway during an extra non-streaming run: functions by self time."""
     py_spy = targets.ensure_venv("py-spy-0.4.3", targets.PY_SPY) / "bin" / "py-spy"
     raw = Path(tempfile.mkstemp(prefix="kiban-profile-", suffix=".txt")[1])
-    argv = [str(py_spy), "record", "--pid", str(pid), "--rate", "500", "--format", "raw"]
-    argv += ["--output", str(raw), "--nonblocking"]
+    argv = [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--output", str(raw)]
+    # --native unwinds C frames (uvloop, httptools, the syscalls) but pauses the process at
+    # each sample, so it samples less often; without it C time lands on the Python caller
+    argv += (
+        ["--native", "--rate", "200"] if args.profile_native else ["--nonblocking", "--rate", "500"]
+    )
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # py-spy attaches
@@ -510,6 +514,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--profile", action="store_true", help="py-spy kiban (1 worker)")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (slower)")
     p.add_argument("--profile-requests", type=int, default=20000)
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "latest.json")
