@@ -307,6 +307,7 @@ def summarise_profile(collapsed: str, top: int) -> dict[str, Any]:
     """Self and total sample shares per function from py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     samples = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -316,6 +317,7 @@ def summarise_profile(collapsed: str, top: int) -> dict[str, Any]:
         samples += n
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         own[frames[-1]] += n
+        packages[_package(frames[-1])] += n
         for frame in set(frames):
             total[frame] += n
     share = (lambda n: round(100.0 * n / samples, 1)) if samples else (lambda n: 0.0)
@@ -323,7 +325,16 @@ def summarise_profile(collapsed: str, top: int) -> dict[str, Any]:
         "samples": samples,
         "self": [[f, share(n)] for f, n in own.most_common(top)],
         "total": [[f, share(n)] for f, n in total.most_common(top)],
+        "self_by_package": [[p, share(n)] for p, n in packages.most_common()],
     }
+
+
+def _package(frame: str) -> str:
+    """``uvicorn`` for ``send (uvicorn/protocols/http/httptools_impl.py)``; native code by
+    its library (``libc.so.6``)."""
+    where = frame.rpartition("(")[2].rstrip(")")
+    top = where.split("/", 1)[0]
+    return top.removesuffix(".py") if "/" in where or top.endswith(".py") else top
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -399,25 +410,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
     ):
         out.add_column(name, justify="left" if name == "target" else "right")
     for row in rows:
-        chunks_per_s = None
-        streams = _get(row, "stream", "c8")
-        if streams and streams["duration_s"]:
-            chunks_per_s = streams["stream_events"] / streams["duration_s"]
-        out.add_row(
-            row["label"],
-            _num(_get(row, "nonstream", "c8", "requests_per_s")),
-            _ms(_get(row, "nonstream", "c8", "latency_ms", "p50")),
-            _ms(_get(row, "nonstream", "c8", "latency_ms", "p99")),
-            _ms(row["added_p50_ms_c1"], signed=True),
-            _ms(row["added_p99_ms_c1"], signed=True),
-            _num(_get(row, "nonstream", "cpu_us_per_request"), 1),
-            _num(_get(row, "nonstream", "wrk", "requests_per_s")),
-            _num(_get(row, "stream", "c8", "requests_per_s"), 1),
-            _num(chunks_per_s),
-            _ms(row["added_ttft_p50_ms_c1"], signed=True),
-            _num(_get(row, "stream", "cpu_us_per_chunk"), 2),
-            str(row["errors"]),
-        )
+        out.add_row(*_cells(row))
     return out
 
 
@@ -457,6 +450,11 @@ def target_checks(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[
         name = f"kiban {args.workers} workers req/s ÷ 1 worker"
         check(name, rn / r1, args.workers * 0.9, "x", below=False)
     return checks
+
+
+def _loadavg() -> float:
+    """The 1-minute load average: how busy the (shared) machine was."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def machine() -> dict[str, Any]:
@@ -519,11 +517,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "latest.json")
     p.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument(
+        "--from-json", type=Path, help="print the report of an earlier run's JSON; run nothing"
+    )
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.from_json is not None:
+        document = json.loads(args.from_json.read_text())
+        saved = argparse.Namespace(**document["settings"])
+        saved.output, saved.markdown = args.from_json, args.markdown
+        report(document, document["rows"], document["targets"], saved)
+        return
     require_tools("wrk", "taskset")
     targets.nginx_binary()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -563,7 +571,7 @@ def main() -> None:
             label = "direct to the upstream" if gateway is None else gateway.label
             key = gateway.key if gateway else key
             console.print(f"[bold]{label}[/]: non-streaming")
-            row: dict[str, Any] = {"key": key, "label": label}
+            row: dict[str, Any] = {"key": key, "label": label, "loadavg_1min": _loadavg()}
             row["nonstream"] = measure_nonstream(
                 gateway, args, loads, work, nginx_url, place, live, rss_check=key == "kiban-1"
             )
@@ -641,7 +649,47 @@ def report(
         out.print(f"py-spy, kiban 1 worker, non-streaming ({profile_['samples']:,} samples):")
         for frame, share in profile_["self"]:
             out.print(f"  {share:5.1f}%  {frame}", highlight=False, markup=False)
+        by_package = profile_.get("self_by_package", [])
+        packages = ", ".join(f"{p} {share:.1f}%" for p, share in by_package)
+        if packages:
+            out.print(f"  self time by package: {packages}", highlight=False, markup=False)
     out.print(f"JSON: {args.output}", highlight=False)
+    if getattr(args, "markdown", False):
+        print(markdown(rows))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table's figures as a Markdown table (docs/benchmarks.md)."""
+    head = (
+        "| target | req/s | p50 ms | p99 ms | +p50 ms, 1 conn | +p99 ms, 1 conn | CPU µs/req "
+        "| wrk req/s | streams/s | chunks/s | +TTFT ms, 1 conn | CPU µs/chunk | errors |"
+    )
+    lines = [head, "| --- |" + " ---: |" * 12]
+    for row in rows:
+        lines.append("| " + " | ".join(_cells(row)) + " |")
+    return "\n".join(lines)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    streams = _get(row, "stream", "c8")
+    chunks_per_s = None
+    if streams and streams["duration_s"]:
+        chunks_per_s = streams["stream_events"] / streams["duration_s"]
+    return [
+        row["label"],
+        _num(_get(row, "nonstream", "c8", "requests_per_s")),
+        _ms(_get(row, "nonstream", "c8", "latency_ms", "p50")),
+        _ms(_get(row, "nonstream", "c8", "latency_ms", "p99")),
+        _ms(row["added_p50_ms_c1"], signed=True),
+        _ms(row["added_p99_ms_c1"], signed=True),
+        _num(_get(row, "nonstream", "cpu_us_per_request"), 1),
+        _num(_get(row, "nonstream", "wrk", "requests_per_s")),
+        _num(_get(row, "stream", "c8", "requests_per_s"), 1),
+        _num(chunks_per_s),
+        _ms(row["added_ttft_p50_ms_c1"], signed=True),
+        _num(_get(row, "stream", "cpu_us_per_chunk"), 2),
+        str(row["errors"]),
+    ]
 
 
 if __name__ == "__main__":
