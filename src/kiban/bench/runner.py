@@ -116,6 +116,11 @@ class LoadRunner:
                     conn.transport.abort()
         self._stopping = True
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` ended the run early."""
+        return self._stopping
+
     # -- phases ------------------------------------------------------------------------------
 
     async def _phase(self, recorder: Recorder, limit: int | None, duration_s: float | None) -> None:

@@ -46,7 +46,7 @@ def bench(
     requests: Annotated[
         int | None,
         typer.Option(
-            "--requests", "-n", min=1, help="Requests to send [default: 1000 without --duration]."
+            "--requests", "-n", min=1, help="Requests to send (default: 1000 when no --duration)."
         ),
     ] = None,
     duration: Annotated[
@@ -150,7 +150,10 @@ def bench(
                 progress.cancel()
                 await asyncio.gather(progress, return_exceptions=True)
             loop.remove_signal_handler(signal.SIGINT)
-        return workload, recorder.summary()
+        summary = recorder.summary()
+        if runner.stopped:
+            summary.notes.append("stopped early (Ctrl+C): the figures cover what was sent")
+        return workload, summary
 
     workload, summary = uvloop.run(main())
     _add_notes(summary, workload)
