@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` runs kiban, `make test` runs every test.
-.PHONY: demo test lint bootstrap
+.PHONY: demo test lint bootstrap bench
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -13,3 +13,7 @@ lint: bootstrap
 
 test: lint
 	.venv/bin/pytest
+
+# Gateway overhead next to direct, LiteLLM and vllm-router (docs/benchmarks.md); a few minutes.
+bench: bootstrap
+	.venv/bin/python bench/gateways.py
