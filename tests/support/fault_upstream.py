@@ -134,7 +134,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--slow-interval", type=float, default=1.0)
     args = parser.parse_args()
-    web.run_app(make_app(args.slow_interval), host="127.0.0.1", port=args.port, print=None)
+    # a hanging request must not hold up a stop: tests stop this server often
+    web.run_app(
+        make_app(args.slow_interval),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        shutdown_timeout=0.5,
+    )
 
 
 if __name__ == "__main__":

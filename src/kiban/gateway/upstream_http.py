@@ -1,0 +1,327 @@
+"""HTTP/1.1 to the engines: keep-alive connection pools on asyncio protocols, httptools parsing.
+
+Why not aiohttp's client: on this project's benchmark (bench/gateways.py,
+docs/benchmarks.md) aiohttp's client took 35% of the gateway's CPU per request
+and held the first bytes of a dense stream back by several milliseconds; an
+asyncio protocol with httptools (the parser uvicorn uses) costs a fraction of
+that, hands every chunk over as it arrives, and is all the gateway needs: one
+POST or GET at a time per connection, to a handful of known engines.
+
+A :class:`Pool` per engine keeps idle connections. :meth:`Pool.request` sends a
+request and returns an :class:`Exchange` once the response headers have come;
+the body is then read whole (:meth:`Exchange.read`) or chunk by chunk as the
+engine sends it (:meth:`Exchange.next_chunk`, with back-pressure: reading from
+the engine pauses while the client lags). Deadlines are loop timers, not
+``asyncio.timeout`` blocks, so a request costs no extra task or context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from urllib.parse import urlsplit
+
+import httptools
+
+_PAUSE_AT_BYTES = 1 << 20  # stop reading from the engine while this much waits for the client
+_MAX_IDLE = 64
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached or broke the exchange."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection (refused, unreachable, name not found)."""
+
+
+class ConnectTimeout(ConnectFailed, TimeoutError):
+    """The engine did not accept the connection within the connect timeout."""
+
+
+class Dropped(UpstreamError):
+    """The connection ended before the response did."""
+
+
+class BadResponse(UpstreamError):
+    """The engine's bytes are not an HTTP/1.1 response."""
+
+
+class Deadline(TimeoutError):
+    """A deadline of the caller's (first byte, total) passed; ``what`` names it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class _Stale(Exception):
+    """A reused idle connection was closed by the engine before any byte of the answer."""
+
+
+class Exchange(asyncio.Protocol):
+    """One connection to an engine, carrying one request at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.reusable = False
+        self.used = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.status = 0
+        self.content_type: bytes | None = None
+        self.retry_after: bytes | None = None
+        self.complete = False
+        self._framed = False
+        self._headers_done = False
+        self._got_bytes = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    # -- the request ------------------------------------------------------------------------
+
+    def _send(self, head: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        self._clear()
+        self.used += 1
+        self.reusable = False
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+
+    def expire_at(self, when: float, what: str) -> None:
+        """Abort the exchange with :class:`Deadline` *what* if it is not done at *when*."""
+        self._timers[what] = self.loop.call_at(when, self._expire, what)
+
+    def cancel_deadline(self, what: str) -> None:
+        """Drop the deadline named *what* (e.g. ``first byte`` once it came)."""
+        timer = self._timers.pop(what, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, what: str) -> None:
+        if not self.complete:
+            self._fail(Deadline(what))
+            self.abort()
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    # -- reading the response -----------------------------------------------------------------
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body as the engine sent it; ``b""`` at its end."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < _PAUSE_AT_BYTES // 2 and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        while not self.complete:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        return body
+
+    def finish(self) -> None:
+        """Hand the connection back to its pool (kept if the response ended cleanly)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self.complete and self.reusable and self._error is None and not self._chunks:
+            self.pool._put_back(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close at once; an engine sees the request cancelled."""
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            self._fail(BadResponse(f"invalid HTTP response: {err}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.pool._forget(self)
+        if self.complete:
+            return
+        if self._headers_done and not self._framed:
+            self.on_message_complete()  # a body that ends with the connection
+        elif not self._got_bytes and self.used > 1:
+            self._fail(_Stale())
+        else:
+            reason = f": {exc}" if exc else ""
+            self._fail(Dropped(f"the engine closed the connection mid-response{reason}"))
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        length = len(name)
+        if length == 12 and name.lower() == b"content-type":
+            self.content_type = value
+        elif length == 11 and name.lower() == b"retry-after":
+            self.retry_after = value
+        elif length in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        self.status = self.parser.get_status_code()
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _PAUSE_AT_BYTES and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.reusable = self.parser.should_keep_alive()
+        self._wake()
+
+
+class Pool:
+    """Keep-alive connections to one engine (``scheme://host:port``)."""
+
+    def __init__(self, base_url: str, loop: asyncio.AbstractEventLoop) -> None:
+        parts = urlsplit(base_url)
+        self.loop = loop
+        self.host = parts.hostname or "127.0.0.1"
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.tls else 80)
+        default_port = 443 if self.tls else 80
+        authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        self.host_header = b"host: " + authority.encode("idna") + b"\r\n"
+        self.prefix = parts.path.rstrip("/").encode()
+        self._idle: list[Exchange] = []
+        self._open: set[Exchange] = set()
+
+    async def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: bytes,
+        body: bytes,
+        *,
+        connect_timeout: float,
+        first_byte_at: float | None = None,
+        total_at: float | None = None,
+    ) -> Exchange:
+        """Send one request; return once its response headers have arrived.
+
+        *headers* are complete header lines (each ending in CRLF) besides Host and
+        Content-Length. Raises :class:`ConnectFailed`, :class:`Dropped`,
+        :class:`BadResponse` or :class:`Deadline`; on any of them the connection is
+        already closed.
+        """
+        head = b"".join((
+            method, b" ", self.prefix, path, b" HTTP/1.1\r\n", self.host_header, headers,
+            b"content-length: ", str(len(body)).encode(), b"\r\n\r\n",
+        ))  # fmt: skip
+        for _ in range(2):
+            conn = self._idle.pop() if self._idle else await self._connect(connect_timeout)
+            conn._send(head, body)
+            if first_byte_at is not None:
+                conn.expire_at(first_byte_at, "first byte")
+            if total_at is not None:
+                conn.expire_at(total_at, "total")
+            try:
+                while not conn._headers_done:
+                    await conn._wait()
+            except _Stale:
+                conn.finish()
+                continue  # the engine had closed this idle connection: once more, on a new one
+            except BaseException:
+                conn.finish()
+                raise
+            return conn
+        raise Dropped("the engine closed two connections in a row before answering")
+
+    async def _connect(self, timeout: float) -> Exchange:
+        connecting = self.loop.create_connection(
+            lambda: Exchange(self),
+            self.host,
+            self.port,
+            ssl=self.tls,
+            server_hostname=self.host if self.tls else None,
+        )
+        try:
+            _, conn = await asyncio.wait_for(connecting, timeout)
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"no connection within the connect timeout ({timeout:g} s)"
+            ) from None
+        except OSError as err:
+            raise ConnectFailed(err.strerror or str(err)) from None
+        self._open.add(conn)
+        return conn
+
+    def _put_back(self, conn: Exchange) -> None:
+        if len(self._idle) < _MAX_IDLE and conn.transport and not conn.transport.is_closing():
+            self._idle.append(conn)
+        else:
+            conn.abort()
+
+    def _forget(self, conn: Exchange) -> None:
+        self._open.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        """Close every connection (idle or busy)."""
+        for conn in list(self._open):
+            conn.abort()
+        self._idle.clear()
