@@ -15,7 +15,6 @@ import re
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from kiban.config import KibanConfig
@@ -68,7 +67,6 @@ class Gateway:
         self.metrics.prepare(self.router.routes)
         digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
         self.keys = KeyChecker(digests)
-        self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
         self.created = int(time.time())
@@ -78,18 +76,13 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=75)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
-        self.proxy = Proxy(self.session, self.metrics)
+        loop = asyncio.get_running_loop()
+        for upstream in self.router.upstreams.values():
+            upstream.connect(loop)
+        self.proxy = Proxy(self.metrics, loop)
         gw = self.config.gateway
         self.health = HealthChecker(
             list(self.router.upstreams.values()),
-            self.session,
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
@@ -106,8 +99,9 @@ class Gateway:
     async def shutdown(self) -> None:
         if self.health is not None:
             await self.health.stop()
-        if self.session is not None:
-            await self.session.close()
+        for upstream in self.router.upstreams.values():
+            if upstream.http is not None:
+                upstream.http.close()
         self.metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import httptools
 
-_PAUSE_AT_BYTES = 1 << 20  # stop reading from the engine while this much waits for the client
 _MAX_IDLE = 64
 
 
@@ -81,7 +80,7 @@ class Exchange(asyncio.Protocol):
         self._headers_done = False
         self._got_bytes = False
         self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._streaming = False  # the reader takes chunks one by one (next_chunk)
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -137,19 +136,25 @@ class Exchange(asyncio.Protocol):
     # -- reading the response -----------------------------------------------------------------
 
     async def next_chunk(self) -> bytes:
-        """The next piece of the body as the engine sent it; ``b""`` at its end."""
+        """The next piece of the body as the engine sent it; ``b""`` at its end.
+
+        While a piece waits to be taken, reading from the engine pauses: the
+        reader relays each read before the next one happens, so the first
+        tokens go out at once even when the engine sends faster than the
+        client takes (and a slow client slows the engine's connection, not
+        kiban's memory).
+        """
+        self._streaming = True
         while not self._chunks:
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
             if self.complete:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < _PAUSE_AT_BYTES // 2 and self.transport:
-            self._paused = False
-            self.transport.resume_reading()
-        return chunk
+        return self._chunks.popleft()
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -221,8 +226,7 @@ class Exchange(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _PAUSE_AT_BYTES and not self._paused and self.transport:
+        if self._streaming and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
