@@ -322,5 +322,18 @@ def api_key_variables(cfg: KibanConfig) -> list[str]:
     return list(cfg.gateway.api_keys.env)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """YAML without anchors and aliases (objects that share a mapping repeat it)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(data: Any, *, all_documents: bool = False) -> str:
+    """Block-style YAML in the order given, without anchors."""
+    options = {"Dumper": _PlainDumper, "sort_keys": False, "allow_unicode": True, "width": 100}
+    return yaml.dump_all(data, **options) if all_documents else yaml.dump(data, **options)
+
+
 def dump_config(tree: dict[str, Any], header: str) -> str:
-    return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    return header + dump_yaml(tree)
