@@ -127,7 +127,7 @@ def render_compose(
     document = {
         "name": project or project_name(config_path),
         "services": {
-            **{e.service: _engine_service(e) for e in engines},
+            **{e.service: _engine_service(e, engines[:i]) for i, e in enumerate(engines)},
             "gateway": _gateway_service(cfg, secrets, _reaches_host(cfg, urls)),
             **({"gpu-exporter": _exporter_service(cfg)} if exporter else {}),
             "prometheus": _prometheus_service(cfg, _reaches_host(cfg, urls)),
@@ -187,7 +187,8 @@ def _restart(max_restarts: int) -> str:
     return "no" if max_restarts == 0 else "unless-stopped"
 
 
-def _engine_service(engine: ContainerEngine) -> dict[str, Any]:
+def _engine_service(engine: ContainerEngine, before: list[ContainerEngine]) -> dict[str, Any]:
+    """*before*: the engines listed ahead of this one (the plan starts them first)."""
     image = engine.image
     env: dict[str, str | None] = {k: literal(v) for k, v in engine.env.items()}
     env.update(engine.env_references)  # ${VAR} as written: Compose fills it in
@@ -236,6 +237,16 @@ def _engine_service(engine: ContainerEngine) -> dict[str, Any]:
         service["healthcheck"] = _health(
             [*image.health_tool, engine.health_url], engine.ready_timeout_s
         )
+    # engines that share a GPU start one after another, as the plan assumes (lmdeploy and
+    # SGLang size their cache from the memory free when they start), as kiban up does
+    sharing = [e for e in before if set(e.gpus) & set(engine.gpus)]
+    if sharing:
+        service["depends_on"] = {
+            e.service: {
+                "condition": "service_healthy" if e.image.health_tool else "service_started"
+            }
+            for e in sharing
+        }
     service["restart"] = _restart(engine.max_restarts)
     service["stop_grace_period"] = _duration(engine.stop_grace_s)
     service["labels"] = {f"io.kiban.{k}": literal(v) for k, v in engine.labels.items()}

@@ -132,6 +132,13 @@ def render_k8s(cfg: KibanConfig, raw: dict[str, Any], plan: Plan, options: K8sOp
     if exporter:
         out.files["gpu-exporter.yaml"] = [builder.gpu_exporter()]
     out.files["monitoring.yaml"] = builder.monitoring(engines, exporter)
+    shared = sorted({g for e in engines for g in e.gpus if sum(g in x.gpus for x in engines) > 1})
+    if shared:
+        out.notes.append(
+            f"the plan shares GPU {', '.join(map(str, shared))} between engines; the cluster "
+            f"gives each pod whole GPUs ({GPU_RESOURCE}), so each engine gets its own and the "
+            "planned memory shares are conservative (unless the cluster time-slices GPUs)"
+        )
     if options.replicas > 1 and "shared_state" not in (raw.get("gateway") or {}):
         out.notes.append(
             f"{options.replicas} gateway replicas without gateway.shared_state: rate limits "
