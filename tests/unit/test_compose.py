@@ -284,3 +284,26 @@ def test_the_demo_configuration_renders(tmp_path, tiny_model_dir, tiny_gguf):
     assert "gpu-exporter" not in document["services"]  # no engine on a GPU
     assert project.project == "kiban"
     assert cfg.engine("vllm-cpu").launch.device == "cpu"
+
+
+def test_cli_writes_the_project_and_names_what_it_needs(tmp_path):
+    from typer.testing import CliRunner
+
+    from kiban.cli import app
+
+    path = write_config(tmp_path, readme_configs()[0])
+    out = tmp_path / "project"
+    args = ["compose", "-c", str(path), "-o", str(out), "--gpu", "h100-80"]
+    result = CliRunner().invoke(app, args, env=ENV)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'compose.yaml'} (project kiban)" in result.output
+    assert "qwen-vllm: vllm/vllm-openai:v" in result.output
+    assert "KIBAN_API_KEY" in result.output
+    assert compose_errors(yaml.safe_load((out / "compose.yaml").read_text())) == []
+    # without GPUs to plan on, the plan's problem says how to name them
+    result = CliRunner().invoke(app, ["compose", "-c", str(path), "-o", str(tmp_path / "x")])
+    if result.exit_code == 0:
+        pytest.skip("NVML sees GPUs on this machine")
+    assert result.exit_code == 1
+    assert "--gpu / --gpu-memory" in result.output
+    assert not (tmp_path / "x").exists()

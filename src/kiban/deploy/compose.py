@@ -253,14 +253,17 @@ def _engine_service(engine: ContainerEngine, before: list[ContainerEngine]) -> d
     return service
 
 
-def _build() -> dict[str, Any]:
-    return {"context": literal(str(SOURCE_ROOT)), "dockerfile": DOCKERFILE}
-
-
 def _kiban_service(command: list[str], health_url: str) -> dict[str, Any]:
-    """The gateway image running *command*, hardened (read-only, no capabilities)."""
+    """The gateway image running *command*, hardened (read-only, no capabilities).
+
+    Built from this source tree's Dockerfile where there is one; otherwise the image
+    must exist under its tag (``docker build -t kiban-gateway:<version> .``).
+    """
+    build = {}
+    if (SOURCE_ROOT / DOCKERFILE).is_file():
+        build = {"build": {"context": literal(str(SOURCE_ROOT)), "dockerfile": DOCKERFILE}}
     return {
-        "build": _build(),
+        **build,
         "image": GATEWAY_IMAGE,
         "command": command,
         "read_only": True,

@@ -139,6 +139,11 @@ def render_k8s(cfg: KibanConfig, raw: dict[str, Any], plan: Plan, options: K8sOp
             f"gives each pod whole GPUs ({GPU_RESOURCE}), so each engine gets its own and the "
             "planned memory shares are conservative (unless the cluster time-slices GPUs)"
         )
+    if options.gateway_image == GATEWAY_IMAGE:
+        out.notes.append(
+            f"the gateway image is {GATEWAY_IMAGE}, a local tag: build it (docker build -t "
+            f"{GATEWAY_IMAGE} .), push it where the cluster pulls from, and pass --gateway-image"
+        )
     if options.replicas > 1 and "shared_state" not in (raw.get("gateway") or {}):
         out.notes.append(
             f"{options.replicas} gateway replicas without gateway.shared_state: rate limits "
