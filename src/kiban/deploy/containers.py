@@ -317,11 +317,6 @@ def env_references(tree: Any) -> dict[str, bool]:
     return found
 
 
-def api_key_variables(cfg: KibanConfig) -> list[str]:
-    """Environment variables the gateway reads client API keys from."""
-    return list(cfg.gateway.api_keys.env)
-
-
 class _PlainDumper(yaml.SafeDumper):
     """YAML without anchors and aliases (objects that share a mapping repeat it)."""
 
