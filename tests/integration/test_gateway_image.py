@@ -28,6 +28,7 @@ TAG = "localhost/kiban-gateway:test"
 def image() -> Iterator[dict]:
     """Build the image; yields its Docker-format configuration."""
     base = base_image()
+    before = set(_dangling())
     buildah(
         "bud",
         "--format",
@@ -46,6 +47,13 @@ def image() -> Iterator[dict]:
     config = json.loads(buildah("inspect", "--type", "image", TAG).stdout)["Docker"]["config"]
     yield config
     buildah("rmi", TAG, timeout=120)
+    # the build stage's image, left untagged by this build
+    for image_id in set(_dangling()) - before:
+        buildah("rmi", image_id, timeout=120)
+
+
+def _dangling() -> list[str]:
+    return buildah("images", "-q", "--filter", "dangling=true", timeout=60).stdout.split()
 
 
 @pytest.fixture
