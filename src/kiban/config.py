@@ -35,7 +35,7 @@ Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 
 _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(Exception):
@@ -109,6 +109,11 @@ class LaunchConfig(_Strict):
     )
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="container image for kiban compose and kiban render k8s (default: the "
+        "engine's official image at the version kiban pins)",
+    )
     ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     stop_grace_s: Annotated[float, Field(gt=0)] = 20.0
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
@@ -338,7 +343,7 @@ def substitute_env(tree: Any, env: Mapping[str, str], path: str = "") -> tuple[A
         if isinstance(node, list):
             return [visit(v, f"{where}[{i}]") for i, v in enumerate(node)]
         if isinstance(node, str) and "${" in node:
-            return _VAR.sub(lambda m: _lookup(m, env, where, problems), node)
+            return ENV_REFERENCE.sub(lambda m: _lookup(m, env, where, problems), node)
         return node
 
     return visit(tree, path), problems
