@@ -20,7 +20,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run the OpenAI-compatible gateway in front of the configured engines."""
-    from kiban.gateway.auth import load_key_digests
+    from kiban.gateway.auth import load_keys
     from kiban.gateway.server import serve as run_server
 
     cfg = load_or_exit(config)
@@ -28,7 +28,7 @@ def serve(
     if overrides:
         cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
     try:
-        load_key_digests(cfg.gateway.api_keys)
+        load_keys(cfg.gateway.api_keys)
     except ConfigError as err:
         raise fail(str(err)) from None
     run_server(config, cfg, overrides, log_level)
