@@ -8,6 +8,7 @@ from kiban.cli import (  # noqa: F401  (importing a module registers its command
     config_cmd,
     doctor,
     engines,
+    keys,
     models,
     observability,
     plan,

@@ -46,7 +46,10 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def _too_large(limit: int) -> APIError:
     return APIError(
-        413, f"request body is larger than the limit of {limit} bytes", code="body_too_large"
+        413,
+        f"request body is larger than the limit of {limit} bytes (gateway.max_body_bytes)",
+        code="body_too_large",
+        headers=[(b"connection", b"close")],  # do not read the rest of it
     )
 
 

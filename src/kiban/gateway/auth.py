@@ -76,7 +76,7 @@ def read_keys_file(path: Path) -> tuple[list[ApiKey], list[str]]:
         return [], [f"{where}: cannot read {str(path)!r}: {err.strerror}"]
     except UnicodeDecodeError:
         return [], [f"{where}: {str(path)!r} is not UTF-8 text"]
-    tree = _yaml_mapping(text)
+    tree = keys_yaml(text)
     if tree is None:
         return _read_lines(text)
     try:
@@ -100,8 +100,8 @@ def read_keys_file(path: Path) -> tuple[list[ApiKey], list[str]]:
     return keys, problems
 
 
-def _yaml_mapping(text: str) -> dict[str, Any] | None:
-    """The file as a YAML mapping, or None when it is the one-key-per-line form."""
+def keys_yaml(text: str) -> dict[str, Any] | None:
+    """A keys file as a YAML mapping, or None when it is the one-key-per-line form."""
     stripped = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not stripped or not stripped[0].startswith("keys:"):
         return None
