@@ -43,7 +43,7 @@ from kiban.gateway.metrics import Metrics
 from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.routing import Route, Router
-from kiban.gateway.upstreams import Circuit
+from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService
 
@@ -155,8 +155,8 @@ class Gateway:
             from kiban.gateway.shared import RedisState
 
             self.shared = self.limits = RedisState(gw.shared_state, self.metrics)
-            self._share_circuits()
             await self.shared.start([u.name for u in upstreams], self._remote_circuit)
+        self._watch_circuits()
         self.health = HealthChecker(
             upstreams,
             self.session,
@@ -171,13 +171,26 @@ class Gateway:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
 
-    def _share_circuits(self) -> None:
+    def _watch_circuits(self) -> None:
+        """A breaker that opens or closes shows in the metrics at once (and in other replicas)."""
         for upstream in self.router.upstreams.values():
             if upstream.breaker.on_change is None:
-                name, cooldown = upstream.name, upstream.breaker.cooldown_s
-                upstream.breaker.on_change = lambda state, n=name, c=cooldown: (
-                    self.shared.circuit_changed(n, state, c)
+                upstream.breaker.on_change = lambda state, u=upstream: self._circuit_changed(
+                    u, state
                 )
+
+    def _circuit_changed(self, upstream: Upstream, state: Circuit) -> None:
+        self.metrics.engine_health(upstream)
+        if state is Circuit.OPEN:
+            log.warning(
+                "engine %s: circuit open (ejected for %g s)",
+                upstream.name,
+                upstream.breaker.cooldown_s,
+            )
+        else:
+            log.info("engine %s: circuit closed (admitted again)", upstream.name)
+        if self.shared is not None:
+            self.shared.circuit_changed(upstream.name, state, upstream.breaker.cooldown_s)
 
     def _remote_circuit(self, engine: str, state: Circuit, remaining_s: float) -> None:
         upstream = self.router.upstreams.get(engine)
@@ -262,8 +275,8 @@ class Gateway:
             await asyncio.gather(*(self.health.check(u) for u in fresh))
         self.live = live
         self.metrics.prepare(live.router.routes)
+        self._watch_circuits()
         if self.shared is not None:
-            self._share_circuits()
             await self.shared.sync_circuits([u.name for u in fresh])
         if self.health is not None:
             self.health.upstreams = list(live.router.upstreams.values())
