@@ -92,7 +92,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model, stream = body.get("model", ""), bool(body.get("stream"))
     counts = request.app["counts"]
     counts[model] = counts.get(model, 0) + 1
-    model = request.app["mode"] or model
+    app = request.app
+    app["in_flight"] += 1
+    app["max_in_flight"] = max(app["max_in_flight"], app["in_flight"])
+    try:
+        return await _behave(request, app["mode"] or model, body, raw, stream)
+    finally:
+        app["in_flight"] -= 1
+
+
+async def _behave(
+    request: web.Request, model: str, body: dict, raw: bytes, stream: bool
+) -> web.StreamResponse:
     slow_interval: float = request.app["slow_interval"]
     if model.startswith("sleep-"):
         await asyncio.sleep(float(model.removeprefix("sleep-")))
@@ -143,7 +154,13 @@ async def fault(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     counts = request.app["counts"]
-    return web.json_response({"requests": counts, "total": sum(counts.values())})
+    return web.json_response(
+        {
+            "requests": counts,
+            "total": sum(counts.values()),
+            "max_in_flight": request.app["max_in_flight"],
+        }
+    )
 
 
 def make_app(slow_interval: float = 1.0) -> web.Application:
@@ -151,6 +168,7 @@ def make_app(slow_interval: float = 1.0) -> web.Application:
     app["slow_interval"] = slow_interval
     app["mode"] = None
     app["counts"] = {}
+    app["in_flight"] = app["max_in_flight"] = 0
     app.router.add_post("/fault", fault)
     app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", chat)
