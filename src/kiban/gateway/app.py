@@ -248,7 +248,11 @@ class Gateway:
     async def _reload_loop(self) -> None:
         while True:
             self._reload_again = False
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:
+                log.exception("reload failed; the previous configuration keeps serving")
+                self._report_reload(self.live, False, [f"internal error: {exc!r}"], [])
             if not self._reload_again:
                 return
 
@@ -269,8 +273,8 @@ class Gateway:
             self.metrics.reloads.labels("rejected").inc()
             self._report_reload(old, False, err.problems, [])
             return err.problems
-        known = set(old.router.upstreams.values())
-        fresh = [u for u in live.router.upstreams.values() if u not in known]
+        known = {id(u) for u in old.router.upstreams.values()}
+        fresh = [u for u in live.router.upstreams.values() if id(u) not in known]
         if self.health is not None:
             await asyncio.gather(*(self.health.check(u) for u in fresh))
         self.live = live
