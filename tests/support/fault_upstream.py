@@ -138,6 +138,15 @@ async def _behave(
     return web.json_response(_completion(model, echo))
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    body = await request.json()
+    data = [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}]
+    usage = {"prompt_tokens": 2, "total_tokens": 2}
+    return web.json_response(
+        {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
+    )
+
+
 async def health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -173,6 +182,7 @@ def make_app(slow_interval: float = 1.0) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     return app

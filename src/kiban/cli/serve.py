@@ -55,8 +55,8 @@ def reload(
     from kiban.gateway.auth import load_keys
 
     cfg = load_or_exit(config)
-    try:
-        load_keys(cfg.gateway.api_keys)
+    try:  # the keys file; environment variables are the serving process's own
+        load_keys(cfg.gateway.api_keys.model_copy(update={"env": []}))
     except ConfigError as err:
         raise fail(str(err)) from None
     run_dir = RunDir(config)

@@ -440,7 +440,12 @@ class Gateway:
         if endpoint != "embeddings" and (
             route.name in live.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
         ):
-            structured = live.structured.prepare(payload, route)
+            try:
+                structured = live.structured.prepare(payload, route)
+            except RecursionError:
+                raise APIError(
+                    400, "the structured-output constraint is nested too deeply", code="too_deep"
+                ) from None
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,

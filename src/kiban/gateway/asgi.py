@@ -49,8 +49,7 @@ def _too_large(limit: int) -> APIError:
         413,
         f"request body is larger than the limit of {limit} bytes (gateway.max_body_bytes)",
         code="body_too_large",
-        headers=[(b"connection", b"close")],  # do not read the rest of it
-    )
+    )  # the rest of the body is read and dropped (within gateway.http.body_timeout_s)
 
 
 async def start_response(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:

@@ -50,7 +50,8 @@ def _inference(summary: str, request: str, response: str, streams: bool) -> dict
     if streams:
         content["text/event-stream"] = {
             "schema": {
-                "type": "string",
+                "type": "object",
+                "properties": {"data": {"type": "string"}},
                 "description": "Server-sent events relayed from the engine; ends with "
                 "`data: [DONE]`, or with an error event when the engine failed mid-stream",
             }
@@ -90,6 +91,25 @@ def _request(extra: dict[str, Any]) -> dict[str, Any]:
 
 _STREAM = {"stream": {"type": ["boolean", "null"]}}
 _ANY = {"description": "Passed to the engine as sent"}
+_RESPONSE_FORMAT = {
+    "type": ["object", "null"],
+    "required": ["type"],
+    "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+    "if": {"properties": {"type": {"const": "json_schema"}}},
+    "then": {
+        "required": ["json_schema"],
+        "properties": {
+            "json_schema": {
+                "type": "object",
+                "required": ["schema"],
+                "properties": {"schema": {"type": ["object", "boolean"]}},
+            }
+        },
+    },
+    "description": "Enforced by the engines and verified by kiban (docs/structured-output.md); "
+    "a route whose engines cannot enforce a constraint answers 400 "
+    "structured_output_unsupported",
+}
 
 
 def openapi_document(models: list[str] | None = None) -> dict[str, Any]:
@@ -210,7 +230,7 @@ def _schemas() -> dict[str, Any]:
             {
                 **_STREAM,
                 "messages": _ANY,
-                "response_format": _ANY,
+                "response_format": _RESPONSE_FORMAT,
                 "max_tokens": _ANY,
                 "max_completion_tokens": _ANY,
             }
