@@ -418,8 +418,7 @@ class Proxy:
                 last_at = time.perf_counter()
                 if watch is not None:
                     watch.last = last_at
-                # an event boundary split between two reads ("...\n" + "\ndata: ...")
-                chunks += chunk.count(b"\n\n") + (chunk[0] == 10 and tail[-1:] == b"\n")
+                chunks += sse_events(chunk, tail)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 if held is not None:
                     chunk = held.feed(chunk)
@@ -454,7 +453,7 @@ class Proxy:
         ex.chunks = chunks
         if chunks > first_events:
             ex.itl_s = (last_at - first_at) / (chunks - first_events)
-        ex.usage = _stream_usage(tail)
+        ex.usage = stream_usage(tail)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
                 ex,
@@ -630,6 +629,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def sse_events(chunk: bytes, before: bytes) -> int:
+    """Events that end in *chunk*, given the bytes *before* it (a ``\n\n`` may straddle)."""
+    return chunk.count(b"\n\n") + (chunk[:1] == b"\n" and before[-1:] == b"\n")
+
+
 def _usage_of(body: bytes) -> dict[str, Any] | None:
     if b'"usage"' not in body:
         return None
@@ -640,7 +644,7 @@ def _usage_of(body: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _stream_usage(tail: bytes) -> dict[str, Any] | None:
+def stream_usage(tail: bytes) -> dict[str, Any] | None:
     """Usage from the last SSE event that carries one (``stream_options.include_usage``)."""
     if b'"usage"' not in tail:
         return None
