@@ -49,8 +49,10 @@ json_values = st.recursive(
     | st.integers(-(2**40), 2**40)
     | st.floats(allow_nan=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=12), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
