@@ -35,7 +35,7 @@ Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 
 _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(Exception):
@@ -55,7 +55,52 @@ class ApiKeys(_Strict):
     """Where client API keys come from; never inline secrets."""
 
     env: list[str] = Field(default_factory=list, description="environment variables holding keys")
-    file: Path | None = Field(default=None, description="file with one key per line")
+    file: Path | None = Field(
+        default=None,
+        description="keys file written by `kiban keys` (YAML, SHA-256 digests only), or one "
+        "`sha256:<hex>` per line",
+    )
+
+
+class RateLimits(_Strict):
+    """Per-key budgets, refilled continuously (token buckets over one minute)."""
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
+
+class ClientLimits(_Strict):
+    """What the gateway's HTTP server allows a client connection (slow or flooding clients).
+
+    ``header_timeout_s``: from the connection (or the first byte of a request)
+    to the end of its headers; ``body_timeout_s``: from the end of the headers
+    to the end of the body. A connection past either is closed.
+    """
+
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    max_headers: Annotated[int, Field(ge=8, le=10_000)] = 100
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+
+
+class SharedState(_Strict):
+    """Where gateway replicas share rate-limit counters and circuit-breaker state."""
+
+    url: str = Field(description="redis://[user:password@]host:port/db, rediss://… or unix://…")
+    prefix: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")] = "kiban"
+    timeout_s: Annotated[float, Field(gt=0)] = 0.5
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://\S+$", value):
+            raise ValueError("expected a Redis URL such as redis://127.0.0.1:6379/0")
+        return value
 
 
 class GatewayConfig(_Strict):
@@ -63,10 +108,23 @@ class GatewayConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     api_keys: ApiKeys = Field(default_factory=ApiKeys)
+    limits: RateLimits = Field(
+        default_factory=RateLimits, description="per-key limits for keys without their own"
+    )
+    shared_state: SharedState | None = Field(
+        default=None, description="Redis shared by replicas (a URL, or url/prefix/timeout_s)"
+    )
+    http: ClientLimits = Field(default_factory=ClientLimits)
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
+
+    @field_validator("shared_state", mode="before")
+    @classmethod
+    def _url_shorthand(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
 
 
 class CircuitConfig(_Strict):
@@ -109,6 +167,11 @@ class LaunchConfig(_Strict):
     )
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    image: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="container image for kiban compose and kiban render k8s (default: the "
+        "engine's official image at the version kiban pins)",
+    )
     ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     stop_grace_s: Annotated[float, Field(gt=0)] = 20.0
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
@@ -182,6 +245,10 @@ class EngineConfig(_Strict):
     models: Annotated[list[str], Field(min_length=1)]
     weight: Annotated[float, Field(gt=0)] = 1.0
     max_concurrency: Annotated[int, Field(ge=1)] = 256
+    max_queue: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="requests that may wait for a free slot (0: answer 429 at once)"
+    )
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     images: bool | None = Field(default=None, description="accepts image inputs (VLM)")
     api_key: str | None = Field(default=None, description="key sent to the engine")
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
@@ -233,9 +300,12 @@ class EngineConfig(_Strict):
 
 
 class Timeouts(_Strict):
+    """Per attempt: connect, first byte, whole exchange; ``idle_s`` between stream chunks."""
+
     connect_s: Annotated[float, Field(gt=0)] = 3.0
     first_byte_s: Annotated[float, Field(gt=0)] = 120.0
     total_s: Annotated[float, Field(gt=0)] = 900.0
+    idle_s: Annotated[float, Field(gt=0)] | None = 120.0
 
 
 class Retries(_Strict):
@@ -338,7 +408,7 @@ def substitute_env(tree: Any, env: Mapping[str, str], path: str = "") -> tuple[A
         if isinstance(node, list):
             return [visit(v, f"{where}[{i}]") for i, v in enumerate(node)]
         if isinstance(node, str) and "${" in node:
-            return _VAR.sub(lambda m: _lookup(m, env, where, problems), node)
+            return ENV_REFERENCE.sub(lambda m: _lookup(m, env, where, problems), node)
         return node
 
     return visit(tree, path), problems
@@ -508,8 +578,14 @@ def parse_config(
     return cfg
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> KibanConfig:
-    """Read, substitute and validate a kiban.yaml file."""
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> KibanConfig:
+    """Read, substitute and validate a kiban.yaml file.
+
+    Relative paths in it are relative to *base_dir*, by default the file's folder
+    (a copy of a configuration elsewhere passes the original's folder).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -522,7 +598,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Kiban
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError([f"{where}invalid YAML: {problem}"], str(path)) from None
-    return parse_config(raw, env, str(path), base_dir=path.resolve().parent)
+    return parse_config(raw, env, str(path), base_dir=base_dir or path.resolve().parent)
 
 
 def resolve_target_model(cfg: KibanConfig, route: RouteConfig, target: RouteTarget) -> str:

@@ -465,3 +465,36 @@ def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -
         time.sleep(0.2)
     assert "a" in seen
     assert _raw(gateway, "/ready", None).json()["routes_without_healthy_engine"] == ["nowhere"]
+
+
+def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engines) -> None:
+    """A plain (non-streamed) request whose engine dies mid-generation: nothing reached the
+    client yet, so kiban retries it on b and the client gets a whole answer. Runs last: a
+    stays down."""
+    a = engines["a"]
+    if not a.running():
+        a.restart()
+    answer: list = []
+    request = threading.Thread(
+        target=lambda: answer.append(
+            client.chat.completions.with_raw_response.create(
+                model="tiny-a-first",
+                messages=MESSAGES,
+                max_tokens=1500,
+                extra_body={"min_tokens": 1500},
+                extra_headers={"X-Request-Id": "killed-mid-request"},
+            )
+        )
+    )
+    request.start()
+    deadline = time.monotonic() + 30
+    while _running(a) == 0:  # generating on a (1500 tokens take seconds here)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.kill()
+    request.join(120)
+    raw = answer[0]
+    assert raw.headers["x-kiban-engine"] == "b"
+    assert raw.parse().usage.completion_tokens == 1500
+    line = next(ln for ln in gateway.log_tail(10**7).splitlines() if "killed-mid-request" in ln)
+    assert json.loads(line)["attempts"] == 2

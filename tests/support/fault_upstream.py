@@ -11,7 +11,13 @@ The request's ``model`` picks the behaviour, so one server plays many engines:
 * ``truncated``   200 with a JSON body cut in the middle;
 * ``no-done``     streams two chunks and ends the response without ``[DONE]``;
 * ``drop``        streams two chunks and closes the connection mid-response;
-* ``slow``        streams one token per ``--slow-interval`` seconds.
+* ``slow``        streams one token per ``--slow-interval`` seconds (max_tokens, or 30);
+* ``stall``       streams two chunks, then sends nothing more (the connection stays open);
+* ``sleep-S``     waits S seconds, then answers as ``ok`` does.
+
+``POST /fault {"mode": M}`` makes every request behave as model M until
+``{"mode": null}`` (an engine that starts failing, then recovers);
+``GET /stats`` counts the requests received by model.
 
 ``python -m tests.support.fault_upstream --port P`` serves until SIGTERM.
 GET /health answers 200; GET /v1/models lists the behaviours.
@@ -26,7 +32,7 @@ import time
 
 from aiohttp import web
 
-BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "drop", "slow")
+BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "drop", "slow", "stall")
 
 
 def _completion(model: str, content: str) -> dict:
@@ -72,6 +78,8 @@ async def _stream(
         assert request.transport is not None
         request.transport.close()  # under the client, mid-response
         return resp
+    if end == "stall":
+        await asyncio.sleep(3600)
     if end == "done":
         await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
@@ -82,7 +90,26 @@ async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = json.loads(raw)
     model, stream = body.get("model", ""), bool(body.get("stream"))
+    counts = request.app["counts"]
+    counts[model] = counts.get(model, 0) + 1
+    app = request.app
+    app["in_flight"] += 1
+    app["max_in_flight"] = max(app["max_in_flight"], app["in_flight"])
+    try:
+        return await _behave(request, app["mode"] or model, body, raw, stream)
+    finally:
+        app["in_flight"] -= 1
+
+
+async def _behave(
+    request: web.Request, model: str, body: dict, raw: bytes, stream: bool
+) -> web.StreamResponse:
     slow_interval: float = request.app["slow_interval"]
+    if model.startswith("sleep-"):
+        await asyncio.sleep(float(model.removeprefix("sleep-")))
+        model = "ok"
+    if model == "stall":
+        return await _stream(request, model, ["a", "b"], 0.0, "stall")
     if model == "hang":
         await asyncio.sleep(3600)
     if model.startswith("status-"):
@@ -101,13 +128,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
             request, model, ["a", "b"], 0.0, "eof" if model == "no-done" else "drop"
         )
     if model == "slow":
-        return await _stream(request, model, [f"t{i} " for i in range(30)], slow_interval)
+        count = body.get("max_tokens") or 30
+        return await _stream(request, model, [f"t{i} " for i in range(count)], slow_interval)
     echo = json.dumps({"headers": dict(request.headers), "body": body, "raw": raw.decode()})
     if stream:
         return await _stream(
             request, model, [echo[i : i + 64] for i in range(0, len(echo), 64)], 0.0
         )
     return web.json_response(_completion(model, echo))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body = await request.json()
+    data = [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}]
+    usage = {"prompt_tokens": 2, "total_tokens": 2}
+    return web.json_response(
+        {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
+    )
 
 
 async def health(_request: web.Request) -> web.Response:
@@ -119,11 +156,33 @@ async def models(_request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def fault(request: web.Request) -> web.Response:
+    request.app["mode"] = (await request.json()).get("mode")
+    return web.json_response({"mode": request.app["mode"]})
+
+
+async def stats(request: web.Request) -> web.Response:
+    counts = request.app["counts"]
+    return web.json_response(
+        {
+            "requests": counts,
+            "total": sum(counts.values()),
+            "max_in_flight": request.app["max_in_flight"],
+        }
+    )
+
+
 def make_app(slow_interval: float = 1.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app["slow_interval"] = slow_interval
+    app["mode"] = None
+    app["counts"] = {}
+    app["in_flight"] = app["max_in_flight"] = 0
+    app.router.add_post("/fault", fault)
+    app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     return app

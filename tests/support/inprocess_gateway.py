@@ -23,7 +23,7 @@ def running_gateway(raw_config: dict[str, Any], timeout: float = 30.0) -> Iterat
     """
     port = free_port()
     raw = {**raw_config, "gateway": {**raw_config.get("gateway", {}), "port": port}}
-    gateway = Gateway(parse_config(raw, env={}), key_digests=[])
+    gateway = Gateway(parse_config(raw, env={}), keys=[])
     server = uvicorn.Server(
         uvicorn.Config(
             gateway,

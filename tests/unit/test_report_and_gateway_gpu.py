@@ -81,7 +81,7 @@ def test_unreachable_prometheus_is_a_clear_error() -> None:
 
 
 def test_gateway_exports_gpu_metrics_when_nvml_answers() -> None:
-    app = Gateway(parse_config(CONFIG), key_digests=[])
+    app = Gateway(parse_config(CONFIG), keys=[])
     assert add_gpu_collector(app, watch_xid=False, nvml=fake_nvml([FakeGpu()]))
     text = app.metrics.render().decode()
     assert 'kiban_gpu_memory_used_bytes{gpu="0"}' in text
@@ -93,7 +93,7 @@ from kiban.config import parse_config
 from kiban.gateway.app import Gateway
 from kiban.gateway.server import add_gpu_collector
 from tests.support.fake_nvml import FakeGpu, fake_nvml
-app = Gateway(parse_config(%r), key_digests=[])
+app = Gateway(parse_config(%r), keys=[])
 assert add_gpu_collector(app, watch_xid=False, nvml=fake_nvml([FakeGpu()]))
 print(app.metrics.render().decode())
 """
@@ -115,6 +115,6 @@ def test_workers_export_gpu_metrics_beside_the_multiprocess_ones(tmp_path) -> No
 
 
 def test_gateway_without_nvml_adds_nothing() -> None:
-    app = Gateway(parse_config(CONFIG), key_digests=[])
+    app = Gateway(parse_config(CONFIG), keys=[])
     assert not add_gpu_collector(app, watch_xid=False)  # no driver on this machine
     assert "kiban_gpu_" not in app.metrics.render().decode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kiban.config import ApiKeys, ConfigError, parse_config
-from kiban.gateway.auth import KeyChecker, load_key_digests
+from kiban.gateway.auth import KeyChecker, load_keys
 from kiban.gateway.routing import RetryBudget, Router
 from kiban.gateway.upstreams import Circuit, CircuitBreaker
 
@@ -108,20 +108,20 @@ def test_api_keys_from_env_and_file(tmp_path: Path) -> None:
     keyfile = tmp_path / "keys"
     digest = hashlib.sha256(b"filed-key").hexdigest()
     keyfile.write_text(f"# comment\nplain-key\nsha256:{digest}\n")
-    digests = load_key_digests(ApiKeys(env=["K1"], file=keyfile), {"K1": "env-key"})
-    checker = KeyChecker(digests)
+    keys = load_keys(ApiKeys(env=["K1"], file=keyfile), {"K1": "env-key"})
+    checker = KeyChecker(keys)
     for key in (b"env-key", b"plain-key", b"filed-key"):
-        assert checker.check(b"Bearer " + key)
-    assert checker.check(b"bearer env-key")
+        assert checker.grant_for(b"Bearer " + key) is not None
+    assert checker.grant_for(b"bearer env-key") is not None
     for bad in (None, b"", b"env-key", b"Bearer wrong", b"Basic env-key", b"Bearer "):
-        assert not checker.check(bad)
+        assert checker.grant_for(bad) is None
 
 
 def test_api_key_errors_name_the_source(tmp_path: Path) -> None:
     bad = tmp_path / "keys"
     bad.write_text("sha256:abc\n")
     with pytest.raises(ConfigError) as info:
-        load_key_digests(ApiKeys(env=["MISSING"], file=bad), {})
+        load_keys(ApiKeys(env=["MISSING"], file=bad), {})
     assert info.value.problems == [
         "gateway.api_keys.env[0]: environment variable MISSING is not set",
         "gateway.api_keys.file: line 1 is not a valid sha256 digest",

@@ -7,8 +7,10 @@ A new command group is a new module here that imports ``app`` from
 from kiban.cli import (  # noqa: F401  (importing a module registers its commands)
     bench,
     config_cmd,
+    containers,
     doctor,
     engines,
+    keys,
     models,
     observability,
     plan,

@@ -53,8 +53,17 @@ def up(
     detach: Annotated[
         bool, typer.Option("--detach", "-d", help="Return once up; a daemon supervises.")
     ] = False,
+    docker: Annotated[
+        bool,
+        typer.Option("--docker", help="Run everything in containers (kiban compose) with Docker."),
+    ] = False,
 ) -> None:
     """Start every managed engine, then the gateway; restart what crashes until `kiban down`."""
+    if docker:
+        from kiban.cli.containers import docker_up
+
+        docker_up(config)
+        return
     cfg = load_or_exit(config)
     supervisor = Supervisor(cfg, config, say=lambda msg: console.print(msg, highlight=False))
     try:
@@ -123,8 +132,18 @@ def supervise(config: ConfigOption = Path("kiban.yaml")) -> None:
 
 
 @app.command()
-def down(config: ConfigOption = Path("kiban.yaml")) -> None:
+def down(
+    config: ConfigOption = Path("kiban.yaml"),
+    docker: Annotated[
+        bool, typer.Option("--docker", help="Stop what `kiban up --docker` started.")
+    ] = False,
+) -> None:
     """Stop the gateway and every managed engine of this configuration."""
+    if docker:
+        from kiban.cli.containers import docker_down
+
+        docker_down(config)
+        return
     run_dir = RunDir(config)
     state = run_dir.read()
     if state is None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kiban.cli.app import ConfigOption, app, fail, load_or_exit
+from kiban.cli.app import ConfigOption, app, fail, load_or_exit, out
 from kiban.config import ConfigError
 
 
@@ -19,8 +19,8 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Worker processes on one port.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
-    """Run the OpenAI-compatible gateway in front of the configured engines."""
-    from kiban.gateway.auth import load_key_digests
+    """Run the OpenAI-compatible gateway in front of the configured engines (SIGHUP reloads)."""
+    from kiban.gateway.auth import load_keys
     from kiban.gateway.server import serve as run_server
 
     cfg = load_or_exit(config)
@@ -28,7 +28,71 @@ def serve(
     if overrides:
         cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
     try:
-        load_key_digests(cfg.gateway.api_keys)
+        load_keys(cfg.gateway.api_keys)
     except ConfigError as err:
         raise fail(str(err)) from None
     run_server(config, cfg, overrides, log_level)
+
+
+@app.command()
+def reload(
+    config: ConfigOption = Path("kiban.yaml"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker.")] = 30.0,
+) -> None:
+    """Apply an edited configuration to the running gateway without dropping requests.
+
+    The configuration is checked first (an invalid one is refused here and the
+    gateway keeps serving); then the gateway gets SIGHUP and every worker
+    reports whether it applied it.
+    """
+    import json
+    import os
+    import signal
+    import time
+
+    from kiban.deploy.process import ProcessId
+    from kiban.deploy.state import RunDir
+    from kiban.gateway.auth import load_keys
+
+    cfg = load_or_exit(config)
+    try:  # the keys file; environment variables are the serving process's own
+        load_keys(cfg.gateway.api_keys.model_copy(update={"env": []}))
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    run_dir = RunDir(config)
+    serving = run_dir.root / "gateway.json"
+    try:
+        info = json.loads(serving.read_text())
+    except (OSError, ValueError):
+        raise fail(f"no gateway serving {config} ({serving} is missing)") from None
+    ident = ProcessId(info["pid"], info["start_ticks"]) if info.get("start_ticks") else None
+    if ident is None or not ident.alive():
+        raise fail(f"the gateway recorded in {serving} (PID {info['pid']}) is not running")
+    asked = time.time()
+    os.kill(info["pid"], signal.SIGHUP)
+    pending = set(info["workers"])
+    deadline = time.monotonic() + timeout
+    failed = False
+    while pending and time.monotonic() < deadline:
+        for pid in sorted(pending | {info["pid"]}):
+            try:
+                outcome = json.loads((run_dir.root / "reload" / f"{pid}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if outcome.get("at", 0) < asked:
+                continue
+            pending.discard(pid)
+            if outcome["ok"]:
+                notes = "".join(f"\n    note: {n}" for n in outcome.get("notes", []))
+                out.print(f"PID {pid}: applied (generation {outcome['generation']}){notes}")
+            else:
+                failed = True
+                out.print(f"PID {pid}: rejected", highlight=False)
+                for problem in outcome["problems"]:
+                    out.print(f"  - {problem}", highlight=False, markup=False)
+                pending.clear()  # the parent refused it: no worker will reload
+        time.sleep(0.1)
+    if pending:
+        raise fail(f"no reload report from PID(s) {sorted(pending)} within {timeout:g} s")
+    if failed:
+        raise typer.Exit(1)

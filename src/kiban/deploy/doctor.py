@@ -6,6 +6,7 @@ finding's ``fix`` says what to do when it is not ``ok``.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -13,31 +14,23 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from kiban import __version__
 from kiban.config import KibanConfig
 from kiban.deploy import gpus as nvml
 from kiban.deploy.envs import ENGINE_ENVS, env_root, marker_state
+from kiban.deploy.findings import Finding, Status  # noqa: F401  (Status: part of the API)
+from kiban.deploy.wsl import read_facts
+from kiban.deploy.wsl import wsl_findings as wsl_setup_findings
 from kiban.engines import ENGINE_KINDS
-
-Status = Literal["ok", "warn", "fail", "info"]
 
 WSL_LIMITS = (
     "WSL2: NVML lists no per-process GPU memory, so kiban checks an engine's device from its "
     "own start-up log; pinned memory is limited (vLLM warns and runs slower); GPU memory is "
     "shared with Windows, so leave headroom for the desktop"
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    area: str
-    status: Status
-    detail: str
-    fix: str = ""
 
 
 Check = Callable[[], list[Finding]]
@@ -58,9 +51,15 @@ def python_findings() -> list[Finding]:
 
 
 def wsl_findings() -> list[Finding]:
+    """Under WSL2: its limits, the GPU path from Windows, which Docker serves it, its memory."""
     if not nvml.is_wsl():
         return []
-    return [Finding("wsl", "warn", "running under WSL2", WSL_LIMITS)]
+    info = docker_info()
+    docker = None if info == _NO_DOCKER else info
+    return [
+        Finding("wsl", "warn", "running under WSL2", WSL_LIMITS),
+        *wsl_setup_findings(read_facts(), docker),
+    ]
 
 
 def gpu_findings() -> list[Finding]:
@@ -118,8 +117,32 @@ def gpu_findings() -> list[Finding]:
     return findings
 
 
-def docker_findings() -> list[Finding]:
+_NO_DOCKER = "no docker command"
+
+
+@functools.cache
+def docker_info() -> dict[str, Any] | str:
+    """``docker info`` as a mapping, or why it did not answer (``_NO_DOCKER``: no CLI)."""
     if shutil.which("docker") is None:
+        return _NO_DOCKER
+    try:
+        result = subprocess.run(
+            ["docker", "info", "--format", "{{json .}}"], capture_output=True, text=True, timeout=15
+        )
+    except subprocess.TimeoutExpired:
+        return "docker info did not answer in 15 s"
+    if result.returncode != 0:
+        return (result.stderr.strip().splitlines() or ["no output"])[-1]
+    info = json.loads(result.stdout)
+    # the CLI prints the daemon's error inside the JSON when the daemon does not answer
+    if not info.get("ServerVersion") and info.get("ServerErrors"):
+        return "; ".join(info["ServerErrors"])
+    return info
+
+
+def docker_findings() -> list[Finding]:
+    info = docker_info()
+    if info == _NO_DOCKER:
         return [
             Finding(
                 "docker",
@@ -129,21 +152,8 @@ def docker_findings() -> list[Finding]:
                 "environments without it",
             )
         ]
-    try:
-        result = subprocess.run(
-            ["docker", "info", "--format", "{{json .}}"], capture_output=True, text=True, timeout=15
-        )
-    except subprocess.TimeoutExpired:
-        return [
-            Finding(
-                "docker",
-                "warn",
-                "docker info did not answer in 15 s",
-                "is the Docker daemon (or Docker Desktop) running?",
-            )
-        ]
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    if isinstance(info, str):
+        reason = info
         return [
             Finding(
                 "docker",
@@ -153,7 +163,6 @@ def docker_findings() -> list[Finding]:
                 "(with WSL integration enabled for this distribution)",
             )
         ]
-    info = json.loads(result.stdout)
     runtimes = sorted((info.get("Runtimes") or {}).keys())
     findings = [
         Finding(

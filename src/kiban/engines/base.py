@@ -68,6 +68,40 @@ class LaunchTarget:
 
 
 @dataclass(frozen=True)
+class ContainerImage:
+    """An engine's official image, pinned, and what kiban's command needs to run in it.
+
+    ``programs`` maps a program name of `EngineKind.launch_argv` (``python``,
+    ``llama-server``, ...) to what runs it inside the image; kiban sets the
+    container's entrypoint to its own command line, so the image's own
+    ENTRYPOINT does not matter. ``health_tool`` is an HTTP client present in
+    the image (for Compose healthchecks). ``ipc_host``: the engine's docs run
+    it with ``--ipc=host`` (PyTorch shares tensors between processes through
+    /dev/shm); ``shm_size`` is the shared memory to give it where the host's
+    IPC namespace cannot be shared (Kubernetes). ``source`` names the files
+    these facts were read from.
+    """
+
+    image: str
+    programs: dict[str, str] = field(default_factory=dict)
+    health_tool: tuple[str, ...] = ("curl", "-fsS", "-o", "/dev/null")
+    ipc_host: bool = False
+    shm_size: str | None = None
+    ulimits: dict[str, int | dict[str, int]] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerTarget(LaunchTarget):
+    """A launch inside a container: programs come from the image, not an environment."""
+
+    programs: dict[str, str] = field(default_factory=dict)
+
+    def program(self, name: str) -> str:
+        return self.programs.get(name, name)
+
+
+@dataclass(frozen=True)
 class StartupReport:
     """What an engine's start-up log says about itself (None where it says nothing).
 
@@ -230,6 +264,18 @@ class EngineKind:
     def launch_env(self, engine: EngineConfig) -> dict[str, str]:
         """Environment variables the engine needs besides the device selection."""
         return {}
+
+    # -- containers --
+
+    def container_image(self, device: str) -> ContainerImage:
+        """The engine's official image for *device* (``gpu`` or ``cpu``), pinned.
+
+        Raises :class:`LaunchUnsupported` naming what to do when there is none.
+        """
+        raise LaunchUnsupported(
+            f"kiban knows no official container image for {self.name!r} engines; give one "
+            "with launch.image (an image whose command line is launch.command)"
+        )
 
     # -- metrics --
 

@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kiban.engines.base import (
+    ContainerImage,
     EngineKind,
     EngineMetricNames,
     LaunchTarget,
@@ -56,6 +57,12 @@ _UNPARSED_OUTPUT = "The model produced output that does not match the expected"
 
 MIB = 1024 * 1024
 
+#: the llama.cpp kiban runs: the commit llama-cpp-python 0.3.36 vendors (its engine
+#: environments build it), which is llama.cpp's release b11312
+#: (0c1e57098bba43ac29e6e3b677cdceebdd22334f), so its images are tagged *-b11312
+LLAMA_CPP_COMMIT = "0c1e570"
+LLAMA_CPP_BUILD = 11312
+
 # Log lines look like "0.00.114.557 I llama_kv_cache: ..." (timestamp, level letter,
 # message); with --no-log-prefix only the message is left.
 _PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?(?:(?P<level>[IWED]) )?(?P<msg>.*)$")
@@ -96,6 +103,20 @@ class LlamaCpp(EngineKind):
             "--alias",
             engine.models[0],
         ]
+
+    # -- containers --
+    # ggml-org/llama.cpp publishes ghcr.io/ggml-org/llama.cpp:server-cuda-b<build> (CUDA 12
+    # runtime) and :server-b<build> (CPU) from .devops/cuda.Dockerfile and cpu.Dockerfile:
+    # the `server` stage has /app/llama-server as ENTRYPOINT, installs curl and checks
+    # /health with it; no shared-memory needs (one process).
+
+    def container_image(self, device: str) -> ContainerImage:
+        variant = "server" if device == "cpu" else "server-cuda"
+        return ContainerImage(
+            image=f"ghcr.io/ggml-org/llama.cpp:{variant}-b{LLAMA_CPP_BUILD}",
+            programs={"llama-server": "/app/llama-server"},
+            source="llama.cpp .devops/cuda.Dockerfile, .devops/cpu.Dockerfile (server stage)",
+        )
 
     # -- metrics --
     # /metrics answers only with --metrics. Current llama-server exports no KV-cache

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kiban.engines.base import (
+    ContainerImage,
     EngineKind,
     EngineMetricNames,
     LaunchTarget,
@@ -61,6 +62,22 @@ class LMDeploy(EngineKind):
             "--model-name",
             engine.models[0],
         ]
+
+    # -- containers --
+    # .github/workflows/docker.yml pushes openmmlab/lmdeploy:<tag>-cu12.8 and -cu13.0 for
+    # each release tag; docker/Dockerfile + docker/install.sh put lmdeploy in /opt/py3/bin
+    # (on PATH) and install curl; docs/en/llm/api_server.md runs it with --ipc=host.
+    # GPU only: the image is built for CUDA, and lmdeploy has no CPU backend.
+
+    def container_image(self, device: str) -> ContainerImage:
+        self.environment(device)  # refuses device: cpu with the reason
+        return ContainerImage(
+            image=f"openmmlab/lmdeploy:v{PINNED_VERSION}-cu12.8",
+            programs={"lmdeploy": "lmdeploy"},
+            ipc_host=True,
+            shm_size="32Gi",
+            source="lmdeploy docker/Dockerfile, docker/install.sh, .github/workflows/docker.yml",
+        )
 
     # -- metrics --
     # ``lmdeploy serve api_server --enable-metrics`` serves /metrics on the API port.

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kiban.engines.base import (
+    ContainerImage,
     EngineKind,
     EngineMetricNames,
     LaunchTarget,
@@ -65,6 +66,22 @@ class SGLang(EngineKind):
             "--port",
             str(target.port),
         ]
+
+    # -- containers --
+    # lmsysorg/sglang:vX.Y.Z (docker/Dockerfile); docker/compose.yaml runs
+    # `python3 -m sglang.launch_server` with ipc: host, memlock and stack ulimits, and a
+    # curl healthcheck on /health; the docs' docker run gives --shm-size 32g.
+
+    def container_image(self, device: str) -> ContainerImage:
+        self.environment(device)  # refuses device: cpu with the reason
+        return ContainerImage(
+            image=f"lmsysorg/sglang:v{PINNED_VERSION}",
+            programs={"python": "python3"},
+            ipc_host=True,
+            shm_size="32Gi",
+            ulimits={"memlock": -1, "stack": 67108864},
+            source="sglang docker/Dockerfile, docker/compose.yaml",
+        )
 
     # -- metrics --
     # ``--enable-metrics`` serves /metrics on the API port; token_usage is the KV pool in use.

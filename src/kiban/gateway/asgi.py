@@ -46,8 +46,10 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def _too_large(limit: int) -> APIError:
     return APIError(
-        413, f"request body is larger than the limit of {limit} bytes", code="body_too_large"
-    )
+        413,
+        f"request body is larger than the limit of {limit} bytes (gateway.max_body_bytes)",
+        code="body_too_large",
+    )  # the rest of the body is read and dropped (within gateway.http.body_timeout_s)
 
 
 async def start_response(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:

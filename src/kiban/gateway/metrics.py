@@ -190,6 +190,18 @@ class Metrics:
             ["route", "limit"],
             registry=r,
         )
+        self.shared_state_errors = Counter(
+            "kiban_shared_state_errors",
+            "Operations on the shared state (Redis) that failed; the request went on without it",
+            ["operation"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "kiban_config_reloads",
+            "Configuration reloads by outcome (applied, rejected)",
+            ["outcome"],
+            registry=r,
+        )
         self.structured_outcomes = Counter(
             "kiban_structured_outcomes",
             "Structured-output requests by route and verification outcome",
@@ -258,6 +270,10 @@ class Metrics:
     def rate_limited(self, route: str, limit: str) -> None:
         """Count one request refused with 429 by the kiban limit named *limit*."""
         self.rate_limit_rejections.labels(route, limit).inc()
+
+    def shared_state_error(self, operation: str) -> None:
+        """Count one failed shared-state operation (admit, settle, circuit_publish, ...)."""
+        self.shared_state_errors.labels(operation).inc()
 
     def engine_health(self, upstream: Upstream) -> None:
         self.engine_up.labels(upstream.name).set(1 if upstream.healthy else 0)

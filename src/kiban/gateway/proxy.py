@@ -24,6 +24,7 @@ from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
 from kiban.gateway.upstream_http import ConnectTimeout, Deadline, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
+from kiban.gateway.upstreams import Upstream
 from kiban.structured.request import StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
@@ -112,8 +113,10 @@ class Proxy:
             except APIError:
                 self.metrics.structured_outcome(route.name, "unsupported")
                 raise
+        queued: Upstream | None = None  # an engine whose slot this request already holds
         if not candidates:
-            raise self._nothing_available(route, needs_images)
+            target = await self._wait_in_queue(route, needs_images, structured)
+            queued, candidates = target.upstream, [target]
         if structured is None:
             plan = candidates[: retries.attempts]
         else:
@@ -121,39 +124,89 @@ class Proxy:
         route.budget.deposit()
         failures: list[tuple[str, _Failure]] = []
         invalid_outputs = 0
+        attempted = 0
         done_with: set[str] | None = None  # engines not to try again (failed other than output)
-        for i, target in enumerate(plan):
-            if done_with is not None and target.upstream.name in done_with:
-                continue
-            if i:
-                if not route.budget.try_withdraw():
-                    break
-                self.metrics.retries.labels(route.name).inc()
-                if retries.backoff_s:
-                    await asyncio.sleep(retries.backoff_s * (0.5 + random.random()) * i)
-            failure = await self._attempt(ex, route, target, send)
-            if failure is None:
-                return
-            failures.append((target.upstream.name, failure))
-            self.metrics.upstream_failures.labels(
-                route.name, target.upstream.name, failure.reason
-            ).inc()
-            if failure.reason != "invalid_output":
-                done_with = (done_with or set()) | {target.upstream.name}
-            elif structured is not None:
-                invalid_outputs += 1
-                if invalid_outputs > structured.policy.retries:
-                    break
+        try:
+            for target in plan:
+                upstream = target.upstream
+                if done_with is not None and upstream.name in done_with:
+                    continue
+                if attempted:
+                    if not route.budget.try_withdraw():
+                        break
+                    self.metrics.retries.labels(route.name).inc()
+                    if retries.backoff_s:
+                        await asyncio.sleep(retries.backoff_s * (0.5 + random.random()) * attempted)
+                if upstream is queued:
+                    queued = None  # the slot waited for is used now
+                elif not upstream.try_acquire():
+                    continue  # filled up since the plan was made
+                attempted += 1
+                try:
+                    failure = await self._attempt(ex, route, target, send)
+                finally:
+                    upstream.release()
+                if failure is None:
+                    return
+                failures.append((upstream.name, failure))
+                self.metrics.upstream_failures.labels(
+                    route.name, upstream.name, failure.reason
+                ).inc()
+                if failure.reason != "invalid_output":
+                    done_with = (done_with or set()) | {upstream.name}
+                elif structured is not None:
+                    invalid_outputs += 1
+                    if invalid_outputs > structured.policy.retries:
+                        break
+        finally:
+            if queued is not None:
+                queued.release()
+        if not failures:
+            raise self._nothing_available(route, needs_images)
         raise self._all_failed(failures, structured)
+
+    async def _wait_in_queue(
+        self, route: Route, needs_images: bool, structured: StructuredRequest | None
+    ) -> Target:
+        """Wait for a slot on a full engine of *route*; 429 when its queue is full or too slow."""
+        now = time.monotonic()
+        full = [
+            t
+            for t in route.targets
+            if t.upstream.healthy
+            and t.upstream.outstanding >= t.upstream.config.max_concurrency
+            and (not needs_images or t.upstream.accepts_images)
+            and t.upstream.breaker.allows(now)
+        ]
+        if full and structured is not None:
+            full = structured.targets(route, full)
+        if not full:
+            raise self._nothing_available(route, needs_images)
+        queueable = [t for t in full if t.upstream.can_queue()]
+        if not queueable:
+            raise _saturated(route, full)
+        target = min(queueable, key=lambda t: len(t.upstream.waiters))
+        if not await target.upstream.wait_for_slot():
+            upstream = target.upstream
+            raise APIError(
+                429,
+                f"no engine of model {route.name!r} had a free slot within the queue timeout: "
+                f"waited {upstream.config.queue_timeout_s:g} s for engine {upstream.name!r} "
+                f"(its queue_timeout_s; max_concurrency {upstream.config.max_concurrency})",
+                "rate_limit_error",
+                code="queue_timeout",
+                headers=[(b"retry-after", b"1")],
+            )
+        return target
 
     async def _attempt(
         self, ex: Exchange, route: Route, target: Target, send: Send
     ) -> _Failure | None:
+        """One try on *target*, whose slot the caller holds."""
         upstream = target.upstream
         timeouts = route.config.timeouts
         ex.attempts += 1
         ex.engine = upstream.name
-        upstream.outstanding += 1
         upstream.breaker.on_attempt()
         started = time.perf_counter()
         now = self.loop.time()
@@ -162,19 +215,10 @@ class Proxy:
                 ex, target, send, route, now + timeouts.first_byte_s, now + timeouts.total_s
             )
         except Deadline as deadline:
-            first = deadline.what == "first byte"
-            limit, name = (
-                (timeouts.first_byte_s, "first-byte") if first else (timeouts.total_s, "total")
-            )
-            failure = _Failure(
-                "timeout",
-                f"engine {upstream.name!r} did not answer within the {name} timeout ({limit:g} s)",
-            )
+            failure = _Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
             if ex.committed:
-                await self._end_stream_with_error(ex, send, failure.message, "upstream_timeout")
-                failure = None
-        finally:
-            upstream.outstanding -= 1
+                code = "upstream_idle_timeout" if deadline.what == "idle" else "upstream_timeout"
+                await self._end_stream_with_error(ex, send, failure.message, code)
         if failure is None or failure.engine_answered:
             upstream.breaker.on_success()
             upstream.observe_latency(time.perf_counter() - started)
@@ -211,9 +255,7 @@ class Proxy:
                 total_at=total_at,
             )
         except ConnectTimeout as err:
-            return _Failure(
-                "timeout", f"engine {upstream.name!r} did not accept a connection: {err}"
-            )
+            return _Failure("timeout", f"engine {upstream.name!r} did not connect: {err}")
         except UpstreamError as err:
             return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(err)}")
         try:
@@ -229,12 +271,8 @@ class Proxy:
     @staticmethod
     def _upstream_headers(ex: Exchange, target: Target) -> bytes:
         """Header lines for the engine: the client's own (minus hop-by-hop and its key)."""
-        lines = [
-            target.upstream.request_headers,
-            b"x-request-id: ",
-            ex.request_id.encode(),
-            b"\r\n",
-        ]
+        rid = ex.request_id.encode()
+        lines = [target.upstream.request_headers, b"x-request-id: ", rid, b"\r\n"]
         for name, value in ex.client_headers:
             if name not in _NOT_FORWARDED and name != b"x-request-id" and name != b"content-type":
                 lines += (name, b": ", value, b"\r\n")
@@ -297,6 +335,14 @@ class Proxy:
             body = await resp.read()
         except UpstreamError as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+        content_type = resp.content_type or b"application/json"
+        if b"json" in content_type:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as err:
+                return _Failure("broken", f"engine {ex.engine!r} sent invalid JSON: {err}")
+            usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            ex.usage = usage if isinstance(usage, dict) else None
         if ex.structured is not None:
             output = ex.structured.verify_body(body)
             self.metrics.structured_outcome(route.name, output.kind if output else "valid")
@@ -304,11 +350,12 @@ class Proxy:
                 return _Failure(
                     "invalid_output", f"engine {ex.engine!r}: {output.message}", output=output
                 )
-        content_type = resp.content_type or b"application/json"
         ex.status = resp.status
-        ex.usage = _usage_of(body)
         await send_response(
-            send, resp.status, body, [(b"content-type", content_type), *self._response_headers(ex)]
+            send,
+            resp.status,
+            body,
+            [(b"content-type", content_type), *self._response_headers(ex)],
         )
         ex.committed = True
         return None
@@ -336,10 +383,12 @@ class Proxy:
         held = ex.structured.start_stream() if ex.structured is not None else None
         out = held.feed(first) if held is not None else first
         await send({"type": "http.response.body", "body": out, "more_body": True})
+        if route.config.timeouts.idle_s:
+            resp.watch_idle(route.config.timeouts.idle_s)
         try:
             while chunk := await resp.next_chunk():
                 last_at = time.perf_counter()
-                chunks += chunk.count(b"\n\n")
+                chunks += sse_events(chunk, tail)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 if held is not None:
                     chunk = held.feed(chunk)
@@ -355,10 +404,13 @@ class Proxy:
                 "upstream_stream_broken",
             )
             return _Failure("broken", "mid-stream")
+        except Deadline:
+            ex.chunks = chunks
+            raise
         ex.chunks = chunks
         if chunks > first_events:
             ex.itl_s = (last_at - first_at) / (chunks - first_events)
-        ex.usage = _stream_usage(tail)
+        ex.usage = stream_usage(tail)
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
                 ex,
@@ -413,18 +465,11 @@ class Proxy:
                 param="messages",
                 code="images_not_supported",
             )
-        if any(t.upstream.healthy for t in route.targets) and all(
-            t.upstream.outstanding >= t.upstream.config.max_concurrency
-            for t in route.targets
-            if t.upstream.healthy
+        healthy = [t for t in route.targets if t.upstream.healthy]
+        if healthy and all(
+            t.upstream.outstanding >= t.upstream.config.max_concurrency for t in healthy
         ):
-            return APIError(
-                429,
-                f"every engine of model {route.name!r} is at its concurrency limit",
-                "rate_limit_error",
-                code="engines_saturated",
-                headers=[(b"retry-after", b"1")],
-            )
+            return _saturated(route, healthy)
         names = ", ".join(t.upstream.name for t in route.targets)
         return APIError(
             503,
@@ -471,6 +516,35 @@ class Proxy:
         )
 
 
+def _saturated(route: Route, targets: list[Target]) -> APIError:
+    busy = "; ".join(
+        f"engine {t.upstream.name!r} has {t.upstream.outstanding} of max_concurrency "
+        f"{t.upstream.config.max_concurrency} in flight and {len(t.upstream.waiters)} of "
+        f"max_queue {t.upstream.config.max_queue} waiting"
+        for t in targets
+    )
+    return APIError(
+        429,
+        f"every engine of model {route.name!r} is at its concurrency limit: {busy}",
+        "rate_limit_error",
+        code="engines_saturated",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def _timeout_message(engine: str, what: str, timeouts: Any) -> str:
+    """What a passed deadline means, with the route's setting that decided it."""
+    if what == "first byte":
+        limit = timeouts.first_byte_s
+        return f"engine {engine!r} did not answer within the first-byte timeout ({limit:g} s)"
+    if what == "idle":
+        return (
+            f"engine {engine!r} sent nothing for {timeouts.idle_s:g} s mid-stream "
+            "(the route's timeouts.idle_s)"
+        )
+    return f"engine {engine!r} did not answer within the total timeout ({timeouts.total_s:g} s)"
+
+
 def _output_extra(output: OutputFailure) -> dict[str, object]:
     extra: dict[str, object] = {"failure": output.kind}
     if output.pointer is not None:
@@ -494,6 +568,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def sse_events(chunk: bytes, before: bytes) -> int:
+    """Events that end in *chunk*, given the bytes *before* it (a ``\n\n`` may straddle)."""
+    return chunk.count(b"\n\n") + (chunk[:1] == b"\n" and before[-1:] == b"\n")
+
+
 def _usage_of(body: bytes) -> dict[str, Any] | None:
     if b'"usage"' not in body:
         return None
@@ -504,7 +583,7 @@ def _usage_of(body: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _stream_usage(tail: bytes) -> dict[str, Any] | None:
+def stream_usage(tail: bytes) -> dict[str, Any] | None:
     """Usage from the last SSE event that carries one (``stream_options.include_usage``)."""
     if b'"usage"' not in tail:
         return None

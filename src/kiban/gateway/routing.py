@@ -148,10 +148,21 @@ class Route:
 
 
 class Router:
-    """Every route of a configuration, looked up by public name or alias."""
+    """Every route of a configuration, looked up by public name or alias.
 
-    def __init__(self, config: KibanConfig) -> None:
-        self.upstreams = {e.name: Upstream.from_config(e) for e in config.engines}
+    *reuse*: the engines of a previous configuration; an engine whose
+    configuration did not change keeps its live state (health, circuit,
+    requests in flight, queue) across a reload.
+    """
+
+    def __init__(self, config: KibanConfig, reuse: dict[str, Upstream] | None = None) -> None:
+        reuse = reuse or {}
+        self.upstreams = {}
+        for engine in config.engines:
+            old = reuse.get(engine.name)
+            self.upstreams[engine.name] = (
+                old if old is not None and old.config == engine else Upstream.from_config(engine)
+            )
         self.routes: list[Route] = []
         self._by_name: dict[str, Route] = {}
         for route_cfg in config.routes:

@@ -85,6 +85,8 @@ class Exchange(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._idle_s = 0.0
+        self._last_data = 0.0
 
     # -- the request ------------------------------------------------------------------------
 
@@ -106,6 +108,28 @@ class Exchange(asyncio.Protocol):
         timer = self._timers.pop(what, None)
         if timer is not None:
             timer.cancel()
+
+    def watch_idle(self, idle_s: float) -> None:
+        """Abort with :class:`Deadline` ``idle`` when the engine sends nothing for *idle_s*.
+
+        One timer per *idle_s* of streaming, not one per chunk: data only records
+        when it came, and the timer, when it fires early, waits out the rest.
+        Time spent paused for a slow client does not count as the engine's silence.
+        """
+        self._idle_s = idle_s
+        self._last_data = self.loop.time()
+        self._timers["idle"] = self.loop.call_at(self._last_data + idle_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        now = self.loop.time()
+        if self._paused:
+            self._last_data = now
+        if not self.complete and now - self._last_data >= self._idle_s - 1e-3:
+            self._expire("idle")
+        elif not self.complete:
+            self._timers["idle"] = self.loop.call_at(
+                self._last_data + self._idle_s, self._idle_check
+            )
 
     def _expire(self, what: str) -> None:
         if not self.complete:
@@ -189,6 +213,8 @@ class Exchange(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._idle_s:
+            self._last_data = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -323,6 +349,12 @@ class Pool:
         self._open.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
+
+    def close_idle(self) -> None:
+        """Close the idle connections (an engine removed by a reload; busy ones finish)."""
+        for conn in list(self._idle):
+            conn.abort()
+        self._idle.clear()
 
     def close(self) -> None:
         """Close every connection (idle or busy)."""

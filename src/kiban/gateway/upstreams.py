@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -26,7 +29,8 @@ class CircuitBreaker:
     """Consecutive failures open the circuit; after a cooldown one probe may pass.
 
     A successful probe (a request or an active health check) closes it again;
-    a failed probe re-opens it for another cooldown.
+    a failed probe re-opens it for another cooldown. ``on_change`` hears of
+    every opening and closing (shared state tells the other replicas).
     """
 
     failures_to_open: int = 3
@@ -35,6 +39,7 @@ class CircuitBreaker:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     probe_in_flight: bool = False
+    on_change: Callable[[Circuit], None] | None = field(default=None, repr=False)
 
     def allows(self, now: float) -> bool:
         if self.state is Circuit.CLOSED:
@@ -49,21 +54,44 @@ class CircuitBreaker:
             self.probe_in_flight = True
 
     def on_success(self) -> None:
-        self.state = Circuit.CLOSED
         self.consecutive_failures = 0
-        self.probe_in_flight = False
+        if self.state is not Circuit.CLOSED:
+            self.state = Circuit.CLOSED
+            self.probe_in_flight = False
+            if self.on_change is not None:
+                self.on_change(Circuit.CLOSED)
 
     def on_failure(self, now: float) -> None:
         self.consecutive_failures += 1
         if self.state is Circuit.HALF_OPEN or self.consecutive_failures >= self.failures_to_open:
+            was_open = self.state is Circuit.OPEN
             self.state = Circuit.OPEN
             self.opened_at = now
+            self.probe_in_flight = False
+            if self.on_change is not None and not was_open:
+                self.on_change(Circuit.OPEN)
+
+    def apply_remote(self, state: Circuit, remaining_s: float, now: float) -> None:
+        """Another replica opened (for *remaining_s* more) or closed this circuit."""
+        if state is Circuit.OPEN:
+            self.state = Circuit.OPEN
+            self.opened_at = now - max(0.0, self.cooldown_s - remaining_s)
+            self.probe_in_flight = False
+        elif self.state is not Circuit.CLOSED:
+            self.state = Circuit.CLOSED
+            self.consecutive_failures = 0
             self.probe_in_flight = False
 
 
 @dataclass
 class Upstream:
-    """One engine as the gateway sees it."""
+    """One engine as the gateway sees it.
+
+    ``outstanding`` counts the request slots taken, at most ``max_concurrency``.
+    A request that finds every engine of its route full may wait in one
+    engine's queue (at most ``max_queue`` waiters, each at most
+    ``queue_timeout_s``); a released slot passes straight to the first waiter.
+    """
 
     config: EngineConfig
     kind: EngineKind
@@ -76,6 +104,8 @@ class Upstream:
     http: Pool | None = field(default=None, repr=False)  # set when the gateway starts
     #: header lines sent to this engine with every request (content type, its own key)
     request_headers: bytes = b""
+
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque, repr=False)
     _ewma_alpha: float = field(default=0.3, repr=False)
 
     @classmethod
@@ -111,6 +141,51 @@ class Upstream:
         if not self.healthy or self.outstanding >= self.config.max_concurrency:
             return False
         return self.breaker.allows(time.monotonic() if now is None else now)
+
+    def try_acquire(self) -> bool:
+        """Take a request slot if one is free."""
+        if self.outstanding >= self.config.max_concurrency:
+            return False
+        self.outstanding += 1
+        return True
+
+    def release(self) -> None:
+        """Give a slot back: to the first request still waiting, else to the pool."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; outstanding stays
+                return
+        self.outstanding -= 1
+
+    def can_queue(self) -> bool:
+        return len(self.waiters) < self.config.max_queue
+
+    async def wait_for_slot(self) -> bool:
+        """Wait in this engine's queue for a slot; False after ``queue_timeout_s``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.config.queue_timeout_s):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            if waiter.done():
+                return True  # the slot arrived as the timeout fired: it is ours
+            self._leave(waiter)
+            return False
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # a slot was handed to a request that is gone
+            else:
+                self._leave(waiter)
+            raise
+        return True
+
+    def _leave(self, waiter: asyncio.Future[None]) -> None:
+        waiter.cancel()
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
 
     def observe_latency(self, seconds: float) -> None:
         if self.ewma_latency_s == 0.0:

@@ -72,11 +72,19 @@ def _engine_host(engine: EngineConfig) -> str:
     return urlsplit(engine.url).hostname or "127.0.0.1"
 
 
-def scrape_configs(cfg: KibanConfig, target_host: str | None = None) -> list[dict[str, Any]]:
+def scrape_configs(
+    cfg: KibanConfig,
+    target_host: str | None = None,
+    *,
+    gateway_host: str | None = None,
+    gpu_exporter_host: str | None = None,
+) -> list[dict[str, Any]]:
     """One job for the gateway, one for a standalone GPU exporter, one per engine with metrics.
 
     *target_host* replaces every target's host (e.g. ``host.docker.internal``
-    when Prometheus runs in a container).
+    when Prometheus runs in a container); *gateway_host* and *gpu_exporter_host*
+    name those two targets' hosts where each runs apart (a service name in a
+    container network).
     """
     obs = cfg.observability
     gw = cfg.gateway
@@ -84,7 +92,9 @@ def scrape_configs(cfg: KibanConfig, target_host: str | None = None) -> list[dic
         {
             "job_name": GATEWAY_JOB,
             "metrics_path": "/metrics",
-            "static_configs": [{"targets": [_target(gw.host, gw.port, target_host)]}],
+            "static_configs": [
+                {"targets": [_target(gateway_host or gw.host, gw.port, target_host)]}
+            ],
         }
     ]
     if obs.gpu_exporter == "standalone":
@@ -93,7 +103,13 @@ def scrape_configs(cfg: KibanConfig, target_host: str | None = None) -> list[dic
                 "job_name": GPU_JOB,
                 "metrics_path": "/metrics",
                 "static_configs": [
-                    {"targets": [_target("127.0.0.1", obs.gpu_exporter_port, target_host)]}
+                    {
+                        "targets": [
+                            _target(
+                                gpu_exporter_host or "127.0.0.1", obs.gpu_exporter_port, target_host
+                            )
+                        ]
+                    }
                 ],
             }
         )
@@ -129,14 +145,17 @@ def _engine_auth(engine: EngineConfig) -> dict[str, Any]:
 
 
 def prometheus_config(
-    cfg: KibanConfig, rule_files: list[str], target_host: str | None = None
+    cfg: KibanConfig,
+    rule_files: list[str],
+    target_host: str | None = None,
+    **hosts: str | None,
 ) -> dict[str, Any]:
-    """The whole prometheus.yml as a mapping."""
+    """The whole prometheus.yml as a mapping (*hosts*: see :func:`scrape_configs`)."""
     interval = f"{cfg.observability.scrape_interval_s:g}s"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": rule_files,
-        "scrape_configs": scrape_configs(cfg, target_host),
+        "scrape_configs": scrape_configs(cfg, target_host, **hosts),
     }
 
 

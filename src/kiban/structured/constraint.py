@@ -197,7 +197,10 @@ def _json(schema: Any, name: str, where: str) -> Constraint:
             raise _bad(where, f"is a string that is not valid JSON: {err}") from None
     if not isinstance(schema, (dict, bool)):
         raise _bad(where, "must be a JSON Schema (an object)")
-    key = b"schema:" + orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    try:
+        key = b"schema:" + orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except TypeError as err:  # orjson serialises 254 levels of nesting at most
+        raise _bad(where, f"cannot be used: {err} (nested too deeply)") from None
     return Constraint("json_schema", where, schema=schema, name=name, key=key)
 
 

@@ -1,0 +1,142 @@
+"""`kiban keys add/list/revoke`: client API keys in a file that holds only their digests.
+
+The file is the one ``gateway.api_keys.file`` names (or ``--file``). A new
+key is printed once and never stored: the file keeps its SHA-256. A file in
+the older one-key-per-line form is converted on the first change (plain
+keys in it are hashed). Changes apply to a running gateway on `kiban reload`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from kiban.cli.app import app, console, fail, load_or_exit, out
+
+keys_app = typer.Typer(help="Client API keys (stored hashed), their models and limits.")
+app.add_typer(keys_app, name="keys")
+
+_HEADER = (
+    "# kiban API keys, written by `kiban keys`: only SHA-256 digests of the keys.\n"
+    "# Apply changes to a running gateway with `kiban reload`.\n"
+)
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to kiban.yaml.")]
+FileOpt = Annotated[
+    Path | None, typer.Option("--file", help="Keys file (default: gateway.api_keys.file).")
+]
+
+
+def _keys_path(config: Path, file: Path | None) -> Path:
+    if file is not None:
+        return file
+    if not config.exists():
+        raise fail(f"{config} not found; give --file or --config")
+    path = load_or_exit(config).gateway.api_keys.file
+    if path is None:
+        raise fail(f"{config} sets no gateway.api_keys.file; set it or give --file")
+    return path
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The entries of *path* as `kiban keys` writes them (an older line file converted)."""
+    from kiban.gateway.auth import KeyEntry, keys_yaml, read_keys_file
+
+    if not path.exists():
+        return []
+    keys, problems = read_keys_file(path)
+    if problems:
+        raise fail("; ".join(problems))
+    tree = keys_yaml(path.read_text(encoding="utf-8"))
+    if tree is not None:
+        return [KeyEntry.model_validate(k).model_dump(exclude_none=True) for k in tree["keys"]]
+    console.print(f"converting {path} to the keys format (plain keys in it are hashed)")
+    return [{"name": k.name, "sha256": k.digest.hex()} for k in keys]
+
+
+def _write(path: Path, entries: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(_HEADER + yaml.safe_dump({"keys": entries}, sort_keys=False))
+    tmp.replace(path)
+
+
+@keys_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated models this key may use (default: all).")
+    ] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.", min=1)] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.", min=1)] = None,
+    config: ConfigOpt = Path("kiban.yaml"),
+    file: FileOpt = None,
+) -> None:
+    """Create a key; prints it once (only its SHA-256 is kept)."""
+    from pydantic import ValidationError
+
+    from kiban.gateway.auth import KeyEntry, digest_of
+
+    path = _keys_path(config, file)
+    entries = _read(path)
+    if any(e["name"] == name for e in entries):
+        raise fail(f"a key named {name!r} exists already in {path}; revoke it first")
+    key = "sk-kiban-" + secrets.token_urlsafe(32)
+    entry: dict[str, Any] = {"name": name, "sha256": digest_of(key).hex()}
+    if models:
+        entry["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if rpm:
+        entry["requests_per_minute"] = rpm
+    if tpm:
+        entry["tokens_per_minute"] = tpm
+    entry["created"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        KeyEntry.model_validate(entry)
+    except ValidationError as err:
+        raise fail(f"invalid key entry: {err.errors()[0]['msg']}") from None
+    _write(path, [*entries, entry])
+    console.print(f"added key {name!r} to {path}; it is shown once, keep it now:")
+    print(key)
+
+
+@keys_app.command("list")
+def list_keys(config: ConfigOpt = Path("kiban.yaml"), file: FileOpt = None) -> None:
+    """The keys of the file: name, digest prefix, models, limits."""
+    path = _keys_path(config, file)
+    table = Table(title=str(path), title_justify="left")
+    for column in ("name", "sha256", "models", "requests/min", "tokens/min", "created"):
+        table.add_column(column)
+    for e in _read(path):
+        table.add_row(
+            e["name"],
+            e["sha256"][:12] + "…",
+            ", ".join(e["models"]) if "models" in e else "all",
+            str(e.get("requests_per_minute", "default")),
+            str(e.get("tokens_per_minute", "default")),
+            e.get("created", ""),
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def revoke(
+    name: Annotated[str, typer.Argument(help="The key's name.")],
+    config: ConfigOpt = Path("kiban.yaml"),
+    file: FileOpt = None,
+) -> None:
+    """Remove a key (a running gateway drops it on `kiban reload`)."""
+    path = _keys_path(config, file)
+    entries = _read(path)
+    kept = [e for e in entries if e["name"] != name]
+    if len(kept) == len(entries):
+        raise fail(f"no key named {name!r} in {path}")
+    _write(path, kept)
+    console.print(f"revoked {name!r}; run `kiban reload` to apply it to a running gateway")
