@@ -270,7 +270,7 @@ def test_plain_requests_skip_structured_handling(gateway, monkeypatch) -> None:
     def forbidden(*_args: Any) -> None:
         raise AssertionError("structured handling ran for a plain request")
 
-    monkeypatch.setattr(gateway.structured, "prepare", forbidden)
+    monkeypatch.setattr(gateway.live.structured, "prepare", forbidden)
     status, body = post(gateway, {"model": "tiny", "messages": MESSAGES, "max_tokens": 4})
     assert status == 200 and body["usage"]["completion_tokens"] <= 4
 
