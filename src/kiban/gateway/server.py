@@ -56,13 +56,7 @@ log = logging.getLogger("kiban.server")
 
 
 def configure_logging(level: str = "info") -> None:
-    """kiban's own log lines go to stderr; access lines are one JSON object each."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("kiban.access")
-    access.handlers[:] = [handler]
-    access.propagate = False
-    access.setLevel(logging.INFO)
+    """kiban's own log lines go to stderr (request lines: kiban.gateway.request_log)."""
     other = logging.StreamHandler(sys.stderr)
     other.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("kiban")
@@ -142,6 +136,8 @@ def _uvicorn_config(config: KibanConfig, log_level: str) -> uvicorn.Config:
         http=GuardedHttpToolsProtocol,
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # kiban reads no client address: no middleware per request
+        server_header=False,
         log_level=log_level,
         timeout_keep_alive=gw.http.keepalive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=math.ceil(gw.shutdown_grace_s),

@@ -304,13 +304,18 @@ class Pool:
         for _ in range(2):
             conn = self._idle.pop() if self._idle else await self._connect(connect_timeout)
             conn._send(head, body)
-            if first_byte_at is not None:
+            # one timer until the headers: the earlier deadline (the total one only starts
+            # ticking after them if the body is still to come: one timer a request, mostly)
+            if first_byte_at is not None and (total_at is None or first_byte_at < total_at):
                 conn.expire_at(first_byte_at, "first byte")
-            if total_at is not None:
+            elif total_at is not None:
                 conn.expire_at(total_at, "total")
+                total_at = None
             try:
                 while not conn._headers_done:
                     await conn._wait()
+                if total_at is not None and not conn.complete:
+                    conn.expire_at(total_at, "total")
             except _Stale:
                 conn.finish()
                 continue  # the engine had closed this idle connection: once more, on a new one
