@@ -248,6 +248,7 @@ def measure_stream(
     loads: Loads,
     work: Path,
     upstream: str,
+    paced_upstream: str,
     place: Placement,
     live: list,
 ) -> dict[str, Any]:
@@ -263,6 +264,13 @@ def measure_stream(
         chunks = row["c8"]["stream_events"]
         if service is not None and chunks:
             row["cpu_us_per_chunk"] = (service.cpu_seconds() - cpu) / chunks * 1e6
+    finally:
+        _stop(service, live)
+    # Time to first token at one connection, from an upstream paced like an engine (one
+    # event per --ttft-interval): with back-to-back events three busy processes share two
+    # cores, and the scheduler, not the gateway, decides when the client reads.
+    service, url = _start(gateway, work, paced_upstream, place, live)
+    try:
         row["c1"] = loads.bench(
             url, args.slow_ttft_streams if slow else args.ttft_streams, 1, stream=True
         )
@@ -390,7 +398,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
         caption="req/s, p50, p99, CPU: kiban bench with "
         f"{c} connections; +p50/+p99: 1 connection, over direct; wrk req/s: wrk, {c} "
         f"connections, {args.wrk_seconds} s; streams: kiban bench --stream, {c} connections; "
-        "+TTFT: 1 connection, p50 over direct. CPU: the gateway's process tree.",
+        "+TTFT: 1 connection, p50 over direct, from an upstream sending one event per "
+        "--ttft-interval (1 ms) like an engine. CPU: the gateway's process tree.",
         header_style="bold",
     )
     for name in (
@@ -490,6 +499,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-requests", type=int, default=3000, help="non-streaming, 1 conn")
     p.add_argument("--streams", type=int, default=200, help="streams at 8 connections")
     p.add_argument("--ttft-streams", type=int, default=100, help="streams at 1 connection")
+    p.add_argument(
+        "--ttft-interval", type=float, default=0.001, help="seconds between events (TTFT runs)"
+    )
+    p.add_argument("--ttft-tokens", type=int, default=32, help="events per stream (TTFT runs)")
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--slow-requests", type=int, default=1000, help="the same for LiteLLM")
     p.add_argument("--slow-latency-requests", type=int, default=200)
@@ -562,9 +575,13 @@ def main() -> None:
     try:
         nginx, nginx_url = targets.nginx(work, place.upstream)
         sse, sse_url = targets.sse_upstream(work, place.upstream, args.stream_tokens)
-        live += [nginx.start(), sse.start()]
+        paced, paced_url = targets.sse_upstream(
+            work, place.upstream, args.ttft_tokens, args.ttft_interval
+        )
+        live += [nginx.start(), sse.start(), paced.start()]
         nginx.wait_ready(nginx_url + CHAT, _READY_BODY)
         sse.wait_ready(sse_url + CHAT, _READY_BODY)
+        paced.wait_ready(paced_url + CHAT, _READY_BODY)
         loads = Loads(args, place, work)
         for key in chosen:
             gateway = gateways[key]
@@ -576,7 +593,9 @@ def main() -> None:
                 gateway, args, loads, work, nginx_url, place, live, rss_check=key == "kiban-1"
             )
             console.print(f"[bold]{label}[/]: streaming")
-            row["stream"] = measure_stream(gateway, args, loads, work, sse_url, place, live)
+            row["stream"] = measure_stream(
+                gateway, args, loads, work, sse_url, paced_url, place, live
+            )
             rows.append(row)
     finally:
         for service in reversed(live):

@@ -81,7 +81,10 @@ http {{
     return Service("nginx", argv, work / "nginx.log", cpus=cpus), f"http://127.0.0.1:{port}"
 
 
-def sse_upstream(work: Path, cpus: str | None, tokens: int) -> tuple[Service, str]:
+def sse_upstream(
+    work: Path, cpus: str | None, tokens: int, interval_s: float = 0.0
+) -> tuple[Service, str]:
+    """The SSE upstream: back to back (*interval_s* 0), or one event per interval like an engine."""
     port = free_port()
     argv = [
         sys.executable,
@@ -90,10 +93,11 @@ def sse_upstream(work: Path, cpus: str | None, tokens: int) -> tuple[Service, st
         str(port),
         "--tokens",
         str(tokens),
+        "--interval",
+        str(interval_s),
     ]
-    return Service("sse-upstream", argv, work / "sse-upstream.log", cpus=cpus), (
-        f"http://127.0.0.1:{port}"
-    )
+    name = "sse-upstream" if not interval_s else "sse-upstream-paced"
+    return Service(name, argv, work / f"{name}.log", cpus=cpus), f"http://127.0.0.1:{port}"
 
 
 # -- gateways ---------------------------------------------------------------------------------

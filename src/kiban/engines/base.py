@@ -154,6 +154,14 @@ class EngineKind:
     #: launched from a user-given ``launch.command`` instead of a command kiban knows
     takes_launch_command: ClassVar[bool] = False
 
+    def path_bytes(self, endpoint: str) -> bytes:
+        """:meth:`path_for` as bytes, for the request line (cached)."""
+        cache = self.__dict__.setdefault("_path_bytes", {})
+        path = cache.get(endpoint)
+        if path is None:
+            path = cache[endpoint] = self.path_for(endpoint).encode()
+        return path
+
     def path_for(self, endpoint: str) -> str:
         """Upstream path for one of ``chat``, ``completions``, ``embeddings``."""
         return {

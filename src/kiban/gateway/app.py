@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -23,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from kiban.config import ConfigError, KibanConfig
@@ -32,6 +32,7 @@ from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_bo
 from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
+from kiban.gateway.http import DISCONNECT_HOOK
 from kiban.gateway.limits import (
     LimitStore,
     LocalLimitStore,
@@ -42,12 +43,12 @@ from kiban.gateway.limits import (
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
+from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
 from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService
 
-access_log = logging.getLogger("kiban.access")
 log = logging.getLogger("kiban.gateway")
 
 _INFERENCE = {
@@ -120,11 +121,15 @@ class Gateway:
         self.metrics.prepare(self.live.router.routes)
         self.limits: LimitStore = LocalLimitStore()
         self.shared: Any = None  # a RedisState when gateway.shared_state is configured
-        self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
         self.created = int(time.time())
         self.worker_pid = os.getpid()
+        self.request_log = RequestLog()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # request ids: one random prefix per process, then a counter (no syscall per request)
+        self._id_prefix = os.urandom(6).hex()
+        self._id_counter = itertools.count(1)
         self.config_source: ConfigSource | None = None
         self.on_reload: Callable[[dict[str, Any]], None] | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -141,14 +146,10 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=75)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
-        self.proxy = Proxy(self.session, self.metrics)
+        loop = self.loop = asyncio.get_running_loop()
+        for upstream in self.router.upstreams.values():
+            upstream.connect(loop)
+        self.proxy = Proxy(self.metrics, loop)
         gw = self.config.gateway
         upstreams = list(self.router.upstreams.values())
         if gw.shared_state is not None:
@@ -159,7 +160,6 @@ class Gateway:
         self._watch_circuits()
         self.health = HealthChecker(
             upstreams,
-            self.session,
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
@@ -210,8 +210,10 @@ class Gateway:
             await self.health.stop()
         if self.shared is not None:
             await self.shared.close()
-        if self.session is not None:
-            await self.session.close()
+        for upstream in self.router.upstreams.values():
+            if upstream.http is not None:
+                upstream.http.close()
+        self.request_log.flush()
         self.metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -275,6 +277,13 @@ class Gateway:
             return err.problems
         known = {id(u) for u in old.router.upstreams.values()}
         fresh = [u for u in live.router.upstreams.values() if id(u) not in known]
+        loop = asyncio.get_running_loop()
+        for upstream in fresh:
+            upstream.connect(loop)
+        kept = {id(u) for u in live.router.upstreams.values()}
+        for upstream in old.router.upstreams.values():
+            if id(upstream) not in kept and upstream.http is not None:
+                upstream.http.close_idle()  # busy ones finish their requests, then close
         if self.health is not None:
             await asyncio.gather(*(self.health.check(u) for u in fresh))
         self.live = live
@@ -320,7 +329,7 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        request_id = _request_id(scope)
+        request_id = _client_request_id(scope) or f"{self._id_prefix}{next(self._id_counter):x}"
         try:
             endpoint = _INFERENCE.get(path)
             if endpoint is not None:
@@ -460,7 +469,7 @@ class Gateway:
         in_flight.inc()
         try:
             work = self.proxy.handle(ex, route, send, needs_images)
-            if not await _run_until_disconnect(receive, work):
+            if not await _run_until_disconnect(scope, receive, work):
                 ex.status = ex.status or 499
                 ex.error = "client_disconnected"
         except APIError as err:
@@ -515,24 +524,23 @@ class Gateway:
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if live.config.gateway.request_log:
-            access_log.info(
-                orjson.dumps(
-                    {
-                        "request_id": ex.request_id,
-                        "worker": self.worker_pid,
-                        "route": route,
-                        "engine": ex.engine,
-                        "endpoint": ex.endpoint,
-                        "stream": ex.stream,
-                        "status": ex.status,
-                        "attempts": ex.attempts,
-                        "latency_ms": round(elapsed * 1000, 2),
-                        "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "error": ex.error,
-                    }
-                ).decode()
+            self.request_log.write(
+                {
+                    "request_id": ex.request_id,
+                    "worker": self.worker_pid,
+                    "route": route,
+                    "engine": ex.engine,
+                    "endpoint": ex.endpoint,
+                    "stream": ex.stream,
+                    "status": ex.status,
+                    "attempts": ex.attempts,
+                    "latency_ms": round(elapsed * 1000, 2),
+                    "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "error": ex.error,
+                },
+                self.loop,
             )
 
 
@@ -570,11 +578,38 @@ async def _end_stream(send: Send, message: str, code: str) -> None:
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-async def _run_until_disconnect(receive: Receive, work: Any) -> bool:
+async def _run_until_disconnect(scope: Scope, receive: Receive, work: Any) -> bool:
     """Run *work*; if the client disconnects first, cancel it (closing the engine request).
 
-    Returns False when the client went away, True when *work* finished.
+    Returns False when the client went away, True when *work* finished. Under
+    kiban's own protocol (:mod:`kiban.gateway.http`) the protocol calls back on
+    disconnect; under another ASGI server a task watches ``receive()``.
     """
+    if DISCONNECT_HOOK in scope:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def on_disconnect() -> None:
+            nonlocal gone
+            gone = True
+            task.cancel()
+
+        scope[DISCONNECT_HOOK] = on_disconnect
+        try:
+            await work
+        except asyncio.CancelledError:
+            if gone:
+                task.uncancel()
+                return False
+            raise
+        finally:
+            scope[DISCONNECT_HOOK] = None
+        return True
+    return await _watch_receive(receive, work)
+
+
+async def _watch_receive(receive: Receive, work: Any) -> bool:
     task = asyncio.ensure_future(work)
     gone = False
 
@@ -612,11 +647,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _request_id(scope: Scope) -> str:
+def _client_request_id(scope: Scope) -> str | None:
+    """The client's own X-Request-Id, when it is a sane one."""
     for name, value in scope["headers"]:
         if name == b"x-request-id" and _REQUEST_ID.match(value):
             return value.decode()
-    return os.urandom(12).hex()
+    return None
 
 
 def _method_not_allowed(method: str, path: str, allowed: str) -> APIError:

@@ -7,9 +7,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import aiohttp
-
 from kiban.gateway.metrics import Metrics
+from kiban.gateway.upstream_http import UpstreamError
 from kiban.gateway.upstreams import Upstream
 
 log = logging.getLogger("kiban.health")
@@ -21,34 +20,38 @@ class HealthChecker:
     def __init__(
         self,
         upstreams: list[Upstream],
-        session: aiohttp.ClientSession,
         metrics: Metrics,
         interval_s: float,
         timeout_s: float,
         on_checked: Callable[[], None] | None = None,
     ) -> None:
         self.upstreams = upstreams
-        self.session = session
         self.metrics = metrics
         self.interval_s = interval_s
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self.on_checked = on_checked
         self._task: asyncio.Task[None] | None = None
 
     async def check(self, upstream: Upstream) -> bool:
-        url = upstream.config.url + upstream.kind.health_path
-        headers = {}
-        if upstream.config.api_key:
-            headers["Authorization"] = f"Bearer {upstream.config.api_key}"
+        assert upstream.http is not None
+        path = upstream.kind.health_path.encode()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
-            async with self.session.get(url, timeout=self.timeout, headers=headers) as resp:
+            resp = await upstream.http.request(
+                b"GET",
+                path,
+                upstream.request_headers,
+                b"",
+                connect_timeout=self.timeout_s,
+                total_at=deadline,
+            )
+            try:
                 await resp.read()
-                ok, error = (
-                    resp.status == 200,
-                    None if resp.status == 200 else f"HTTP {resp.status}",
-                )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ok, error = False, type(exc).__name__
+            finally:
+                resp.finish()
+            ok, error = resp.status == 200, None if resp.status == 200 else f"HTTP {resp.status}"
+        except (UpstreamError, TimeoutError) as exc:
+            ok, error = False, str(exc) or type(exc).__name__
         if ok != upstream.healthy:
             log.warning(
                 "engine %s is %s%s",

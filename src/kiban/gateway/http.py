@@ -10,7 +10,9 @@ holds a connection and a task forever. This protocol adds:
 * ``header_timeout_s`` (connection or first byte of a request to the end of
   its headers) and ``body_timeout_s`` (end of headers to end of body): past
   either, 408 and the connection closes;
-* OpenAI-shaped JSON for the errors uvicorn would answer in plain text.
+* OpenAI-shaped JSON for the errors uvicorn would answer in plain text;
+* a disconnect hook (``scope["kiban.on_disconnect"]``): the app learns that its
+  client went away without a task per request waiting on ``receive()``.
 
 The timeouts cost no timer per request: each connection records a deadline
 (one float), and one sweep per server, a few times a second, closes the
@@ -34,6 +36,8 @@ from kiban.gateway.errors import error_body
 log = logging.getLogger("kiban.http")
 
 _SWEEP_MAX_S = 1.0
+#: scope key where the app may put a callback run when the client goes away mid-request
+DISCONNECT_HOOK = "kiban.on_disconnect"
 
 
 class _HeadersTooLarge(Exception):
@@ -85,6 +89,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[DISCONNECT_HOOK] = None  # type: ignore[literal-required]
         self._header_count = 0
         self._header_bytes = 0
         if not self.deadline:
@@ -113,6 +118,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 f"({self._max_header_bytes})"
             )
         super().on_header(name, value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        hook = None
+        if cycle is not None and not cycle.response_complete:
+            hook = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[attr-defined]
+        super().connection_lost(exc)
+        if hook is not None:
+            hook()  # the app cancels its work at once: no task watching receive() needed
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()

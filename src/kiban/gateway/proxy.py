@@ -16,19 +16,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
+from kiban.gateway.upstream_http import ConnectTimeout, Deadline, UpstreamError
+from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
 from kiban.structured.request import StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
 
-_SKIP_REQUEST_HEADERS = frozenset(
+_NOT_FORWARDED = frozenset(
     {
         b"host",
         b"connection",
@@ -96,21 +97,11 @@ class _Failure:
 
 
 class Proxy:
-    """Sends exchanges to engines over one pooled aiohttp session."""
+    """Sends exchanges to engines over each engine's keep-alive connection pool."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
-        self.session = session
+    def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.metrics = metrics
-        self._connect_timeouts: dict[str, aiohttp.ClientTimeout] = {}
-
-    def _client_timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        """aiohttp enforces the connect timeout; first-byte and total are kiban's own."""
-        timeout = self._connect_timeouts.get(route.name)
-        if timeout is None:
-            connect_s = route.config.timeouts.connect_s
-            timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
-            self._connect_timeouts[route.name] = timeout
-        return timeout
+        self.loop = loop
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
         candidates = route.candidates(needs_images)
@@ -218,18 +209,16 @@ class Proxy:
         ex.engine = upstream.name
         upstream.breaker.on_attempt()
         started = time.perf_counter()
-        first_byte_deadline = asyncio.get_running_loop().time() + timeouts.first_byte_s
+        now = self.loop.time()
         try:
-            async with asyncio.timeout(timeouts.total_s):
-                failure = await self._exchange(ex, target, send, first_byte_deadline, route)
-        except TimeoutError:
-            failure = _Failure(
-                "timeout",
-                f"engine {upstream.name!r} did not answer within "
-                f"{self._timeout_name(ex, timeouts, first_byte_deadline)}",
+            failure = await self._exchange(
+                ex, target, send, route, now + timeouts.first_byte_s, now + timeouts.total_s
             )
+        except Deadline as deadline:
+            failure = _Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
             if ex.committed:
-                await self._end_stream_with_error(ex, send, failure.message, "upstream_timeout")
+                code = "upstream_idle_timeout" if deadline.what == "idle" else "upstream_timeout"
+                await self._end_stream_with_error(ex, send, failure.message, code)
         if failure is None or failure.engine_answered:
             upstream.breaker.on_success()
             upstream.observe_latency(time.perf_counter() - started)
@@ -239,59 +228,55 @@ class Proxy:
             return None  # already reported to the client inside the stream
         return failure
 
-    @staticmethod
-    def _timeout_name(ex: Exchange, timeouts: Any, first_byte_deadline: float) -> str:
-        if not ex.committed and asyncio.get_running_loop().time() >= first_byte_deadline - 1e-3:
-            return f"the first-byte timeout ({timeouts.first_byte_s:g} s)"
-        return f"the total timeout ({timeouts.total_s:g} s)"
-
     async def _exchange(
-        self, ex: Exchange, target: Target, send: Send, first_byte_deadline: float, route: Route
+        self,
+        ex: Exchange,
+        target: Target,
+        send: Send,
+        route: Route,
+        first_byte_at: float,
+        total_at: float,
     ) -> _Failure | None:
         upstream = target.upstream
-        url = upstream.config.url + upstream.kind.path_for(ex.endpoint)
+        assert upstream.http is not None
         body = ex.body
         if ex.structured is not None:
             body = ex.structured.body_for(ex.payload, target)
         elif target.model != ex.model:
             body = orjson.dumps({**ex.payload, "model": target.model})
-        headers = self._upstream_headers(ex, target)
         try:
-            async with asyncio.timeout_at(first_byte_deadline):
-                resp = await self.session.post(
-                    url, data=body, headers=headers, timeout=self._client_timeout(route)
-                )
-        except aiohttp.ConnectionTimeoutError:
-            return _Failure(
-                "timeout",
-                f"engine {upstream.name!r} did not accept a connection within the connect "
-                f"timeout ({route.config.timeouts.connect_s:g} s)",
+            resp = await upstream.http.request(
+                b"POST",
+                upstream.kind.path_bytes(ex.endpoint),
+                self._upstream_headers(ex, target),
+                body,
+                connect_timeout=route.config.timeouts.connect_s,
+                first_byte_at=first_byte_at,
+                total_at=total_at,
             )
-        except TimeoutError:
-            raise  # the first-byte deadline: _attempt names it
-        except (aiohttp.ClientError, OSError) as exc:
-            return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(exc)}")
+        except ConnectTimeout as err:
+            return _Failure("timeout", f"engine {upstream.name!r} did not connect: {err}")
+        except UpstreamError as err:
+            return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(err)}")
         try:
             if resp.status >= 400:
                 return await self._upstream_error(ex, resp, target, send, route)
             if ex.stream:
-                return await self._relay_stream(ex, resp, send, first_byte_deadline, route)
+                return await self._relay_stream(ex, resp, send, route)
+            resp.cancel_deadline("first byte")  # the headers came: the total deadline remains
             return await self._relay_body(ex, resp, send, route)
         finally:
-            resp.release()
+            resp.finish()
 
-    def _upstream_headers(self, ex: Exchange, target: Target) -> dict[str, str]:
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in ex.client_headers
-            if k not in _SKIP_REQUEST_HEADERS
-        }
-        headers["x-request-id"] = ex.request_id
-        headers["accept-encoding"] = "identity"
-        headers["content-type"] = "application/json"
-        if target.upstream.config.api_key:
-            headers["authorization"] = f"Bearer {target.upstream.config.api_key}"
-        return headers
+    @staticmethod
+    def _upstream_headers(ex: Exchange, target: Target) -> bytes:
+        """Header lines for the engine: the client's own (minus hop-by-hop and its key)."""
+        rid = ex.request_id.encode()
+        lines = [target.upstream.request_headers, b"x-request-id: ", rid, b"\r\n"]
+        for name, value in ex.client_headers:
+            if name not in _NOT_FORWARDED and name != b"x-request-id" and name != b"content-type":
+                lines += (name, b": ", value, b"\r\n")
+        return b"".join(lines)
 
     def _response_headers(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
         return [
@@ -300,19 +285,16 @@ class Proxy:
         ]
 
     async def _upstream_error(
-        self, ex: Exchange, resp: aiohttp.ClientResponse, target: Target, send: Send, route: Route
+        self, ex: Exchange, resp: EngineResponse, target: Target, send: Send, route: Route
     ) -> _Failure | None:
         try:
             raw = await resp.read()
-        except TimeoutError:
-            raise  # a deadline of kiban's own: _attempt reports it
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             return _Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
         body = target.upstream.kind.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
-        retry_after = resp.headers.get("Retry-After")
-        if retry_after:
-            headers.append((b"retry-after", retry_after.encode("latin-1")))
+        if resp.retry_after:
+            headers.append((b"retry-after", resp.retry_after))
         if ex.structured is not None:
             output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
             if output is not None:
@@ -347,16 +329,14 @@ class Proxy:
         return None
 
     async def _relay_body(
-        self, ex: Exchange, resp: aiohttp.ClientResponse, send: Send, route: Route
+        self, ex: Exchange, resp: EngineResponse, send: Send, route: Route
     ) -> _Failure | None:
         try:
             body = await resp.read()
-        except TimeoutError:
-            raise  # a deadline of kiban's own: _attempt reports it
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
-        content_type = resp.headers.get("Content-Type", "application/json")
-        if "json" in content_type:
+        content_type = resp.content_type or b"application/json"
+        if b"json" in content_type:
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as err:
@@ -375,31 +355,23 @@ class Proxy:
             send,
             resp.status,
             body,
-            [(b"content-type", content_type.encode("latin-1")), *self._response_headers(ex)],
+            [(b"content-type", content_type), *self._response_headers(ex)],
         )
         ex.committed = True
         return None
 
     async def _relay_stream(
-        self,
-        ex: Exchange,
-        resp: aiohttp.ClientResponse,
-        send: Send,
-        first_byte_deadline: float,
-        route: Route,
+        self, ex: Exchange, resp: EngineResponse, send: Send, route: Route
     ) -> _Failure | None:
-        content = resp.content
         try:
-            async with asyncio.timeout_at(first_byte_deadline):
-                first = await content.readany()
-        except TimeoutError:
-            raise  # a deadline of kiban's own: _attempt reports it
-        except (aiohttp.ClientError, OSError) as exc:
+            first = await resp.next_chunk()
+        except UpstreamError as exc:
             return _Failure(
                 "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
             )
         if not first:
             return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
+        resp.cancel_deadline("first byte")
         first_at = time.perf_counter()
         ex.ttft_s = first_at - ex.started
         ex.status = resp.status
@@ -411,13 +383,11 @@ class Proxy:
         held = ex.structured.start_stream() if ex.structured is not None else None
         out = held.feed(first) if held is not None else first
         await send({"type": "http.response.body", "body": out, "more_body": True})
-        idle_s = route.config.timeouts.idle_s
-        watch = _IdleWatch(idle_s, first_at) if idle_s else None
+        if route.config.timeouts.idle_s:
+            resp.watch_idle(route.config.timeouts.idle_s)
         try:
-            while chunk := await content.readany():
+            while chunk := await resp.next_chunk():
                 last_at = time.perf_counter()
-                if watch is not None:
-                    watch.last = last_at
                 chunks += sse_events(chunk, tail)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
                 if held is not None:
@@ -425,20 +395,7 @@ class Proxy:
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TimeoutError:
-            raise  # a deadline of kiban's own: _attempt reports it
-        except asyncio.CancelledError:
-            if watch is None or not watch.fired:
-                raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            ex.chunks = chunks
-            message = (
-                f"engine {ex.engine!r} sent nothing for {idle_s:g} s mid-stream "
-                "(the route's timeouts.idle_s)"
-            )
-            await self._end_stream_with_error(ex, send, message, "upstream_idle_timeout")
-            return _Failure("timeout", message)
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             ex.chunks = chunks
             await self._end_stream_with_error(
                 ex,
@@ -447,9 +404,9 @@ class Proxy:
                 "upstream_stream_broken",
             )
             return _Failure("broken", "mid-stream")
-        finally:
-            if watch is not None:
-                watch.close()
+        except Deadline:
+            ex.chunks = chunks
+            raise
         ex.chunks = chunks
         if chunks > first_events:
             ex.itl_s = (last_at - first_at) / (chunks - first_events)
@@ -575,35 +532,17 @@ def _saturated(route: Route, targets: list[Target]) -> APIError:
     )
 
 
-class _IdleWatch:
-    """Cancels the relaying task once a stream has been silent for *idle_s*.
-
-    One timer per *idle_s* of streaming, not one per chunk: the relay only
-    records when the last chunk came, and the timer, when it fires early,
-    re-arms itself for the rest of the silence allowed.
-    """
-
-    __slots__ = ("_handle", "_loop", "_task", "fired", "idle_s", "last")
-
-    def __init__(self, idle_s: float, last: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self.idle_s = idle_s
-        self.last = last
-        self.fired = False
-        self._handle = self._loop.call_later(idle_s, self._check)
-
-    def _check(self) -> None:
-        silent = time.perf_counter() - self.last
-        if silent >= self.idle_s - 1e-3:
-            self.fired = True
-            if self._task is not None:
-                self._task.cancel()
-        else:
-            self._handle = self._loop.call_later(self.idle_s - silent, self._check)
-
-    def close(self) -> None:
-        self._handle.cancel()
+def _timeout_message(engine: str, what: str, timeouts: Any) -> str:
+    """What a passed deadline means, with the route's setting that decided it."""
+    if what == "first byte":
+        limit = timeouts.first_byte_s
+        return f"engine {engine!r} did not answer within the first-byte timeout ({limit:g} s)"
+    if what == "idle":
+        return (
+            f"engine {engine!r} sent nothing for {timeouts.idle_s:g} s mid-stream "
+            "(the route's timeouts.idle_s)"
+        )
+    return f"engine {engine!r} did not answer within the total timeout ({timeouts.total_s:g} s)"
 
 
 def _output_extra(output: OutputFailure) -> dict[str, object]:

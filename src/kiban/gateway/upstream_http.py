@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import httptools
 
-_PAUSE_AT_BYTES = 1 << 20  # stop reading from the engine while this much waits for the client
 _MAX_IDLE = 64
 
 
@@ -81,11 +80,13 @@ class Exchange(asyncio.Protocol):
         self._headers_done = False
         self._got_bytes = False
         self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._streaming = False  # the reader takes chunks one by one (next_chunk)
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._idle_s = 0.0
+        self._last_data = 0.0
 
     # -- the request ------------------------------------------------------------------------
 
@@ -107,6 +108,28 @@ class Exchange(asyncio.Protocol):
         timer = self._timers.pop(what, None)
         if timer is not None:
             timer.cancel()
+
+    def watch_idle(self, idle_s: float) -> None:
+        """Abort with :class:`Deadline` ``idle`` when the engine sends nothing for *idle_s*.
+
+        One timer per *idle_s* of streaming, not one per chunk: data only records
+        when it came, and the timer, when it fires early, waits out the rest.
+        Time spent paused for a slow client does not count as the engine's silence.
+        """
+        self._idle_s = idle_s
+        self._last_data = self.loop.time()
+        self._timers["idle"] = self.loop.call_at(self._last_data + idle_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        now = self.loop.time()
+        if self._paused:
+            self._last_data = now
+        if not self.complete and now - self._last_data >= self._idle_s - 1e-3:
+            self._expire("idle")
+        elif not self.complete:
+            self._timers["idle"] = self.loop.call_at(
+                self._last_data + self._idle_s, self._idle_check
+            )
 
     def _expire(self, what: str) -> None:
         if not self.complete:
@@ -137,19 +160,25 @@ class Exchange(asyncio.Protocol):
     # -- reading the response -----------------------------------------------------------------
 
     async def next_chunk(self) -> bytes:
-        """The next piece of the body as the engine sent it; ``b""`` at its end."""
+        """The next piece of the body as the engine sent it; ``b""`` at its end.
+
+        While a piece waits to be taken, reading from the engine pauses: the
+        reader relays each read before the next one happens, so the first
+        tokens go out at once even when the engine sends faster than the
+        client takes (and a slow client slows the engine's connection, not
+        kiban's memory).
+        """
+        self._streaming = True
         while not self._chunks:
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
             if self.complete:
                 return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < _PAUSE_AT_BYTES // 2 and self.transport:
-            self._paused = False
-            self.transport.resume_reading()
-        return chunk
+        return self._chunks.popleft()
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -184,6 +213,8 @@ class Exchange(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._idle_s:
+            self._last_data = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -221,8 +252,7 @@ class Exchange(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > _PAUSE_AT_BYTES and not self._paused and self.transport:
+        if self._streaming and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
@@ -274,13 +304,18 @@ class Pool:
         for _ in range(2):
             conn = self._idle.pop() if self._idle else await self._connect(connect_timeout)
             conn._send(head, body)
-            if first_byte_at is not None:
+            # one timer until the headers: the earlier deadline (the total one only starts
+            # ticking after them if the body is still to come: one timer a request, mostly)
+            if first_byte_at is not None and (total_at is None or first_byte_at < total_at):
                 conn.expire_at(first_byte_at, "first byte")
-            if total_at is not None:
+            elif total_at is not None:
                 conn.expire_at(total_at, "total")
+                total_at = None
             try:
                 while not conn._headers_done:
                     await conn._wait()
+                if total_at is not None and not conn.complete:
+                    conn.expire_at(total_at, "total")
             except _Stale:
                 conn.finish()
                 continue  # the engine had closed this idle connection: once more, on a new one
@@ -319,6 +354,12 @@ class Pool:
         self._open.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
+
+    def close_idle(self) -> None:
+        """Close the idle connections (an engine removed by a reload; busy ones finish)."""
+        for conn in list(self._idle):
+            conn.abort()
+        self._idle.clear()
 
     def close(self) -> None:
         """Close every connection (idle or busy)."""

@@ -12,6 +12,7 @@ from enum import IntEnum
 
 from kiban.config import EngineConfig
 from kiban.engines import ENGINE_KINDS, EngineKind
+from kiban.gateway.upstream_http import Pool
 from kiban.structured.capability import StructuredCapability
 
 
@@ -100,6 +101,10 @@ class Upstream:
     outstanding: int = 0
     ewma_latency_s: float = 0.0
     last_health_error: str | None = None
+    http: Pool | None = field(default=None, repr=False)  # set when the gateway starts
+    #: header lines sent to this engine with every request (content type, its own key)
+    request_headers: bytes = b""
+
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque, repr=False)
     _ewma_alpha: float = field(default=0.3, repr=False)
 
@@ -107,12 +112,20 @@ class Upstream:
     def from_config(cls, config: EngineConfig) -> Upstream:
         breaker = CircuitBreaker(config.circuit.failures, config.circuit.cooldown_s)
         kind = ENGINE_KINDS[config.kind]
+        headers = b"content-type: application/json\r\naccept-encoding: identity\r\n"
+        if config.api_key:
+            headers += b"authorization: Bearer " + config.api_key.encode("latin-1") + b"\r\n"
         return cls(
             config=config,
             kind=kind,
             breaker=breaker,
             structured=kind.structured_capability(config),
+            request_headers=headers,
         )
+
+    def connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open the engine's connection pool on the running loop (at gateway start)."""
+        self.http = Pool(self.config.url, loop)
 
     @property
     def name(self) -> str:
