@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiban.deploy.process import ProcessId, spawn, stop_group, tail
+from kiban.deploy.process import ProcessId, spawn, stat_fields, stop_group, tail
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -35,21 +35,12 @@ def pinned(argv: list[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *argv] if cpus else argv
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat from the state on (field 3 is index 0)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
 def process_tree(root: int) -> list[int]:
     """*root* and its live descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields is not None:
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
     tree, todo = [], [root]
@@ -64,7 +55,7 @@ def cpu_seconds(root: int) -> float:
     """User + system CPU time of *root*'s process tree, reaped children included."""
     ticks = 0
     for pid in process_tree(root):
-        fields = _stat(pid)
+        fields = stat_fields(pid)
         if fields is not None:
             ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
     return ticks / CLOCK_TICKS

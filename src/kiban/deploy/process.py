@@ -34,11 +34,11 @@ class ProcessId:
 
     def alive(self) -> bool:
         """The same process still runs (and is no zombie)."""
-        stat = _stat_fields(self.pid)
+        stat = stat_fields(self.pid)
         return stat is not None and int(stat[19]) == self.start_ticks and stat[0] != "Z"
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, ...]."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -48,7 +48,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def _start_ticks(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else int(fields[19])
 
 
@@ -58,7 +58,7 @@ def group_members(pgid: int) -> set[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        fields = _stat_fields(int(entry.name))
+        fields = stat_fields(int(entry.name))
         if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             members.add(int(entry.name))
     return members
