@@ -32,7 +32,6 @@ from kiban.engines import ENGINE_KINDS
 from kiban.structured.validator import CompiledSchema, SchemaError
 
 Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
-STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
 
 _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,7 +30,6 @@ class EngineCommand:
     env: dict[str, str]
     url: str
     health_url: str
-    extra_env: dict[str, str] = field(default_factory=dict)  # what kiban adds, for display
 
 
 def listen_address(engine: EngineConfig) -> tuple[str, int]:
@@ -92,7 +91,6 @@ def engine_command(
         env=os.environ | extra,
         url=engine.url,
         health_url=engine.url + kind.health_path,
-        extra_env=extra,
     )
 
 
