@@ -152,8 +152,10 @@ def _received(upstream: EngineProcess, model: str) -> int:
     return httpx.get(upstream.base_url + "/stats").json()["requests"].get(model, 0)
 
 
-def _log(gw: EngineProcess) -> list[dict]:
-    return [json.loads(ln) for ln in gw.log_tail(10**7).splitlines() if ln.startswith("{")]
+def _log(gw: EngineProcess, last: httpx.Response) -> list[dict]:
+    """The request log up to and including the line of the response ``last``."""
+    text = gw.wait_for_log(f'"request_id":"{last.headers["x-request-id"]}"')
+    return [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
 
 
 def _other_route_answers(gw: EngineProcess) -> None:
@@ -195,7 +197,7 @@ def test_engine_gone_refused_then_black_hole(gateway, upstreams) -> None:
         for _ in range(2):  # the circuit opens at the third failure (failures: 3)
             resp = _chat(gateway, "c-then-b")
             assert resp.status_code == 200 and resp.headers["x-kiban-engine"] == "b"
-        entries = [e for e in _log(gateway) if e["route"] == "c-then-b"]
+        entries = [e for e in _log(gateway, resp) if e["route"] == "c-then-b"]
         assert [e["attempts"] for e in entries[-3:]] == [2, 2, 2]
         text = httpx.get(gateway.base_url + "/metrics").text
         for reason, count in (("connect", 1), ("timeout", 2)):
@@ -207,7 +209,7 @@ def test_engine_gone_refused_then_black_hole(gateway, upstreams) -> None:
             assert match and float(match.group(1)) >= count, reason
         resp = _chat(gateway, "c-then-b")  # c is ejected now: not tried at all
         assert resp.headers["x-kiban-engine"] == "b"
-        assert [e["attempts"] for e in _log(gateway) if e["route"] == "c-then-b"][-1] == 1
+        assert [e["attempts"] for e in _log(gateway, resp) if e["route"] == "c-then-b"][-1] == 1
     finally:
         for s in holes:
             s.close()

@@ -376,7 +376,7 @@ def test_metrics_and_request_log(client: OpenAI, gateway: EngineProcess) -> None
     assert re.search(r'kiban_requests_total\{engine="(a|b)",route="tiny",status="200"\} \d', text)
     assert "kiban_time_to_first_token_seconds_bucket" in text
     assert re.search(r'kiban_tokens_total\{engine="[ab]",route="tiny",type="completion"\}', text)
-    line = next(ln for ln in gateway.log_tail(10**6).splitlines() if "log-me-1" in ln)
+    line = next(ln for ln in gateway.wait_for_log("log-me-1").splitlines() if "log-me-1" in ln)
     entry = json.loads(line)
     assert entry["status"] == 200 and entry["route"] == "tiny" and entry["completion_tokens"] == 3
     assert KEY not in gateway.log_tail(10**7)
@@ -496,5 +496,6 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     raw = answer[0]
     assert raw.headers["x-kiban-engine"] == "b"
     assert raw.parse().usage.completion_tokens == 1500
-    line = next(ln for ln in gateway.log_tail(10**7).splitlines() if "killed-mid-request" in ln)
+    log = gateway.wait_for_log("killed-mid-request")
+    line = next(ln for ln in log.splitlines() if "killed-mid-request" in ln)
     assert json.loads(line)["attempts"] == 2

@@ -136,6 +136,15 @@ class EngineProcess:
         except OSError:
             return ""
 
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        """The whole log once it contains ``needle`` (kiban writes request lines a moment
+        after the response, so a test that just got its answer may have to wait for it)."""
+        deadline = time.monotonic() + timeout
+        while needle not in (text := self.log_tail(10**8)):
+            assert time.monotonic() < deadline, f"{needle!r} not in {self.log_path}"
+            time.sleep(0.05)
+        return text
+
     def _signal_group(self, sig: signal.Signals) -> None:
         """Signal the process group our child leads (PGID == its PID).
 
