@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from kiban.cli import app
@@ -14,6 +15,7 @@ from kiban.config import ConfigError, parse_config
 from kiban.planning import catalogue
 from kiban.planning.devices import gpu_from_type
 from kiban.planning.plan import plan_config
+from kiban.planning.render import print_plan
 from kiban.planning.units import GiB, parse_size
 
 
@@ -74,6 +76,10 @@ def test_does_not_fit_says_by_how_much_and_what_would() -> None:
     assert "over-committed by" in problem and "beside" not in problem
     assert "would fit:" in problem and "kv_cache_dtype fp8" in problem
     assert "sequences at context 32768" in problem
+    assert e.flags == [] and e.env == {}  # no flags that ask for memory the GPU lacks
+    console = Console(width=200, record=True)
+    print_plan(plan, console)
+    assert "q      │ none: it does not fit" in console.export_text()
 
 
 def test_weights_alone_too_big() -> None:

@@ -212,14 +212,15 @@ def _alternatives(d: _Draft, budget: int) -> list[str]:
         return out
     if context:
         tokens = kind.kv_capacity_tokens(d.need, budget, context, target)
-        if tokens // context >= 1:
-            out.append(f"{tokens // context} sequences at context {context}")
+        if (seqs := tokens // context) >= 1:
+            out.append(f"{seqs} sequence{'s' if seqs > 1 else ''} at context {context}")
     if concurrency:
         per_token = d.need.bytes_per_token + d.need.sliding_bytes_per_token
         block = kind.kv_block_tokens(target)
         fitting = budget // concurrency // per_token // block * block
         if fitting >= MIN_CONTEXT:
-            out.append(f"context {fitting} at {concurrency} sequences")
+            plural = "s" if concurrency > 1 else ""
+            out.append(f"context {fitting} at {concurrency} sequence{plural}")
     for name in kind.kv_dtypes:
         try:
             k, v = kind.kv_formats(name, d.spec, target)
@@ -269,8 +270,9 @@ def _finish(
         requested_concurrency=d.launch.concurrency,
         warnings=list(d.warnings or []),
     )
-    if not fits:
+    if not fits:  # no flags: they would ask the engine for memory the device does not have
         problems.append(_refusal(d, plan, deficit, others))
+        return plan, problems
     plan.flags = d.kind.plan_flags(plan)
     plan.env = d.kind.plan_env(plan)
     return plan, problems

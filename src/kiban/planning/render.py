@@ -106,6 +106,9 @@ def flags_table(plan: Plan) -> Table:
     table.add_column("engine")
     table.add_column("flags and environment", overflow="fold")
     for e in plan.engines:
+        if not e.fits:
+            table.add_row(e.engine, Text("none: it does not fit (see the problems)", style="red"))
+            continue
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in e.env.items())
         table.add_row(e.engine, " ".join(filter(None, [env, shlex.join(e.flags)])))
     return table
