@@ -17,6 +17,7 @@ from kiban.deploy.process import group_members
 from kiban.engines.llamacpp import MIB, LlamaCpp
 from kiban.models.tiny import IM_END, IM_START, TinySpec, train_tokenizer
 from tests.support.engines import EngineProcess, EngineStartError
+from tests.support.openai_checks import assert_streamed_chat_with_usage
 
 pytestmark = pytest.mark.engine
 
@@ -103,21 +104,7 @@ def test_completion(client: OpenAI) -> None:
 
 
 def test_streamed_chat_completion_with_usage(client: OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=MESSAGES,
-        max_tokens=12,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    usage = [c.usage for c in chunks if c.usage]
-    assert len(deltas) > 1 and "".join(deltas)
-    assert finishes[-1] in {"stop", "length"}
-    assert usage and 0 < usage[-1].completion_tokens <= 12
+    assert_streamed_chat_with_usage(client, MODEL, MESSAGES)
 
 
 def test_metrics_have_llamacpp_names(engine: EngineProcess, client: OpenAI) -> None:

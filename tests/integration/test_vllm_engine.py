@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from kiban.deploy.process import group_members
 from kiban.models.tiny import IM_END, IM_START
 from tests.support.engines import EngineProcess
+from tests.support.openai_checks import assert_streamed_chat_with_usage
 
 pytestmark = pytest.mark.engine
 
@@ -65,21 +66,7 @@ def test_chat_completion(client: OpenAI, tiny_model_dir: Path) -> None:
 
 
 def test_streamed_chat_completion(client: OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=MESSAGES,
-        max_tokens=12,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    usage = [c.usage for c in chunks if c.usage]
-    assert len(deltas) > 1 and "".join(deltas)
-    assert finishes[-1] in {"stop", "length"}
-    assert usage and 0 < usage[-1].completion_tokens <= 12
+    assert_streamed_chat_with_usage(client, MODEL, MESSAGES)
 
 
 def test_metrics_have_vllm_names(engine: EngineProcess, client: OpenAI) -> None:
