@@ -336,6 +336,7 @@ class Proxy:
         except UpstreamError as exc:
             return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
         content_type = resp.content_type or b"application/json"
+        parsed: Any = None
         if b"json" in content_type:
             try:
                 parsed = orjson.loads(body)
@@ -344,7 +345,11 @@ class Proxy:
             usage = parsed.get("usage") if isinstance(parsed, dict) else None
             ex.usage = usage if isinstance(usage, dict) else None
         if ex.structured is not None:
-            output = ex.structured.verify_body(body)
+            output = (
+                ex.structured.verify_body(body)
+                if parsed is None
+                else ex.structured.verify_response(parsed)
+            )
             self.metrics.structured_outcome(route.name, output.kind if output else "valid")
             if output is not None:
                 return _Failure(
@@ -471,13 +476,7 @@ class Proxy:
         ):
             return _saturated(route, healthy)
         names = ", ".join(t.upstream.name for t in route.targets)
-        return APIError(
-            503,
-            f"no healthy engine for model {route.name!r} (engines: {names})",
-            "service_unavailable",
-            code="no_healthy_engine",
-            headers=[(b"retry-after", b"5")],
-        )
+        return _no_healthy_engine(f"no healthy engine for model {route.name!r} (engines: {names})")
 
     @staticmethod
     def _all_failed(
@@ -507,13 +506,17 @@ class Proxy:
             return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
         if last.reason == "timeout":
             return APIError(504, summary, "timeout", code="upstream_timeout")
-        return APIError(
-            503,
-            summary,
-            "service_unavailable",
-            code="no_healthy_engine",
-            headers=[(b"retry-after", b"5")],
-        )
+        return _no_healthy_engine(summary)
+
+
+def _no_healthy_engine(message: str) -> APIError:
+    return APIError(
+        503,
+        message,
+        "service_unavailable",
+        code="no_healthy_engine",
+        headers=[(b"retry-after", b"5")],
+    )
 
 
 def _saturated(route: Route, targets: list[Target]) -> APIError:

@@ -109,6 +109,10 @@ class StructuredRequest:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as err:
             return OutputFailure("invalid_json", f"the engine's response body is not JSON: {err}")
+        return self.verify_response(data)
+
+    def verify_response(self, data: Any) -> OutputFailure | None:
+        """Verify every choice of a response body already parsed."""
         if not isinstance(data, dict):
             return OutputFailure("no_content", "the engine's response has no choices")
         return self._verify_choices(choices_of(data))
