@@ -390,11 +390,9 @@ class Gateway:
             await send_response(send, 200, live.openapi, _JSON + rid)
         else:
             grant = self._grant(live, _header(scope, b"authorization"))
-            allowed = grant.routes
             data = [
                 {"id": name, "object": "model", "created": self.created, "owned_by": "kiban"}
-                for name in live.router.public_models
-                if allowed is None or live.router.route_for(name).name in allowed  # type: ignore[union-attr]
+                for name in _models_allowed(live, grant)
             ]
             body = orjson.dumps({"object": "list", "data": data})
             await send_response(send, 200, body, _JSON + rid)
@@ -556,12 +554,19 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-def _not_allowed(live: Live, grant: Grant, model: str) -> APIError:
-    allowed = [
+def _models_allowed(live: Live, grant: Grant) -> list[str]:
+    """The public model names the grant's key may use."""
+    if grant.routes is None:
+        return live.router.public_models
+    return [
         name
         for name in live.router.public_models
-        if grant.routes is not None and live.router.route_for(name).name in grant.routes  # type: ignore[union-attr]
+        if live.router.route_for(name).name in grant.routes  # type: ignore[union-attr]
     ]
+
+
+def _not_allowed(live: Live, grant: Grant, model: str) -> APIError:
+    allowed = _models_allowed(live, grant)
     return APIError(
         403,
         f"this API key may not use model {model!r}; it may use: {', '.join(allowed) or 'none'}",
