@@ -22,16 +22,15 @@ def serve(
     """Run the OpenAI-compatible gateway in front of the configured engines (SIGHUP reloads)."""
     from kiban.gateway.auth import load_keys
     from kiban.gateway.server import serve as run_server
+    from kiban.gateway.server import with_overrides
 
-    cfg = load_or_exit(config)
     overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
-    if overrides:
-        cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
+    cfg = with_overrides(load_or_exit(config), overrides)
     try:
-        load_keys(cfg.gateway.api_keys)
+        keys = load_keys(cfg.gateway.api_keys)
     except ConfigError as err:
         raise fail(str(err)) from None
-    run_server(config, cfg, overrides, log_level)
+    run_server(config, cfg, keys, overrides, log_level)
 
 
 @app.command()

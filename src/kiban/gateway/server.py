@@ -21,6 +21,7 @@ and the serving process's PIDs are in ``.kiban/<config>/gateway.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ import uvicorn
 
 from kiban.config import ConfigError, KibanConfig, load_config
 from kiban.deploy.process import ProcessId
-from kiban.deploy.state import RunDir
+from kiban.deploy.state import RunDir, write_atomically
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
 from kiban.gateway.http import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
@@ -84,10 +85,9 @@ def load_serving_config(path: str | None = None) -> tuple[KibanConfig, list[ApiK
     return config, load_keys(config.gateway.api_keys)
 
 
-def app_factory() -> Gateway:
-    """Build the gateway in a worker process from the config path in the environment."""
+def build_app(config: KibanConfig, keys: list[ApiKey]) -> Gateway:
+    """The gateway of one serving process: reloads from the configuration in the environment."""
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
-    config, keys = load_serving_config()
     app = Gateway(config, keys)
     app.config_source = lambda: load_serving_config()
     reload_dir = os.environ.get(RELOAD_DIR_ENV)
@@ -102,10 +102,7 @@ def app_factory() -> Gateway:
 def write_json(path: Path, data: dict[str, object]) -> None:
     """Replace *path* atomically; a state file that cannot be written is only logged."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        write_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
     except OSError as err:
         log.warning("cannot write %s: %s", path, err.strerror)
 
@@ -127,10 +124,10 @@ def add_gpu_collector(app: Gateway, watch_xid: bool, nvml: object | None = None)
     return False
 
 
-def _uvicorn_config(config: KibanConfig, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(config: KibanConfig, keys: list[ApiKey], log_level: str) -> uvicorn.Config:
     gw = config.gateway
     return KibanUvicornConfig(
-        "kiban.gateway.server:app_factory",
+        functools.partial(build_app, config, keys),  # built in uvicorn's loop, from what is loaded
         factory=True,
         loop="uvloop",
         http=GuardedHttpToolsProtocol,
@@ -181,15 +178,20 @@ def run_worker() -> None:
     host, port = os.environ["KIBAN_WORKER_HOST"], int(os.environ["KIBAN_WORKER_PORT"])
     sock = listening_socket(host, port, reuse_port=True)
     sock.listen(2048)
-    config, _keys = load_serving_config()
-    server = KibanServer(_uvicorn_config(config, os.environ.get(LOG_LEVEL_ENV, "info")))
+    config, keys = load_serving_config()
+    server = KibanServer(_uvicorn_config(config, keys, os.environ.get(LOG_LEVEL_ENV, "info")))
     server.run(sockets=[sock])
 
 
 def serve(
-    config_path: Path, config: KibanConfig, overrides: dict[str, object], log_level: str = "info"
+    config_path: Path,
+    config: KibanConfig,
+    keys: list[ApiKey],
+    overrides: dict[str, object],
+    log_level: str = "info",
 ) -> None:
-    """Serve until interrupted. *config* is validated, with *overrides* of ``gateway`` applied."""
+    """Serve until interrupted. *config* is validated, with *overrides* of ``gateway`` applied;
+    *keys* are its API keys (workers load both again themselves)."""
     gw = config.gateway
     run_dir = RunDir(config_path)
     os.environ[CONFIG_ENV] = str(config_path.resolve())
@@ -203,7 +205,7 @@ def serve(
         sock.listen(2048)
         _write_serving(run_dir, sock.getsockname()[1], [os.getpid()])
         try:
-            KibanServer(_uvicorn_config(config, log_level)).run(sockets=[sock])
+            KibanServer(_uvicorn_config(config, keys, log_level)).run(sockets=[sock])
         finally:
             _clear_serving(run_dir)
         return
@@ -304,9 +306,7 @@ class _WorkerPool:
                 {"pid": os.getpid(), "ok": False, "problems": problems, "at": time.time()},
             )
             return
-        tmp = self.snapshot.with_suffix(".tmp")
-        tmp.write_bytes(text)
-        tmp.replace(self.snapshot)
+        write_atomically(self.snapshot, text)
         log.info("configuration valid; reloading %d workers", len(self.workers))
         for worker in self.workers:
             if worker.poll() is None:
