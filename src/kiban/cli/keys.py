@@ -9,7 +9,6 @@ keys in it are hashed). Changes apply to a running gateway on `kiban reload`.
 from __future__ import annotations
 
 import datetime
-import os
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,12 +60,10 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _write(path: Path, entries: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(_HEADER + yaml.safe_dump({"keys": entries}, sort_keys=False))
-    tmp.replace(path)
+    from kiban.deploy.state import write_atomically
+
+    text = _HEADER + yaml.safe_dump({"keys": entries}, sort_keys=False)
+    write_atomically(path, text.encode("utf-8"), mode=0o600)
 
 
 @keys_app.command("add")

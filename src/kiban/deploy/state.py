@@ -23,6 +23,15 @@ EngineState = Literal["starting", "running", "restarting", "failed", "stopped"]
 RUN_STATE_ENV = "KIBAN_RUN_STATE"
 
 
+def write_atomically(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Replace *path* with *data* so that readers never see half a file (*mode* before umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
+        fh.write(data)
+    tmp.replace(path)
+
+
 @dataclass
 class ProcessRecord:
     """One supervised server process (an engine or the gateway)."""
@@ -101,11 +110,8 @@ class RunDir:
 
     def write(self, state: RunState) -> None:
         """Replace state.json atomically (readers never see half a file)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         state.updated_at = time.time()
-        tmp = self.state_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
-        tmp.replace(self.state_file)
+        write_atomically(self.state_file, (json.dumps(asdict(state), indent=2) + "\n").encode())
 
     def try_lock(self) -> bool:
         """Take the supervisor lock; False when another live supervisor holds it."""
