@@ -97,27 +97,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.phase = "headers"
 
     def on_url(self, url: bytes) -> None:
-        self._header_bytes += len(url)
-        if self._header_bytes > self._max_header_bytes:
-            raise _HeadersTooLarge(
-                f"request line and headers exceed gateway.http.max_header_bytes "
-                f"({self._max_header_bytes})"
-            )
+        self._count_header_bytes(len(url))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        self._header_bytes += len(name) + len(value)
         if self._header_count > self._max_headers:
             raise _HeadersTooLarge(
                 f"more than gateway.http.max_headers ({self._max_headers}) headers"
             )
+        self._count_header_bytes(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
         if self._header_bytes > self._max_header_bytes:
             raise _HeadersTooLarge(
                 f"request line and headers exceed gateway.http.max_header_bytes "
                 f"({self._max_header_bytes})"
             )
-        super().on_header(name, value)
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle

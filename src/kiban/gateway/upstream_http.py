@@ -271,13 +271,14 @@ class Pool:
         self.loop = loop
         self.host = parts.hostname or "127.0.0.1"
         self.tls = ssl.create_default_context() if parts.scheme == "https" else None
-        self.port = parts.port or (443 if self.tls else 80)
         default_port = 443 if self.tls else 80
+        self.port = parts.port or default_port
         authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
         self.host_header = b"host: " + authority.encode("idna") + b"\r\n"
         self.prefix = parts.path.rstrip("/").encode()
         self._idle: list[Exchange] = []
         self._open: set[Exchange] = set()
+        self._retired = False  # its engine left the configuration: keep no connection idle
 
     async def request(
         self,
@@ -345,7 +346,13 @@ class Pool:
         return conn
 
     def _put_back(self, conn: Exchange) -> None:
-        if len(self._idle) < _MAX_IDLE and conn.transport and not conn.transport.is_closing():
+        transport = conn.transport
+        if (
+            not self._retired
+            and len(self._idle) < _MAX_IDLE
+            and transport
+            and not transport.is_closing()
+        ):
             self._idle.append(conn)
         else:
             conn.abort()
@@ -356,7 +363,9 @@ class Pool:
             self._idle.remove(conn)
 
     def close_idle(self) -> None:
-        """Close the idle connections (an engine removed by a reload; busy ones finish)."""
+        """Close the idle connections (an engine removed by a reload; busy ones finish and
+        close then)."""
+        self._retired = True
         for conn in list(self._idle):
             conn.abort()
         self._idle.clear()
