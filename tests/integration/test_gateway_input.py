@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.engines import EngineProcess
-from tests.support.gateway import KIBAN, fault_upstream, gateway_process
+from tests.support.gateway import KIBAN, add_key, fault_upstream, gateway_process
 
 ENV_KEY = "sk-kiban-env-9c1e5ad7f3b24e60"
 WRONG_KEY = "sk-kiban-wrong-71b3c0ffee42aa"
@@ -40,12 +40,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def file_key(work: Path) -> str:
-    return subprocess.run(
-        [str(KIBAN), "keys", "add", "app", "--file", str(work / "keys.yaml")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    return add_key(work / "keys.yaml", "app")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.support.engines import EngineProcess
-from tests.support.gateway import KIBAN, fault_upstream, gateway_process
+from tests.support.gateway import KIBAN, add_key, fault_upstream, gateway_process
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -135,12 +135,7 @@ def test_sigterm_finishes_in_flight_then_exits(upstream, tmp_path: Path, workers
 @pytest.mark.parametrize("workers", [1, 2])
 def test_reload_keeps_in_flight_and_refuses_invalid(upstream, tmp_path: Path, workers: int) -> None:
     keys_file = tmp_path / "keys.yaml"
-    first = subprocess.run(
-        [str(KIBAN), "keys", "add", "first", "--file", str(keys_file)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    first = add_key(keys_file, "first")
     gw = gateway_process(_config(upstream.base_url, keys_file), tmp_path, workers=workers).start(
         timeout=60
     )
@@ -151,12 +146,7 @@ def test_reload_keeps_in_flight_and_refuses_invalid(upstream, tmp_path: Path, wo
         flight.start({"model": "sleep"}, 2)
         flight.start({"model": "slow", "stream": True, "max_tokens": 12})  # 3 s
         _wait_in_flight(gw, 3)
-        second = subprocess.run(
-            [str(KIBAN), "keys", "add", "second", "--file", str(keys_file)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        second = add_key(keys_file, "second")
         config_path.write_text(
             yaml.safe_dump(_config(upstream.base_url, keys_file, extra_route=True))
         )

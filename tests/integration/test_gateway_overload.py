@@ -8,7 +8,6 @@ so the file holds digests only.
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from tests.support.engines import EngineProcess
-from tests.support.gateway import KIBAN, fault_upstream, gateway_process
+from tests.support.gateway import add_key, fault_upstream, gateway_process
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -27,17 +26,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory):
     up = fault_upstream(tmp_path_factory.mktemp("overload")).start()
     yield up
     up.stop()
-
-
-def add_key(keys_file: Path, name: str, *args: str) -> str:
-    """`kiban keys add NAME ARGS --file KEYS_FILE`; returns the key it printed."""
-    done = subprocess.run(
-        [str(KIBAN), "keys", "add", name, "--file", str(keys_file), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.engines import EngineProcess, free_port
-from tests.support.gateway import KIBAN, fault_upstream, gateway_process
+from tests.support.gateway import add_key, fault_upstream, gateway_process
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -59,15 +59,8 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory):
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
 
-    def add(name: str, *args: str) -> str:
-        return subprocess.run(
-            [str(KIBAN), "keys", "add", name, "--file", str(keys_file), *args],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    return keys_file, {"rpm": add("rpm", "--rpm", "6"), "tpm": add("tpm", "--tpm", "30")}
+    rpm, tpm = add_key(keys_file, "rpm", "--rpm", "6"), add_key(keys_file, "tpm", "--tpm", "30")
+    return keys_file, {"rpm": rpm, "tpm": tpm}
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +123,7 @@ def test_token_limit_enforced_across_replicas(gateways, keys) -> None:
 
 def test_circuit_opened_by_one_replica_is_open_in_the_other(gateways, upstreams, keys) -> None:
     a, _b = upstreams
-    free = subprocess.run(
-        [str(KIBAN), "keys", "add", "free", "--file", str(keys[0])],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    free = add_key(keys[0], "free")
     for gw in gateways:  # the new key: each replica reloads its keys file
         gw.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,17 @@ from tests.support.engines import EngineProcess, free_port
 
 KIBAN = Path(sys.executable).with_name("kiban")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_key(keys_file: Path, name: str, *args: str) -> str:
+    """`kiban keys add NAME ARGS --file KEYS_FILE`; returns the key it printed."""
+    done = subprocess.run(
+        [str(KIBAN), "keys", "add", name, "--file", str(keys_file), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
 
 
 def gateway_process(
