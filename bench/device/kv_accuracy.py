@@ -353,7 +353,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--llama-server", help="path of the CUDA llama-server (required to measure)")
+    parser.add_argument("--llama-server", help="path of the CUDA llama-server (to measure)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), type=Path)
     parser.add_argument("--work", default="/tmp/kiban-kv-bench", type=Path)
     parser.add_argument("--weights", choices=("q8_0", "f16"), default="q8_0")
