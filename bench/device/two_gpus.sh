@@ -318,7 +318,8 @@ done
 cat "$W/memory-pair.md" >>"$md"
 
 bench() {  # name, model, concurrency, seconds
-  kiban bench http://127.0.0.1:8190 -m "$2" --stream -c "$3" -d "$4" --warmup "$3" \
+  timeout $(($4 + 60)) python3 -m kiban.cli bench http://127.0.0.1:8190 -m "$2" --stream \
+    -c "$3" -d "$4" --warmup "$3" --timeout 60 \
     --max-tokens 128 -q --json -o "$W/bench-$1.json" >/dev/null 2>"$W/bench-$1.err"
 }
 bench_row() {
