@@ -91,7 +91,7 @@ def write_config(args, path: Path) -> None:
         "context": args.context,
         "concurrency": args.concurrency,
         "kv_cache_dtype": args.kv,
-        "ready_timeout_s": 480,
+        "ready_timeout_s": 420,
         "restart": {"max_restarts": 0},
         "args": list(args.engine_args),
     }
@@ -253,7 +253,7 @@ def main() -> int:
     if ep is None or not plan.get("ok"):
         problem(f"plan refused: {plan.get('problems') or planned.stderr[-800:]}")
     started = time.monotonic()
-    up = kiban("up", "-c", str(config), "-d", timeout=620)
+    up = kiban("up", "-c", str(config), "-d", timeout=500)
     result["up_seconds"] = round(time.monotonic() - started, 1)
     result["up_output"] = (up.stdout + up.stderr)[-3000:]
     state = RunDir(config.resolve()).read()

@@ -100,6 +100,9 @@ run() {  # engine, label, args for engines_gpu.py
   say "$engine $label"
   timeout 560 python3 bench/device/engines_gpu.py "$engine" "$@" >>"$WORK/$phase.out" 2>&1 ||
     fail_step "$engine $label"
+  for c in "$WORK"/*.yaml; do  # a run cut short leaves nothing holding the GPU
+    python3 -m kiban.cli down -c "$c" >/dev/null 2>&1
+  done
 }
 case $phase in
 vllm)
