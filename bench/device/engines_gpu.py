@@ -96,7 +96,8 @@ def write_config(args, path: Path) -> None:
         "args": list(args.engine_args),
     }
     if args.engine == "lmdeploy":
-        launch["args"] = ["--log-level", "INFO", *launch["args"]]
+        # the PyTorch engine (TurboMind is not carried); INFO logs its CacheConfig
+        launch["args"] = ["--backend", "pytorch", "--log-level", "INFO", *launch["args"]]
     config = {
         "gateway": {"port": GATEWAY, "health_interval_s": 1, "request_log": False},
         "engines": [

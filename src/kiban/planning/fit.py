@@ -269,6 +269,7 @@ def _finish(
         requested_context=d.launch.context,
         requested_concurrency=d.launch.concurrency,
         warnings=list(d.warnings or []),
+        args=d.target.args,
     )
     if not fits:  # no flags: they would ask the engine for memory the device does not have
         problems.append(_refusal(d, plan, deficit, others))
