@@ -12,8 +12,9 @@
 #                                          # process, tokens/s and TTFT at 1 and 16; fail-fast
 #   bench/device/engines_gpu.sh vllm-util  # --gpu-memory-utilization at two context x
 #                                          # concurrency points (32768 x 4, 2048 x 128)
-#   bench/device/engines_gpu.sh lmdeploy   # --quant-policy 0, 8, 4: KV blocks vs plan, NVML,
-#                                          # tokens/s and TTFT; structured output on policy 8
+#   bench/device/engines_gpu.sh lmdeploy   # --quant-policy 8, 0, 4 (POLICIES="8 0" drops 4):
+#                                          # KV blocks vs plan, NVML, tokens/s and TTFT;
+#                                          # structured output on policy 8
 #
 # Carry: .whl (kiban's wheels), .whl-vllm (the slim vLLM wheel in parts, see
 # bench/device/slim_wheel.py and split_for_carry.sh, plus .whl-vllm/deps), .whl-lmdeploy
@@ -125,10 +126,12 @@ vllm-util)
   run vllm "32768 x 4" --kv auto --context 32768 --concurrency 4
   run vllm "2048 x 128" --kv auto --context 2048 --concurrency 128
   ;;
-lmdeploy)
-  run lmdeploy "quant-policy 8" --kv 8 --context 8192 --concurrency 16 --bench --structured 10
-  run lmdeploy "quant-policy 0" --kv 0 --context 8192 --concurrency 16 --bench
-  run lmdeploy "quant-policy 4" --kv 4 --context 8192 --concurrency 16 --bench
+lmdeploy)  # POLICIES="8 0" to leave out int4
+  for q in ${POLICIES:-8 0 4}; do
+    extra=()
+    [[ $q == 8 ]] && extra=(--structured 10)
+    run lmdeploy "quant-policy $q" --kv "$q" --context 8192 --concurrency 16 --bench "${extra[@]}"
+  done
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
 esac
