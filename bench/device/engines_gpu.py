@@ -98,6 +98,11 @@ def write_config(args, path: Path) -> None:
     if args.engine == "lmdeploy":
         # the PyTorch engine (TurboMind is not carried); INFO logs its CacheConfig
         launch["args"] = ["--backend", "pytorch", "--log-level", "INFO", *launch["args"]]
+    else:
+        # FlashInfer is not carried (vLLM 0.26 requires flashinfer-python 0.6.14 and its
+        # CUDA deps); its sampler is the one part a dense model reaches (sampler.py ->
+        # topk_topp_sampler.flashinfer_sampler_supported imports it unless this is 0)
+        launch["env"] = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
     config = {
         "gateway": {"port": GATEWAY, "health_interval_s": 1, "request_log": False},
         "engines": [

@@ -19,8 +19,11 @@ vLLM 0.26.0 (on sm_90 with a dense model):
 * ``vllm/_flashmla_C.abi3.so``, ``vllm/_qutlass_C.abi3.so``: MLA models (DeepSeek) and
   NVFP4/MXFP4 quantization only; both imported under suppress/try.
 * ``vllm/vllm-rs``: the Rust frontend, used only with VLLM_USE_RUST_FRONTEND=1 (envs.py).
-* ``vllm/third_party/``: DeepGEMM and the SM100 FMHA sources (JIT-compiled fp8 block GEMM,
-  Blackwell attention), found with find_spec and skipped when absent.
+* ``vllm/third_party/deep_gemm``, ``vllm/third_party/fmha_sm100``: DeepGEMM and the SM100
+  FMHA sources (JIT-compiled fp8 block GEMM, Blackwell attention), found with find_spec and
+  skipped when absent. The rest of ``third_party`` stays: platforms/__init__.py detects CUDA
+  through ``vllm.third_party.pynvml`` and without it falls back to no platform at all
+  ("Failed to infer device type", seen on the H200).
 
 lmdeploy 0.18.0: ``lmdeploy/turbomind/_turbomind*.so`` and its libraries; turbomind/
 __init__.py imports the extension under ``try`` and archs.py falls back to the PyTorch
@@ -43,7 +46,8 @@ DROP = {
         "vllm/_flashmla_extension_C.abi3.so",
         "vllm/_qutlass_C.abi3.so",
         "vllm/vllm-rs",
-        "vllm/third_party/*",
+        "vllm/third_party/deep_gemm/*",
+        "vllm/third_party/fmha_sm100/*",
     ),
     "lmdeploy": (
         "lmdeploy/turbomind/_turbomind*.so",

@@ -80,8 +80,9 @@ class LMDeploy(EngineKind):
         )
 
     # -- metrics --
-    # ``lmdeploy serve api_server --enable-metrics`` serves /metrics on the API port.
-    metrics_launch_args = ("--enable-metrics",)
+    # lmdeploy 0.18 serves /metrics on the API port by default (cli/utils.py offers only
+    # ``--disable-metrics``; the older ``--enable-metrics`` is refused as an unknown
+    # argument, seen on the H200): no launch flag, the base class's empty default.
     metric_names = EngineMetricNames(
         kv_cache_usage="lmdeploy:gpu_cache_usage_perc",
         requests_running="lmdeploy:num_requests_running",
