@@ -20,6 +20,7 @@ import pytest
 from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
 from kiban.models.tiny import TinySpec, build_tiny_model
+from kiban.planning.devices import host_info
 from kiban.planning.plan import plan_config
 
 pytestmark = pytest.mark.engine
@@ -70,6 +71,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Pa
 
 
 def _plan(model_dir: Path, case: Case):
+    plan = _plan_result(model_dir, case)
+    assert plan.ok, plan.problems
+    return plan.engines[0]
+
+
+def _plan_result(model_dir: Path, case: Case):
     raw = {
         "engines": [
             {
@@ -89,9 +96,7 @@ def _plan(model_dir: Path, case: Case):
         ],
         "routes": [{"model": "tiny", "engines": ["tiny"]}],
     }
-    plan = plan_config(parse_config(raw, env={}), gpus=[])
-    assert plan.ok, plan.problems
-    return plan.engines[0]
+    return plan_config(parse_config(raw, env={}), gpus=[])
 
 
 def _case_id(case: Case) -> str:
@@ -100,6 +105,14 @@ def _case_id(case: Case) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kv_capacity_matches_vllm_cpu(case: Case, models, vllm_engine_factory) -> None:
+    if case.kv_dtype.startswith("fp8") and not host_info().has_avx512_or_amx:
+        # vLLM's CPU attention takes fp8 KV only with AVX-512 or AMX (cpu_attn.py): on this
+        # CPU the plan must refuse it and say what to use instead
+        refused = _plan_result(models[(case.shape, case.model_dtype)], case)
+        assert not refused.ok
+        assert "needs x86 with AVX-512 or AMX" in str(refused.problems)
+        assert "auto" in str(refused.problems)
+        return
     plan = _plan(models[(case.shape, case.model_dtype)], case)
     kv_gib = int(plan.env["VLLM_CPU_KVCACHE_SPACE"])
     engine = vllm_engine_factory(
