@@ -116,6 +116,7 @@ def test_openapi_document_is_committed_and_served(gateway) -> None:
     assert model["examples"] == ["ok"]
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_odd_error(gateway) -> None:
     """Every check but positive_data_acceptance: whether a valid structured-output request
     is accepted depends on the route's engines (a constraint they cannot enforce is a 400)."""

@@ -23,6 +23,8 @@ import yaml
 from tests.support.engines import EngineProcess
 from tests.support.gateway import KIBAN, add_key, fault_upstream, gateway_process
 
+pytestmark = pytest.mark.slow  # left out of `make check`
+
 CHAT = [{"role": "user", "content": "hi"}]
 
 

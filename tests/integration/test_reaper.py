@@ -15,8 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kiban.deploy.process import group_members
 from tests.support.gateway import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # left out of `make check`
 
 INNER_TEST = """
 import json, os, sys, time

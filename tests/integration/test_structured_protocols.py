@@ -20,6 +20,8 @@ from kiban.gateway.routing import Router
 from kiban.structured.request import StructuredService
 from tests.support.protocol_env import check_in_engine_env, protocol_env
 
+pytestmark = pytest.mark.slow  # left out of `make check`
+
 SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},

@@ -24,6 +24,8 @@ from tests.support.cli import kiban, kiban_up_popen
 from tests.support.engines import free_port
 from tests.support.gateway import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # left out of `make check`
+
 SERVER = [sys.executable, "-m", "tests.support.fault_upstream", "--port", "{port}"]
 CHAT = {"model": "ok", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -13,10 +13,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.engines import free_port
 from tests.support.gateway import KIBAN, REPO_ROOT
+
+pytestmark = pytest.mark.slow  # left out of `make check`
 
 STEP = "pip download llama-cpp-python==0.3.36 (sdist)"
 

@@ -11,6 +11,8 @@ import pytest
 from kiban.deploy import envs
 from kiban.deploy.envs import EnvInstallError, EnvSpec, Step, ensure_engine_env
 
+pytestmark = pytest.mark.slow  # left out of `make check`
+
 # A step that leaves a trace in the venv, so tests can count how often it ran.
 TOUCH = Step("count runs", ("{python}", "-c", "open('{root}/runs', 'a').write('x')"))
 FAIL = Step("pip install broken==1.0", ("{python}", "-c", "print('ERROR: no broken'); exit(3)"))
