@@ -28,6 +28,8 @@ from kiban.planning.target import PlanRefusal
 from kiban.planning.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
+    GUIDANCE_FEATURES,
+    GUIDANCE_FORMATS,
     SILENTLY_SKIPPED,
     XGRAMMAR_FEATURES,
     XGRAMMAR_FORMATS,
@@ -285,7 +287,8 @@ class VLLM(EngineKind):
           pre-check rejects, and xgrammar skips some keywords silently.
         - ``guidance`` (llguidance): raises on any keyword it cannot enforce.
         - ``auto``: xgrammar, falling back to guidance for what xgrammar's
-          pre-check rejects; what xgrammar skips silently is never re-routed.
+          pre-check rejects (so what either enforces); what xgrammar skips
+          silently is never re-routed.
         """
         backend = self.option(config, "structured_backend")
         version = config.version or "current"
@@ -299,12 +302,20 @@ class VLLM(EngineKind):
                 skipped=SILENTLY_SKIPPED,
                 describes=describes,
             )
+        if backend == "guidance":
+            return StructuredCapability(
+                enforced=ALL_KINDS,
+                expressible=ALL_KINDS,
+                features=GUIDANCE_FEATURES,
+                formats=GUIDANCE_FORMATS,
+                describes=describes,
+            )
         return StructuredCapability(
             enforced=ALL_KINDS,
             expressible=ALL_KINDS,
-            features=None,
-            formats=None,
-            skipped=SILENTLY_SKIPPED if backend == "auto" else frozenset(),
+            features=(XGRAMMAR_FEATURES | GUIDANCE_FEATURES) - {"oneOf"},  # xgrammar: as anyOf
+            formats=XGRAMMAR_FORMATS | GUIDANCE_FORMATS,
+            skipped=SILENTLY_SKIPPED,
             describes=describes,
         )
 
