@@ -193,6 +193,8 @@ def kiban_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     if args.option:
         engine["options"] = dict(o.split("=", 1) for o in args.option)
+    if args.launch_arg:
+        engine["launch"]["args"] = args.launch_arg
     route: dict[str, Any] = {"model": "m", "engines": ["engine"]}
     if args.route_structured:
         route["structured"] = json.loads(args.route_structured)
@@ -211,8 +213,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     config_path = work / "coverage.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     label = args.label or f"{args.engine} {args.model if args.model == 'tiny' else 'model'}"
-    if args.option:
-        label += " (" + ", ".join(args.option) + ")"
+    if args.option or args.launch_arg:
+        label += " (" + ", ".join(args.option + args.launch_arg) + ")"
     if args.route_structured:
         label += f" route {args.route_structured}"
     engine_url = f"http://127.0.0.1:{config['engines'][0]['launch']['port']}"
@@ -289,6 +291,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (built here), a GGUF or HF dir")
     parser.add_argument("--label", help="name of this engine in the table")
     parser.add_argument("--option", action="append", default=[], help="engine option KEY=VALUE")
+    parser.add_argument("--launch-arg", action="append", default=[], help="engine flag")
     parser.add_argument("--route-structured", help="the route's structured policy, as JSON")
     parser.add_argument("--corpus", action="append", choices=sorted(CORPORA))
     parser.add_argument("--paths", default="direct,kiban", help="direct, kiban or both")

@@ -73,8 +73,12 @@ def test_vllm_launch_args_limit_whitespace() -> None:
     vllm = ENGINE_KINDS["vllm"]
     cfg = config({"name": "e", "kind": "vllm", "options": {"structured_backend": "guidance"}})
     args = vllm.structured_launch_args(cfg.engines[0])
-    assert args[0] == "--structured-outputs-config"
-    assert orjson.loads(args[1]) == {"backend": "guidance", "disable_any_whitespace": True}
+    assert args == [
+        "--structured-outputs-config.backend",
+        "guidance",
+        "--structured-outputs-config.disable_any_whitespace",
+        "true",
+    ]
     old = config(
         {
             "name": "e",
@@ -353,7 +357,7 @@ def test_llamacpp_unparsable_output_error_is_an_output_failure() -> None:
     llama = ENGINE_KINDS["llamacpp"]
     message = "The model produced output that does not match the expected peg-native format"
     failure = llama.structured_output_error(500, message)
-    assert failure is not None and failure.kind == "invalid_json"
+    assert failure is not None and failure.kind == "truncated"
     assert llama.structured_output_error(500, "out of memory") is None
     assert ENGINE_KINDS["vllm"].structured_output_error(500, message) is None
 
@@ -376,5 +380,10 @@ def test_managed_vllm_is_launched_with_the_structured_backend(tmp_path) -> None:
         }
     )
     argv = engine_command(cfg.engines[0], tmp_path).argv
-    at = argv.index("--structured-outputs-config")
-    assert orjson.loads(argv[at + 1]) == {"backend": "xgrammar", "disable_any_whitespace": True}
+    at = argv.index("--structured-outputs-config.backend")
+    assert argv[at : at + 4] == [
+        "--structured-outputs-config.backend",
+        "xgrammar",
+        "--structured-outputs-config.disable_any_whitespace",
+        "true",
+    ]

