@@ -8,9 +8,9 @@ the committed file was built from 44401e0c046704b476ec9d2e2fccdaee618f259d):
 
 Every test group of ``tests/draft2020-12`` and ``tests/draft7`` (not ``optional``) whose
 schema compiles offline with jsonschema-rs, with the instances the suite marks valid
-(and jsonschema-rs agrees, asserting formats as kiban does). Each row: ``{"id", "schema", "valid": [instances]}``. The
-unit tests check on them that a schema relaxed for an engine still accepts every valid
-instance (tests/unit/test_structured_relax.py).
+(and jsonschema-rs agrees, asserting formats as kiban does). Each row: ``{"id",
+"schema", "valid": [instances]}``. The unit tests check on them that a schema relaxed
+for an engine still accepts every valid instance (tests/unit/test_structured_relax.py).
 """
 
 from __future__ import annotations

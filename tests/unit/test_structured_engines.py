@@ -387,3 +387,33 @@ def test_managed_vllm_is_launched_with_the_structured_backend(tmp_path) -> None:
         "--structured-outputs-config.disable_any_whitespace",
         "true",
     ]
+
+
+def test_launched_vllm_defaults_to_the_measured_backend() -> None:
+    vllm = ENGINE_KINDS["vllm"]
+    launched = {"name": "v", "kind": "vllm", "launch": {"model": "/m", "port": 18001}}
+    engine = parse_config(
+        {
+            "engines": [{"models": ["m"], **launched}],
+            "routes": [{"model": "m", "engines": ["v"]}],
+        }
+    ).engines[0]
+    assert vllm.structured_backend(engine) == "guidance"
+    assert vllm.structured_capability(engine).describes == "vllm current (guidance backend)"
+    started_elsewhere = config({"name": "e", "kind": "vllm"}).engines[0]
+    assert vllm.structured_backend(started_elsewhere) == "auto"  # vLLM's own default
+
+
+def test_a_schema_budget_leaves_half_the_launched_context_to_the_prompt() -> None:
+    wide = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(40)}}
+    launched = {
+        "name": "v",
+        "kind": "vllm",
+        "models": ["m"],
+        "launch": {"model": "/m", "port": 18001, "context": 2048},
+    }
+    cfg = parse_config({"engines": [launched], "routes": [{"model": "m", "engines": ["v"]}]})
+    r = Router(cfg).route_for("m")
+    req = StructuredService(cfg.routes).prepare({"guided_json": wide}, r)
+    assert req.budget == token_budget(wide) > 1024
+    assert orjson.loads(req.body_for({}, r.targets[0]))["max_tokens"] == 1024
