@@ -167,13 +167,35 @@ def test_after_a_runaway_strings_objects_and_open_values_are_bounded() -> None:
         assert CompiledSchema(schema).is_valid(valid)
 
 
-def test_objects_stay_open_where_closing_them_could_exclude_every_answer() -> None:
+def test_only_schemas_that_alone_decide_their_value_are_bounded() -> None:
+    def bound(schema: dict) -> dict:
+        return bound_runaways(schema, 10, lambda f: True, integers=True)
+
     required_elsewhere = {"type": "object", "properties": {"a": {}}, "required": ["b"]}
-    bounded = bound_runaways(required_elsewhere, 10, lambda f: True, integers=False)
-    assert "additionalProperties" not in bounded
+    assert "additionalProperties" not in bound(required_elsewhere)
     combined = {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
-    bounded = bound_runaways(combined, 10, lambda f: True, integers=False)
-    assert all("additionalProperties" not in branch for branch in bounded["allOf"])
+    assert bound(combined)["allOf"] == combined["allOf"]
+    # a branch beside the properties it must allow (JSONSchemaBench Github_medium/o683)
+    beside = {
+        "type": "object",
+        "properties": {"acres": {"type": "number"}},
+        "required": ["acres"],
+        "anyOf": [{"properties": {"price": {"type": "number"}}}],
+    }
+    assert bound(beside)["anyOf"] == beside["anyOf"]
+    assert "additionalProperties" not in bound(beside)
+    # alternatives that are the whole value are bounded, also through a $ref (pydantic)
+    optional = {
+        "type": "object",
+        "properties": {"item": {"anyOf": [{"$ref": "#/$defs/Item"}, {"type": "null"}]}},
+        "$defs": {"Item": {"type": "object", "properties": {"name": {"type": "string"}}}},
+    }
+    item = bound(optional)["$defs"]["Item"]
+    assert item["additionalProperties"] is False
+    assert item["properties"]["name"] == {"type": "string", "maxLength": 10}
+    # a definition also used beside other keywords stays as it is
+    shared = {**optional, "properties": {"item": {"$ref": "#/$defs/Item", "required": ["name"]}}}
+    assert bound(shared)["$defs"] == optional["$defs"]
 
 
 def test_string_bound_fits_the_budget() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kiban.structured.constraint import Constraint
-from kiban.structured.features import canonical_schema_features
+from kiban.structured.features import ANNOTATION_FEATURES, canonical_schema_features
 
 ALL_KINDS = frozenset({"json_schema", "json_object", "regex", "choice", "grammar"})
 
@@ -88,6 +88,7 @@ class StructuredCapability:
         if constraint.kind != "json_schema":
             return []
         features = canonical_schema_features(constraint.key.removeprefix(b"schema:"))
+        features -= ANNOTATION_FEATURES
         return [feature for feature in sorted(features) if not self.supports(feature)]
 
 

@@ -128,6 +128,9 @@ COMBINED_FEATURES = frozenset(
         "$ref-remote",  # a $ref that does not start with '#'
     }
 )
+#: features that constrain nothing but that a decoder may refuse to compile ("Unknown
+#: format: byte" from llguidance): taken out for every engine, never "unenforced"
+ANNOTATION_FEATURES = frozenset({"format-unknown"})
 
 
 def schema_features(schema: Any) -> frozenset[str]:
@@ -201,6 +204,8 @@ def _combinations(node: dict[str, Any], found: set[str]) -> None:
     fmt = node.get("format")
     if fmt in ASSERTED_FORMATS:
         found.add(f"format:{fmt}")
+    elif fmt is not None:
+        found.add("format-unknown")
     if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
         found.add("string-length+pattern")
     if any(k in node for k in _NUMERIC_BOUNDS) and node.get("type") != "integer":

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kiban.structured.features import map_subschemas, node_features, schema_features, subschemas
+from kiban.structured.features import map_subschemas, node_features, subschemas
 
 Supports = Callable[[str], bool]
 
@@ -208,6 +208,7 @@ _ARRAY_KEYWORDS = frozenset(
 #: keywords that already say what other properties an object may have
 _OPEN_ENDED = frozenset(
     {"additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames"}
+    | {"allOf", "anyOf", "oneOf", "if", "$ref", "dependentSchemas", "dependencies"}
 )
 #: items an array is expected to hold, when the schema does not bound it
 _ITEMS_GUESS = 4
@@ -245,9 +246,9 @@ def bound_runaways(schema: Any, max_length: int, supports: Supports, integers: b
     """*schema* with what can run away bounded where the engine can bound it.
 
     - each string: ``maxLength`` at most *max_length*;
-    - each object that names its properties: no other properties (a model may
-      otherwise add properties with names and values that never end), unless the
-      schema combines objects with ``allOf``, where that could exclude every answer;
+    - each object that names its properties and requires no others: no other
+      properties (a model may otherwise add properties with names and values that
+      never end);
     - each schema without a type: an object or an array when its keywords are about
       one, else (``{}``, ``true``, string keywords only) a string, integer, boolean or
       null, bounded as above;
@@ -255,33 +256,119 @@ def bound_runaways(schema: Any, max_length: int, supports: Supports, integers: b
       its own an integer within ±10^15 (a double holds integers exactly to 2^53;
       grammars allow fractions and exponents of any length).
 
-    Each answer the bounded schema accepts, the original accepts too.
+    Only schemas that alone decide their value are bounded (a property's, an item's,
+    a branch of an ``anyOf`` that is nothing else): one that shares its value with
+    other keywords (an ``allOf`` branch, an ``anyOf`` beside ``properties``, a
+    definition used so) could otherwise exclude every answer. Each answer the
+    bounded schema accepts, the original accepts too.
     """
-    close = "allOf" not in schema_features(schema)
-    return _bound(schema, max_length, supports, integers, close)
+    defs_free = _refs_free(schema, True)
+    return _bound(schema, True, _Bounds(max_length, supports, integers, defs_free))
 
 
-def _bound(node: Any, max_length: int, supports: Supports, integers: bool, close: bool) -> Any:
-    if node is True:
+class _Bounds:
+    __slots__ = ("defs_free", "integers", "max_length", "supports")
+
+    def __init__(self, max_length: int, supports: Supports, integers: bool, defs_free: bool):
+        self.max_length, self.supports = max_length, supports
+        self.integers, self.defs_free = integers, defs_free
+
+
+#: subschemas that constrain another value than their parent's (a property, an item)
+_OWN_VALUE = frozenset(
+    {
+        "properties",
+        "patternProperties",
+        "additionalProperties",
+        "unevaluatedProperties",
+        "items",
+        "prefixItems",
+        "additionalItems",
+        "unevaluatedItems",
+        "contains",
+        "propertyNames",
+    }
+)
+_ALTERNATIVES = ("anyOf", "oneOf")
+#: keywords beside an anyOf that leave its branches alone deciding the value
+_BESIDE_ALTERNATIVES = frozenset(
+    {*_ALTERNATIVES, "$defs", "definitions", "$schema", "$id", "$comment", "title"}
+    | {"description", "examples", "default"}
+)
+
+
+def _child_positions(node: dict[str, Any], free: bool, defs_free: bool) -> dict[str, bool]:
+    """Whether each subschema keyword of *node* leads to schemas that alone decide a value."""
+    alone = free and _BESIDE_ALTERNATIVES.issuperset(node)
+    positions = {key: free for key in _OWN_VALUE}  # another branch may say more of it
+    positions |= {key: alone for key in _ALTERNATIVES}
+    positions |= {"$defs": defs_free, "definitions": defs_free}
+    return positions
+
+
+def _refs_free(node: Any, free: bool) -> bool:
+    """Whether every ``$ref`` stands alone where it is (then definitions decide values)."""
+    if not isinstance(node, dict):
+        return True
+    if "$ref" in node and not (free and _BESIDE_ALTERNATIVES.issuperset(node.keys() - {"$ref"})):
+        return False
+    positions = _child_positions(node, free, True)
+    for key, value in node.items():
+        for sub in _children(key, value):
+            if not _refs_free(sub, positions.get(key, False)):
+                return False
+    return True
+
+
+def _children(key: str, value: Any) -> list[Any]:
+    if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        return list(value.values()) if isinstance(value, dict) else []
+    if isinstance(value, list):
+        return value if key in ("allOf", "anyOf", "oneOf", "prefixItems", "items") else []
+    if key in _OWN_VALUE or key in ("not", "if", "then", "else"):
+        return [value]
+    return []
+
+
+def _bound(node: Any, free: bool, bounds: _Bounds) -> Any:
+    if node is True and free:
         node = {}
     if not isinstance(node, dict):
         return node
-    out = map_subschemas(node, lambda sub: _bound(sub, max_length, supports, integers, close))
-    if "enum" in out or "const" in out:
-        return out
-    if not _TYPED_BY.intersection(out):
-        _give_type(out, supports)
-    if _is_string(out):
-        _bound_length(out, max_length, supports)
-    unbounded = not any(k in out for k in (*_NUMERIC_BOUNDS, "multipleOf"))
-    if integers and unbounded and out.get("type") in ("number", "integer") and supports("minimum"):
-        out.update(type="integer", minimum=-_NUMBER_BOUND, maximum=_NUMBER_BOUND)
-    properties = out.get("properties")
-    if close and isinstance(properties, dict) and not _OPEN_ENDED.intersection(out):
-        required = out.get("required", [])
-        if isinstance(required, list) and all(name in properties for name in required):
-            out["additionalProperties"] = False
+    positions = _child_positions(node, free, bounds.defs_free)
+    out = dict(node)
+    for key, value in node.items():
+        at = positions.get(key, False)
+        if key in ("properties", "patternProperties", "$defs", "definitions"):
+            if isinstance(value, dict):
+                out[key] = {name: _bound(sub, at, bounds) for name, sub in value.items()}
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") or (
+            key == "items" and isinstance(value, list)
+        ):
+            if isinstance(value, list):
+                out[key] = [_bound(sub, at, bounds) for sub in value]
+        elif key in _OWN_VALUE or key in ("not", "if", "then", "else"):
+            out[key] = _bound(value, at, bounds)
+    if free and "enum" not in out and "const" not in out:
+        _bound_value(out, bounds)
     return out
+
+
+def _bound_value(node: dict[str, Any], bounds: _Bounds) -> None:
+    supports = bounds.supports
+    if not _TYPED_BY.intersection(node):
+        _give_type(node, supports)
+    if _is_string(node):
+        _bound_length(node, bounds.max_length, supports)
+    unbounded = not any(k in node for k in (*_NUMERIC_BOUNDS, "multipleOf"))
+    kind = node.get("type")
+    if bounds.integers and unbounded and kind in ("number", "integer") and supports("minimum"):
+        node.update(type="integer", minimum=-_NUMBER_BOUND, maximum=_NUMBER_BOUND)
+    properties = node.get("properties")
+    if isinstance(properties, dict) and not _OPEN_ENDED.intersection(node):
+        required = node.get("required", [])
+        if isinstance(required, list) and all(name in properties for name in required):
+            node["additionalProperties"] = False
 
 
 def _give_type(node: dict[str, Any], supports: Supports) -> None:

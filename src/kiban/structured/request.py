@@ -23,7 +23,7 @@ from kiban.structured.constraint import (
     constraint_from_request,
     json_schema_constraint,
 )
-from kiban.structured.features import canonical_schema_features
+from kiban.structured.features import ANNOTATION_FEATURES, canonical_schema_features
 from kiban.structured.relax import bound_runaways, relax, string_bound, token_budget
 from kiban.structured.stream import StreamAccumulator
 from kiban.structured.validator import CompiledSchema, SchemaError, ValidatorCache
@@ -304,12 +304,12 @@ def enforceable_schema(
     schema = orjson.loads(key.removeprefix(b"schema:"))
     trusted = capability.narrowed(step)
     used = canonical_schema_features(key.removeprefix(b"schema:"))
-    relaxed = tuple(sorted(f for f in used if not trusted.supports(f)))
-    if relaxed:
+    if any(not trusted.supports(f) for f in used):
         schema = relax(schema, trusted.supports)
     if bound:
         schema = bound_runaways(schema, bound, trusted.supports, integers)
-    return schema, relaxed
+    left_out = sorted(f for f in used - ANNOTATION_FEATURES if not trusted.supports(f))
+    return schema, tuple(left_out)
 
 
 def _identity(constraint: Constraint) -> int:
