@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 STRUCTURED_HEADER = b"x-kiban-structured"
 #: max_tokens kiban gives a json_object, regex or grammar request that set none
 AUTO_BUDGET = 1024
-
-
 #: rank of an engine that accepts the form but enforces none of it (kiban validates)
 UNENFORCED_RANK = 1_000_000
 #: kinds kiban can check itself, so an engine that does not enforce them may still serve
@@ -66,7 +64,7 @@ class StructuredRequest:
     integers: bool = False  # after a number that never ended: bound numbers as integers
     ranks: dict[str, int] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # engine -> relax steps after refusals
-    sent: set[tuple[str, int]] = field(default_factory=set)  # (engine, constraint) sent
+    sent: set[tuple[str, bytes]] = field(default_factory=set)  # (engine, constraint) sent
     sends: int = 0
     deadline: float = float("inf")  # no attempt runs past it (the route's total timeout)
 
@@ -178,7 +176,7 @@ class StructuredRequest:
         step = self.steps.get(engine, 0)
         schema, relaxed = enforceable_schema(constraint.key, capability, step, bound, self.integers)
         how = "validated" if relaxed else "enforced"
-        if schema == constraint.schema:
+        if schema is None:
             return constraint, how
         return replace(constraint, schema=schema), how
 
@@ -300,21 +298,25 @@ def enforceable_schema(
 ) -> tuple[Any, tuple[str, ...]]:
     """The schema of *key* relaxed to what *capability* enforces after *step* refusals,
     with strings bounded to *bound* characters (0: unbounded) and numbers to bounded
-    integers (:func:`kiban.structured.relax.bound_runaways`); and the features left out."""
-    schema = orjson.loads(key.removeprefix(b"schema:"))
+    integers (:func:`kiban.structured.relax.bound_runaways`), None when that is the
+    schema itself; and the features left out."""
+    canonical = key.removeprefix(b"schema:")
     trusted = capability.narrowed(step)
-    used = canonical_schema_features(key.removeprefix(b"schema:"))
-    if any(not trusted.supports(f) for f in used):
+    used = canonical_schema_features(canonical)
+    unsupported = [f for f in used if not trusted.supports(f)]
+    if not unsupported and not bound:
+        return None, ()
+    schema = orjson.loads(canonical)
+    if unsupported:
         schema = relax(schema, trusted.supports)
     if bound:
         schema = bound_runaways(schema, bound, trusted.supports, integers)
-    left_out = sorted(f for f in used - ANNOTATION_FEATURES if not trusted.supports(f))
-    return schema, tuple(left_out)
+    return schema, tuple(sorted(set(unsupported) - ANNOTATION_FEATURES))
 
 
-def _identity(constraint: Constraint) -> int:
+def _identity(constraint: Constraint) -> bytes:
     """Equal for equal constraints (the schema an attempt sends may be relaxed or bounded)."""
-    return hash(orjson.dumps(constraint.schema)) if constraint.kind == "json_schema" else 0
+    return orjson.dumps(constraint.schema) if constraint.kind == "json_schema" else b""
 
 
 def _within_context(budget: int, engine: EngineConfig) -> int:
