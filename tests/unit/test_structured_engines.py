@@ -417,3 +417,13 @@ def test_a_schema_budget_leaves_half_the_launched_context_to_the_prompt() -> Non
     req = StructuredService(cfg.routes).prepare({"guided_json": wide}, r)
     assert req.budget == token_budget(wide) > 1024
     assert orjson.loads(req.body_for({}, r.targets[0]))["max_tokens"] == 1024
+
+
+def test_a_grammar_the_engine_failed_on_is_a_refused_constraint() -> None:
+    vllm, llama = ENGINE_KINDS["vllm"], ENGINE_KINDS["llamacpp"]
+    assert vllm.refuses_constraint(400, "Grammar error: oneOf constraints are not supported")
+    assert vllm.refuses_constraint(500, "Internal server error")  # xgrammar crashed on it
+    assert not vllm.refuses_constraint(500, "CUDA out of memory")
+    assert not vllm.refuses_constraint(503, "Internal server error")
+    assert llama.refuses_constraint(400, "failed to parse grammar")
+    assert not llama.refuses_constraint(500, "Internal server error")

@@ -355,6 +355,15 @@ class VLLM(EngineKind):
             "grammar": {"guided_grammar": constraint.grammar},
         }[constraint.kind]
 
+    def refuses_constraint(self, status: int, message: str) -> bool:
+        """Also vLLM's bare 500 "Internal server error": a grammar its backend failed to
+        compile in the engine core (finish_reason "error", vllm/entrypoints/generate/base/
+        serving.py ``_raise_if_error``), seen with xgrammar 0.2.8 on JSONSchemaBench
+        schemas ("grammar_functor.cc:3567: Check failed"). Counted against the engine (as
+        kiban did before), such answers in a row opened its circuit in a JSONSchemaBench
+        run, and 122 of 200 requests found no healthy engine."""
+        return status in (400, 422) or (status == 500 and message == "Internal server error")
+
     def structured_launch_args(self, config: EngineConfig) -> list[str]:
         """The configured backend with compact JSON (no free whitespace); none for ``auto``.
 

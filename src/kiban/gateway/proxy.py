@@ -307,7 +307,8 @@ class Proxy:
         if resp.retry_after:
             headers.append((b"retry-after", resp.retry_after))
         if ex.structured is not None:
-            output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
+            kind, message = target.upstream.kind, _error_message(body)
+            output = kind.structured_output_error(resp.status, message)
             if output is not None:
                 self.metrics.structured_outcome(route.name, output.kind)
                 return _Failure(
@@ -315,21 +316,22 @@ class Proxy:
                     f"engine {target.upstream.name!r}: {output.message}",
                     output=output,
                 )
+            if kind.refuses_constraint(resp.status, message):
+                # the engine could not compile or accept the constraint: less of it may do,
+                # or another engine
+                self.metrics.structured_outcome(route.name, "engine_rejected")
+                return _Failure(
+                    "rejected",
+                    f"engine {target.upstream.name!r} refused the "
+                    f"{ex.structured.constraint.kind} constraint: {message}",
+                    resp.status,
+                    body,
+                    headers,
+                )
         if resp.status >= 500 or resp.status == 429:
             return _Failure(
                 "status",
                 f"engine {target.upstream.name!r} answered HTTP {resp.status}",
-                resp.status,
-                body,
-                headers,
-            )
-        if ex.structured is not None and resp.status in (400, 422):
-            # the engine could not compile or accept the constraint: another engine may
-            self.metrics.structured_outcome(route.name, "engine_rejected")
-            return _Failure(
-                "rejected",
-                f"engine {target.upstream.name!r} refused the "
-                f"{ex.structured.constraint.kind} constraint: {_error_message(body)}",
                 resp.status,
                 body,
                 headers,
