@@ -12,9 +12,10 @@ the same checks kiban makes):
 - ``refused``: an error answer, counted by its code;
 - ``invalid``: HTTP 200 whose content fails the schema: invalid returned as success.
 
-Rows go to ``--json`` (JSON lines, appended; a later row for the same engine, corpus,
-path and schema replaces an earlier one), so a long run can be made in chunks with
-``--offset``/``--limit``; ``--table FILE`` prints the table of what a file holds.
+Rows go to ``--json`` as each answer comes (JSON lines, appended; a later row for the
+same engine, corpus, path and schema replaces an earlier one), so a long run can be made
+in chunks with ``--offset``/``--limit`` (``--sample N``: N schemas spread over the
+corpus); ``--table FILE`` prints the table of what a file holds.
 
     .venv/bin/python bench/structured_coverage.py --engine llamacpp --model tiny \
         --json bench/results/structured-coverage.jsonl
@@ -144,6 +145,8 @@ async def send_all(
                         raw, status = await resp.read(), resp.status
                         header = resp.headers.get("x-kiban-structured")
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    if isinstance(exc, TimeoutError) and time.monotonic() - started < args.timeout:
+                        raise  # cancelled (the run was interrupted), not timed out
                     raw, status, header = b"", 0, None
                     print(f"# {row['id']}: {type(exc).__name__} on {path}", flush=True)
                 seconds = time.monotonic() - started
@@ -152,9 +155,13 @@ async def send_all(
             if status == 200:
                 usage = orjson.loads(raw).get("usage") or {}
                 tokens = usage.get("completion_tokens")
-            results.append(
-                Row(engine, corpus, path, row["id"], status, outcome, code, header, seconds, tokens)
+            result = Row(
+                engine, corpus, path, row["id"], status, outcome, code, header, seconds, tokens
             )
+            results.append(result)
+            if args.json:  # as each answer comes: a run cut short keeps what it measured
+                with args.json.open("a") as fh:
+                    fh.write(json.dumps(asdict(result)) + "\n")
 
         await asyncio.gather(*(one(row) for row in rows))
     return results
@@ -245,10 +252,6 @@ def run(args: argparse.Namespace) -> list[Row]:
                     flush=True,
                 )
                 rows += got
-                if args.json:
-                    with args.json.open("a") as fh:
-                        for row in got:
-                            fh.write(json.dumps(asdict(row)) + "\n")
     finally:
         subprocess.run([str(KIBAN), "down", "-c", str(config_path)], check=False)
     return rows
