@@ -85,11 +85,11 @@ def commit(repo: Path) -> str:
     ).stdout.strip()
 
 
-def usable(schema: object) -> bool:
+def usable(schema: object, max_bytes: int = MAX_BYTES) -> bool:
     if not isinstance(schema, dict) or not schema:
         return False
     text = json.dumps(schema, separators=(",", ":"))
-    if len(text) > MAX_BYTES:
+    if len(text) > max_bytes:
         return False
     try:
         jsonschema_rs.validator_for(schema, offline=True)

@@ -326,19 +326,29 @@ class StructuredPolicy(_Strict):
 
     ``schema`` makes the route an extractor: every request gets this JSON
     Schema without sending it. ``unenforced`` decides what happens when no
-    engine of the route can enforce a request's constraint: ``refuse`` (400
-    naming the feature) or ``validate`` (send it anyway, validate, retry).
-    ``retries`` more attempts follow an invalid output, on the next engine or
-    the same one (``retry_on``).
+    engine of the route enforces all of a request's constraint: ``validate``
+    (the engine enforces what it can, kiban validates the answer against the
+    whole schema and retries) or ``refuse`` (400 naming the feature).
+    ``retries`` more attempts follow an invalid output, on the best enforcing
+    engines in turn or on the same one (``retry_on``). ``default_max_tokens``
+    is what a request without ``max_tokens`` gets: ``auto`` (from the schema)
+    or a number.
     """
 
     schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")] = "response"
-    unenforced: Literal["refuse", "validate"] = "refuse"
-    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    unenforced: Literal["validate", "refuse"] = "validate"
+    retries: Annotated[int, Field(ge=0, le=5)] = 2
     retry_on: Literal["next", "same"] = "next"
-    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    default_max_tokens: Literal["auto"] | int = "auto"
     whitespace_run: Annotated[int, Field(ge=8)] = 64
+
+    @field_validator("default_max_tokens", mode="before")
+    @classmethod
+    def _auto_or_tokens(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError("expected 'auto' or a number of tokens of at least 1")
 
 
 class RouteConfig(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tests.support.engines import EngineProcess
 from tests.support.inprocess_gateway import running_gateway
-from tests.support.schema_corpus import load_corpus, run_corpus
+from tests.support.schema_corpus import assert_nothing_invalid_returned, load_corpus, run_corpus
 
 pytestmark = pytest.mark.engine
 
@@ -37,13 +38,21 @@ def engine(llamacpp_engine_factory, tiny_gguf: Path) -> EngineProcess:
 def gateway(engine: EngineProcess):
     config = {
         "engines": [{"name": "l", "kind": "llamacpp", "url": engine.base_url, "models": ["tiny"]}],
-        "routes": [{"model": "tiny", "engines": ["l"], "structured": {"retries": 1}}],
+        "routes": [
+            {"model": "tiny", "engines": ["l"]},
+            {
+                "model": "tiny-refuse",
+                "engines": [{"engine": "l", "model": "tiny"}],
+                "structured": {"unenforced": "refuse"},
+            },
+        ],
     }
     with running_gateway(config) as gw:
         yield gw
 
 
-def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
+    """Status, JSON body and x-kiban-structured header of one chat request."""
     request = urllib.request.Request(
         f"{gateway.base_url}/v1/chat/completions",
         data=json.dumps({"model": "tiny", "messages": MESSAGES, **body}).encode(),
@@ -51,19 +60,26 @@ def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, json.loads(resp.read()), resp.headers["x-kiban-structured"]
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, json.loads(err.read()), err.headers["x-kiban-structured"]
 
 
+@pytest.mark.timeout(1800)
 def test_corpus_never_returns_invalid_output(gateway) -> None:
-    report = asyncio.run(run_corpus(gateway.base_url, "tiny", load_corpus(), max_tokens=512))
+    """No coverage floor yet: not measured. llama.cpp samples a token first and checks it
+    against the grammar after, over the whole vocabulary when it does not fit
+    (common/sampling.cpp); a random model rarely fits, and the larger schemas of the
+    corpus, which kiban now relaxes and sends instead of refusing them, ran at about
+    4 tokens/s on the loaded 2-core machine (2026-12-01): over 120 s for some requests
+    of 3 attempts, so the client waits up to 600 s."""
+    report = asyncio.run(
+        run_corpus(gateway.base_url, "tiny", load_corpus(), max_tokens=512, timeout_s=600)
+    )
     print("\n" + report.summary())
-    invalid = [o for o in report.outcomes if o.category in ("returned_invalid", "other")]
-    assert invalid == []
-    assert report.count("valid") > 0
-    # kiban refuses up front what llama.cpp would skip silently
-    assert any(o.code == "structured_output_unsupported" for o in report.outcomes)
+    assert_nothing_invalid_returned(report)
+    # llama.cpp enforces part of many schemas: kiban validated the rest
+    assert report.how()["validated"] > 0
 
 
 def test_openai_sdk_parse(gateway) -> None:
@@ -75,29 +91,42 @@ def test_openai_sdk_parse(gateway) -> None:
 
 
 def test_choice_becomes_a_grammar(gateway) -> None:
-    status, body = post(gateway, {"guided_choice": ["alpha", "beta"], "max_tokens": 8})
+    status, body, how = post(gateway, {"guided_choice": ["alpha", "beta"], "max_tokens": 8})
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] in ("alpha", "beta")
+    assert how == "enforced"
 
 
 def test_regex_is_refused_with_the_reason(gateway) -> None:
-    status, body = post(gateway, {"guided_regex": "[0-9]+"})
+    status, body, how = post(gateway, {"guided_regex": "[0-9]+"})
     assert status == 400
     assert "cannot enforce constraint type regex" in body["error"]["message"]
+    assert how == "structured_output_unsupported"
 
 
-def test_unanchored_pattern_is_refused(gateway) -> None:
-    """llama.cpp would accept any string for it, with only a warning in its log."""
-    schema = {"type": "string", "pattern": "[a-z]+"}
+def test_unanchored_pattern_is_validated_by_kiban_or_refused_by_policy(gateway) -> None:
+    """llama.cpp would accept any string for it, with only a warning in its log: kiban
+    sends the schema without the pattern and checks it, or refuses on a refuse route."""
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "pattern": "[a-z]"}},
+        "required": ["word"],
+    }
     rf = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
-    status, body = post(gateway, {"response_format": rf})
+    status, body, how = post(gateway, {"response_format": rf, "max_tokens": 64})
+    if status == 200:
+        assert re.search("[a-z]", json.loads(body["choices"][0]["message"]["content"])["word"])
+        assert how == "validated"
+    else:
+        assert status == 422 and how == body["error"]["code"], body
+    status, body, how = post(gateway, {"model": "tiny-refuse", "response_format": rf})
     assert status == 400 and "pattern-unanchored" in body["error"]["message"]
+    assert how == "structured_output_unsupported"
 
 
 def test_cut_off_output_is_a_422(gateway) -> None:
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
     rf = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
-    status, body = post(gateway, {"response_format": rf, "max_tokens": 3})
+    status, body, how = post(gateway, {"response_format": rf, "max_tokens": 3})
     assert status == 422, body
-    codes = ("structured_output_truncated", "structured_output_invalid_json")
-    assert body["error"]["code"] in codes
+    assert body["error"]["code"] == "structured_output_truncated" == how

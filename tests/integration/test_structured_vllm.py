@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +25,7 @@ from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
 from tests.support.engines import EngineProcess
 from tests.support.inprocess_gateway import running_gateway
-from tests.support.schema_corpus import load_corpus, run_corpus
+from tests.support.schema_corpus import assert_nothing_invalid_returned, load_corpus, run_corpus
 
 pytestmark = pytest.mark.engine
 
@@ -70,18 +71,18 @@ def gateway(engine: EngineProcess):
             engine_entry("generic", url, kind="openai"),
         ],
         "routes": [
-            {"model": "tiny", "engines": ["v"], "structured": {"retries": 1}},
+            {"model": "tiny", "engines": ["v"]},
             {
                 "model": "flags",
                 "engines": [{"engine": "v", "model": "tiny"}],
                 "structured": {"schema": PERSON, "name": "flag", "default_max_tokens": 48},
             },
-            {"model": "generic", "engines": [{"engine": "generic", "model": "tiny"}]},
             {
-                "model": "generic-validated",
+                "model": "generic-refuse",
                 "engines": [{"engine": "generic", "model": "tiny"}],
-                "structured": {"unenforced": "validate"},
+                "structured": {"unenforced": "refuse"},
             },
+            {"model": "generic", "engines": [{"engine": "generic", "model": "tiny"}]},
         ],
     }
     with running_gateway(config) as gw:
@@ -94,6 +95,12 @@ def client(gateway) -> openai.OpenAI:
 
 
 def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, answer, _ = post_with_header(gateway, body)
+    return status, answer
+
+
+def post_with_header(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
+    """Status, JSON body and x-kiban-structured header of one chat request."""
     request = urllib.request.Request(
         f"{gateway.base_url}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -101,9 +108,9 @@ def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, json.loads(resp.read()), resp.headers["x-kiban-structured"]
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, json.loads(err.read()), err.headers["x-kiban-structured"]
 
 
 def stream_raw(gateway, body: dict[str, Any]) -> bytes:
@@ -122,20 +129,22 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
 
+#: Measured 2026-12-01 on the loaded 2-core machine (vLLM 0.32.0 CPU, guidance): 204
+#: valid (159 enforced, 45 validated) among the first 236 answers, when the run was cut
+#: at pytest's 600 s (engine start included); the floor leaves about 10% to sampling
+#: that batching makes nondeterministic.
+CORPUS_VALID_FLOOR = 180
+
+
+@pytest.mark.timeout(1200)  # about 9 minutes of corpus on the loaded machine, 3 attempts each
 def test_corpus_never_returns_invalid_output(gateway) -> None:
     """Every success kiban returns satisfies its schema; the rest are clear errors."""
     schemas = load_corpus()
     assert len(schemas) >= 200
     report = asyncio.run(run_corpus(gateway.base_url, "tiny", schemas, max_tokens=512))
     print("\n" + report.summary())
-    assert report.count("returned_invalid") == 0, [
-        o for o in report.outcomes if o.category == "returned_invalid"
-    ]
-    assert report.count("other") == 0, [o for o in report.outcomes if o.category == "other"]
-    assert report.count("valid") > 0
-    for outcome in report.outcomes:
-        if outcome.category in ("refused", "failed_verification"):
-            assert outcome.code and outcome.message
+    assert_nothing_invalid_returned(report)
+    assert report.count("valid") >= CORPUS_VALID_FLOOR
 
 
 def test_openai_sdk_parse(client: openai.OpenAI) -> None:
@@ -209,31 +218,59 @@ def test_truncated_output_is_a_422_with_reason(gateway) -> None:
     assert status == 422
     error = body["error"]
     assert error["code"] == "structured_output_truncated"
-    assert error["failure"] == "truncated" and "after 2 attempt(s)" in error["message"]
+    assert error["failure"] == "truncated" and "after 3 attempt(s)" in error["message"]
     assert error["param"] == "response_format.json_schema.schema"
 
 
-def test_engine_compile_error_is_a_clear_400(gateway) -> None:
-    schema = {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}
-    status, body = post(
-        gateway, {"model": "tiny", "messages": MESSAGES, "response_format": schema_format(schema)}
+def test_a_refused_schema_is_sent_again_with_less_and_validated(gateway) -> None:
+    """llguidance cannot compile ``\\cA`` (jsonschema-rs can): vLLM answers 400; kiban asks
+    again without patterns and checks the pattern itself."""
+    schema = {
+        "type": "object",
+        "properties": {"w": {"type": "string", "pattern": "\\cA|[a-z]", "maxLength": 24}},
+        "required": ["w"],
+        "additionalProperties": False,
+    }
+    request = {"model": "tiny", "messages": MESSAGES, "response_format": schema_format(schema)}
+    status, body, how = post_with_header(gateway, request)
+    if status == 200:
+        assert how == "validated"
+        assert re.search("[a-z]", json.loads(body["choices"][0]["message"]["content"])["w"])
+    else:
+        assert status == 422 and how == body["error"]["code"], body
+        assert "engine 'v' refused the json_schema constraint" in body["error"]["message"]
+
+
+def test_what_an_engine_does_not_enforce_kiban_validates(gateway) -> None:
+    """``not`` is beyond llguidance: the engine gets the rest, kiban checks the whole."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "not": {"const": 0}}},
+        "required": ["a"],
+    }
+    request = {"model": "tiny", "messages": MESSAGES, "response_format": schema_format(schema)}
+    status, body, how = post_with_header(gateway, {**request, "max_tokens": 32})
+    if status == 200:
+        assert how == "validated"
+        assert json.loads(body["choices"][0]["message"]["content"])["a"] != 0
+    else:
+        assert status == 422 and how == body["error"]["code"], body
+    status, body, how = post_with_header(
+        gateway, {**request, "response_format": schema_format(PERSON)}
     )
-    assert status == 400
-    assert body["error"]["code"] == "structured_output_rejected"
-    assert "engine 'v' refused the json_schema constraint" in body["error"]["message"]
-    assert "not" in body["error"]["message"]
+    assert (status, how) == (200, "enforced"), body
 
 
-def test_unenforcing_engine_refused_or_validated(gateway) -> None:
+def test_unenforcing_engine_validated_or_refused_by_policy(gateway) -> None:
     request = {"messages": MESSAGES, "response_format": schema_format(PERSON), "max_tokens": 48}
-    status, body = post(gateway, {"model": "generic", **request})
-    assert status == 400 and body["error"]["code"] == "structured_output_unsupported"
+    status, body, how = post_with_header(gateway, {"model": "generic-refuse", **request})
+    assert status == 400 and body["error"]["code"] == "structured_output_unsupported" == how
     assert "no enforcement assumed" in body["error"]["message"]
-    status, body = post(gateway, {"model": "generic-validated", **request})
+    status, body, how = post_with_header(gateway, {"model": "generic", **request})
     assert status in (200, 422), body
     if status == 200:
         doc = json.loads(body["choices"][0]["message"]["content"])
-        assert set(doc) == {"ok", "n"}
+        assert set(doc) == {"ok", "n"} and how == "validated"
 
 
 def test_stream_valid_ends_with_done(gateway, client: openai.OpenAI) -> None:
@@ -281,6 +318,70 @@ def test_metrics_count_outcomes(gateway) -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("kiban_structured_outcomes_total")]
     outcomes = {ln.split('outcome="')[1].split('"')[0] for ln in lines}
     assert {"valid", "truncated", "engine_rejected", "unsupported"} <= outcomes
+    lines = [ln for ln in text.splitlines() if ln.startswith("kiban_structured_requests_total")]
+    results = {ln.split('result="')[1].split('"')[0] for ln in lines}
+    assert {"enforced", "validated", "structured_output_unsupported"} <= results
+    assert "structured_output_truncated" in results
+
+
+@pytest.fixture(scope="module")
+def mixed_gateway(engine: EngineProcess, llamacpp_engine_factory, tiny_gguf: Path):
+    """One route, llama.cpp listed first (the priority strategy's choice), then vLLM."""
+    llama = llamacpp_engine_factory(tiny_gguf, "tiny", ctx=2048, parallel=2)
+    config = {
+        "engines": [
+            engine_entry("l", llama.base_url, kind="llamacpp"),
+            engine_entry("v", engine.base_url, options=BACKEND),
+        ],
+        "routes": [{"model": "tiny", "engines": ["l", "v"], "strategy": "priority"}],
+    }
+    with running_gateway(config) as gw:
+        yield gw
+
+
+def answered(gateway, body: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any]]:
+    """The engine that answered, the x-kiban-structured header and the body of one request."""
+    request = urllib.request.Request(
+        f"{gateway.base_url}/v1/chat/completions",
+        data=json.dumps({"model": "tiny", "messages": MESSAGES, **body}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            headers, answer = resp.headers, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        headers, answer = err.headers, json.loads(err.read())
+    return headers["x-kiban-engine"], headers["x-kiban-structured"], answer
+
+
+def test_the_engine_that_enforces_the_whole_schema_answers_first(mixed_gateway) -> None:
+    """A route of llama.cpp and vLLM: llama.cpp cannot enforce ``multipleOf``, vLLM
+    (guidance) can, so vLLM answers although the priority strategy prefers llama.cpp;
+    a schema both enforce goes to llama.cpp, and a regex only vLLM can express to vLLM."""
+    bounded = {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 20, "multipleOf": 5}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }
+    for prompt in ("a", "b", "c"):
+        messages = [{"role": "user", "content": prompt}]
+        engine, how, body = answered(
+            mixed_gateway,
+            {"messages": messages, "response_format": schema_format(bounded), "max_tokens": 48},
+        )
+        assert (engine, how) == ("v", "enforced"), body
+        assert json.loads(body["choices"][0]["message"]["content"])["x"] in (0, 5, 10, 15, 20)
+    # temperature 0: one answer, and room for every whitespace llama.cpp's grammar allows
+    engine, how, body = answered(
+        mixed_gateway,
+        {"response_format": schema_format(PERSON), "max_tokens": 256, "temperature": 0.0},
+    )
+    assert (engine, how) == ("l", "enforced"), body
+    assert set(json.loads(body["choices"][0]["message"]["content"])) == {"ok", "n"}
+    engine, how, body = answered(mixed_gateway, {"guided_regex": "[0-9]{3}", "max_tokens": 8})
+    assert (engine, how) == ("v", "enforced"), body
+    assert re.fullmatch("[0-9]{3}", body["choices"][0]["message"]["content"])
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ class Outcome:
     category: str  # "valid", "refused", "failed_verification", "returned_invalid", "other"
     code: str | None = None
     message: str = ""
+    structured: str | None = None  # the x-kiban-structured header
 
 
 @dataclass
@@ -47,12 +48,17 @@ class CorpusReport:
     def codes(self) -> Counter[str]:
         return Counter(o.code or o.category for o in self.outcomes if o.category != "valid")
 
+    def how(self) -> Counter[str]:
+        """Valid answers by the x-kiban-structured header (enforced, validated)."""
+        return Counter(str(o.structured) for o in self.outcomes if o.category == "valid")
+
     def summary(self) -> str:
         lines = [f"{len(self.outcomes)} schemas"]
         for category in ("valid", "refused", "failed_verification", "returned_invalid", "other"):
             n = self.count(category)
             lines.append(f"  {category:20s} {n:4d}  {100 * self.share(category):5.1f}%")
         lines.append("  by code: " + ", ".join(f"{c}={n}" for c, n in self.codes().most_common()))
+        lines.append("  valid: " + ", ".join(f"{h}={n}" for h, n in self.how().most_common()))
         return "\n".join(lines)
 
 
@@ -88,7 +94,9 @@ async def run_corpus(
             }
             async with gate, session.post(f"{base_url}/v1/chat/completions", json=body) as resp:
                 data = await resp.json(content_type=None)
-            report.outcomes.append(classify(row, resp.status, data))
+            outcome = classify(row, resp.status, data)
+            outcome.structured = resp.headers.get("x-kiban-structured")
+            report.outcomes.append(outcome)
 
         await asyncio.gather(*(one(row) for row in schemas))
     return report
@@ -111,3 +119,14 @@ def classify(row: dict[str, Any], status: int, data: Any) -> Outcome:
     if status == 422 and str(code).startswith("structured_output_"):
         return Outcome(row["id"], status, "failed_verification", str(code), message)
     return Outcome(row["id"], status, "other", str(code), message)
+
+
+def assert_nothing_invalid_returned(report: CorpusReport) -> None:
+    """No invalid output came back as a success; every answer says how it was obtained."""
+    bad = [o for o in report.outcomes if o.category in ("returned_invalid", "other")]
+    assert bad == [], bad
+    for o in report.outcomes:
+        if o.category == "valid":
+            assert o.structured in ("enforced", "validated"), o
+        else:
+            assert o.code and o.message and o.structured == o.code, o

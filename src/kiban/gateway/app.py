@@ -47,7 +47,7 @@ from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
 from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.structured.constraint import STRUCTURED_KEYS
-from kiban.structured.request import StructuredService
+from kiban.structured.request import StructuredService, answered_by
 
 log = logging.getLogger("kiban.gateway")
 
@@ -450,9 +450,15 @@ class Gateway:
             try:
                 structured = live.structured.prepare(payload, route)
             except RecursionError:
-                raise APIError(
-                    400, "the structured-output constraint is nested too deeply", code="too_deep"
+                raise answered_by(
+                    APIError(
+                        400,
+                        "the structured-output constraint is nested too deeply",
+                        code="too_deep",
+                    )
                 ) from None
+            except APIError as err:
+                raise answered_by(err) from None
         ex = Exchange(
             request_id=request_id,
             endpoint=endpoint,
@@ -473,6 +479,8 @@ class Gateway:
         except APIError as err:
             ex.status = err.status
             ex.error = err.code or err.type
+            if structured is not None:
+                answered_by(err)
             if err.code == "engines_saturated":
                 self.metrics.rate_limited(route.name, "engine_concurrency")
             elif err.code == "queue_timeout":
@@ -521,25 +529,27 @@ class Gateway:
         self.metrics.observe_exchange(route, ex, elapsed)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if ex.structured is not None:
+            self.metrics.structured_result(route, ex.error or ex.structured.how or "none")
         if live.config.gateway.request_log:
-            self.request_log.write(
-                {
-                    "request_id": ex.request_id,
-                    "worker": self.worker_pid,
-                    "route": route,
-                    "engine": ex.engine,
-                    "endpoint": ex.endpoint,
-                    "stream": ex.stream,
-                    "status": ex.status,
-                    "attempts": ex.attempts,
-                    "latency_ms": round(elapsed * 1000, 2),
-                    "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "error": ex.error,
-                },
-                self.loop,
-            )
+            entry = {
+                "request_id": ex.request_id,
+                "worker": self.worker_pid,
+                "route": route,
+                "engine": ex.engine,
+                "endpoint": ex.endpoint,
+                "stream": ex.stream,
+                "status": ex.status,
+                "attempts": ex.attempts,
+                "latency_ms": round(elapsed * 1000, 2),
+                "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "error": ex.error,
+            }
+            if ex.structured is not None:
+                entry["structured"] = ex.error or ex.structured.how
+            self.request_log.write(entry, self.loop)
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:

@@ -93,6 +93,7 @@ class Metrics:
         self._series: dict[tuple[str, str], Series] = {}
         self._in_flight: dict[str, Any] = {}
         self._outcomes: dict[tuple[str, str], Any] = {}
+        self._results: dict[tuple[str, str], Any] = {}
         r = self.registry
         route_engine = ["route", "engine"]
         self.requests = Counter(
@@ -204,8 +205,15 @@ class Metrics:
         )
         self.structured_outcomes = Counter(
             "kiban_structured_outcomes",
-            "Structured-output requests by route and verification outcome",
+            "Structured-output attempts by route and verification outcome",
             ["route", "outcome"],
+            registry=r,
+        )
+        self.structured_results = Counter(
+            "kiban_structured_requests",
+            "Structured-output requests by route and how they were answered: enforced, "
+            "validated, or the error code (the x-kiban-structured header)",
+            ["route", "result"],
             registry=r,
         )
 
@@ -265,6 +273,14 @@ class Metrics:
         child = self._outcomes.get(key)
         if child is None:
             child = self._outcomes[key] = self.structured_outcomes.labels(route, outcome)
+        child.inc()
+
+    def structured_result(self, route: str, result: str) -> None:
+        """Count one structured-output request by how it was answered."""
+        key = (route, result)
+        child = self._results.get(key)
+        if child is None:
+            child = self._results[key] = self.structured_results.labels(route, result)
         child.inc()
 
     def rate_limited(self, route: str, limit: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from kiban.gateway.routing import Route, Target
 from kiban.gateway.upstream_http import ConnectTimeout, Deadline, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
-from kiban.structured.request import StructuredRequest
+from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
 
@@ -118,12 +119,14 @@ class Proxy:
             target = await self._wait_in_queue(route, needs_images, structured)
             queued, candidates = target.upstream, [target]
         if structured is None:
-            plan = candidates[: retries.attempts]
+            plan: Iterable[Target] = candidates[: retries.attempts]
         else:
-            plan = structured.plan(candidates, retries.attempts)
+            deadline = self.loop.time() + route.config.timeouts.total_s
+            plan = structured_plan = structured.attempts(
+                candidates, retries.attempts, deadline, self.loop.time
+            )
         route.budget.deposit()
         failures: list[tuple[str, _Failure]] = []
-        invalid_outputs = 0
         attempted = 0
         done_with: set[str] | None = None  # engines not to try again (failed other than output)
         try:
@@ -132,10 +135,14 @@ class Proxy:
                 if done_with is not None and upstream.name in done_with:
                     continue
                 if attempted:
-                    if not route.budget.try_withdraw():
+                    # the route's retry budget guards failing engines; an engine that
+                    # answered (an invalid output, a refused schema) is bounded by
+                    # structured.retries instead
+                    answered = failures and failures[-1][1].engine_answered
+                    if not answered and not route.budget.try_withdraw():
                         break
                     self.metrics.retries.labels(route.name).inc()
-                    if retries.backoff_s:
+                    if retries.backoff_s and not answered:
                         await asyncio.sleep(retries.backoff_s * (0.5 + random.random()) * attempted)
                 if upstream is queued:
                     queued = None  # the slot waited for is used now
@@ -152,12 +159,10 @@ class Proxy:
                 self.metrics.upstream_failures.labels(
                     route.name, upstream.name, failure.reason
                 ).inc()
-                if failure.reason != "invalid_output":
+                if structured is None:
                     done_with = (done_with or set()) | {upstream.name}
-                elif structured is not None:
-                    invalid_outputs += 1
-                    if invalid_outputs > structured.policy.retries:
-                        break
+                elif not structured_plan.record(upstream.name, failure.reason, failure.output):
+                    break
         finally:
             if queued is not None:
                 queued.release()
@@ -210,9 +215,12 @@ class Proxy:
         upstream.breaker.on_attempt()
         started = time.perf_counter()
         now = self.loop.time()
+        total_at = now + timeouts.total_s
+        if ex.structured is not None:  # its retries share the route's total timeout
+            total_at = min(total_at, ex.structured.deadline)
         try:
             failure = await self._exchange(
-                ex, target, send, route, now + timeouts.first_byte_s, now + timeouts.total_s
+                ex, target, send, route, now + timeouts.first_byte_s, total_at
             )
         except Deadline as deadline:
             failure = _Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
@@ -279,10 +287,13 @@ class Proxy:
         return b"".join(lines)
 
     def _response_headers(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
-        return [
+        headers = [
             (b"x-request-id", ex.request_id.encode()),
             (b"x-kiban-engine", (ex.engine or "").encode()),
         ]
+        if ex.structured is not None and ex.structured.how is not None:
+            headers.append((STRUCTURED_HEADER, ex.structured.how.encode()))
+        return headers
 
     async def _upstream_error(
         self, ex: Exchange, resp: EngineResponse, target: Target, send: Send, route: Route
@@ -296,7 +307,8 @@ class Proxy:
         if resp.retry_after:
             headers.append((b"retry-after", resp.retry_after))
         if ex.structured is not None:
-            output = target.upstream.kind.structured_output_error(resp.status, _error_message(body))
+            kind, message = target.upstream.kind, _error_message(body)
+            output = kind.structured_output_error(resp.status, message)
             if output is not None:
                 self.metrics.structured_outcome(route.name, output.kind)
                 return _Failure(
@@ -304,21 +316,22 @@ class Proxy:
                     f"engine {target.upstream.name!r}: {output.message}",
                     output=output,
                 )
+            if kind.refuses_constraint(resp.status, message):
+                # the engine could not compile or accept the constraint: less of it may do,
+                # or another engine
+                self.metrics.structured_outcome(route.name, "engine_rejected")
+                return _Failure(
+                    "rejected",
+                    f"engine {target.upstream.name!r} refused the "
+                    f"{ex.structured.constraint.kind} constraint: {message}",
+                    resp.status,
+                    body,
+                    headers,
+                )
         if resp.status >= 500 or resp.status == 429:
             return _Failure(
                 "status",
                 f"engine {target.upstream.name!r} answered HTTP {resp.status}",
-                resp.status,
-                body,
-                headers,
-            )
-        if ex.structured is not None and resp.status in (400, 422):
-            # the engine could not compile or accept the constraint: another engine may
-            self.metrics.structured_outcome(route.name, "engine_rejected")
-            return _Failure(
-                "rejected",
-                f"engine {target.upstream.name!r} refused the "
-                f"{ex.structured.constraint.kind} constraint: {_error_message(body)}",
                 resp.status,
                 body,
                 headers,

@@ -3,17 +3,18 @@
 Each engine module declares a :class:`StructuredCapability` for its version
 and backend. ``expressible`` kinds can be sent in the engine's dialect at all;
 ``enforced`` kinds are also enforced by its guided decoding. For JSON Schema,
-``features`` lists what the decoder enforces (None: everything it accepts,
-because it refuses the rest itself with an error, as llguidance does), and
-``skipped`` what it accepts without enforcing.
+``features`` lists what the decoder enforces, ``formats`` the ``format`` values
+it turns into grammar, and ``skipped`` what it accepts without enforcing. What
+an engine does not enforce, kiban relaxes out of the schema it sends there
+(:mod:`kiban.structured.relax`) and checks itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kiban.structured.constraint import Constraint
-from kiban.structured.features import canonical_schema_features
+from kiban.structured.features import ANNOTATION_FEATURES, canonical_schema_features
 
 ALL_KINDS = frozenset({"json_schema", "json_object", "regex", "choice", "grammar"})
 
@@ -32,6 +33,22 @@ CORE_FEATURES = frozenset(
     }
 )
 
+#: features a decoder compiles through regular expressions, or may refuse for the
+#: branches' sake (``oneOf``): the first to leave when an engine refuses a schema
+REGEX_FEATURES = frozenset(
+    {
+        "oneOf",
+        "pattern",
+        "pattern-unanchored",
+        "string-length+pattern",
+        "patternProperties",
+        "properties+patternProperties",
+        "patternProperties-multi",
+        "propertyNames",
+        "properties+propertyNames",
+    }
+)
+
 
 @dataclass(frozen=True)
 class StructuredCapability:
@@ -39,13 +56,30 @@ class StructuredCapability:
 
     enforced: frozenset[str] = frozenset()
     expressible: frozenset[str] = frozenset()
-    features: frozenset[str] | None = CORE_FEATURES
-    formats: frozenset[str] | None = frozenset()  # None: any format name
+    features: frozenset[str] = CORE_FEATURES
+    formats: frozenset[str] = frozenset()
     skipped: frozenset[str] = frozenset()  # features the decoder accepts but does not enforce
     describes: str = ""  # which engine/version/backend this states, for messages
 
     def can_enforce(self, constraint: Constraint) -> bool:
         return not self.unenforced(constraint)
+
+    def supports(self, feature: str) -> bool:
+        """Whether the decoder enforces one JSON Schema feature (a name from features.py)."""
+        if feature.startswith("format:"):
+            return feature[7:] in self.formats
+        if feature in self.skipped:
+            return False
+        return feature == "format" or feature in self.features
+
+    def narrowed(self, step: int) -> StructuredCapability:
+        """What to rely on after the engine refused a schema *step* times: first no
+        regular expressions, ``format`` or ``oneOf`` (what decoders most often fail to
+        compile), then the core structure only."""
+        if step <= 0:
+            return self
+        features = self.features - REGEX_FEATURES if step == 1 else self.features & CORE_FEATURES
+        return replace(self, features=features, formats=frozenset())
 
     def unenforced(self, constraint: Constraint) -> list[str]:
         """What this engine would leave unenforced ([] when it enforces all of it)."""
@@ -53,17 +87,9 @@ class StructuredCapability:
             return [f"constraint type {constraint.kind}"]
         if constraint.kind != "json_schema":
             return []
-        missing = []
         features = canonical_schema_features(constraint.key.removeprefix(b"schema:"))
-        for feature in sorted(features):
-            if feature.startswith("format:"):
-                if self.formats is not None and feature[7:] not in self.formats:
-                    missing.append(feature)
-            elif feature in self.skipped or (
-                feature != "format" and self.features is not None and feature not in self.features
-            ):
-                missing.append(feature)
-        return missing
+        features -= ANNOTATION_FEATURES
+        return [feature for feature in sorted(features) if not self.supports(feature)]
 
 
 #: JSON Schema features xgrammar (0.2.x) enforces, probed with
@@ -117,4 +143,43 @@ XGRAMMAR_FORMATS = frozenset(
 #: what no engine here enforces, and a schema-accepting decoder may silently skip
 SILENTLY_SKIPPED = frozenset(
     {"not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies"}
+)
+
+#: what llguidance (1.7.6, the one vLLM 0.32 installs) compiles from a JSON Schema, probed
+#: with ``LLMatcher.grammar_from_json_schema`` + ``validate_grammar`` per keyword. It raises
+#: "Unimplemented keys" for propertyNames, dependentRequired, dependentSchemas,
+#: dependencies, unevaluatedProperties/Items, uniqueItems (even false), contains,
+#: min/maxContains, not, if/then/else and $dynamicRef; no look-around in patterns. oneOf
+#: compiles only when it can prove the branches disjoint ("oneOf constraints are not
+#: supported" otherwise): declared, and relaxed to anyOf when the engine refuses it.
+GUIDANCE_FEATURES = CORE_FEATURES | frozenset(
+    {
+        "oneOf",
+        "allOf",
+        "allOf-multi",
+        "prefixItems",
+        "additionalItems",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "pattern-unanchored",
+        "string-length+pattern",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "number-bounds",
+        "multipleOf",
+        "minProperties",
+        "maxProperties",
+        "patternProperties",
+        "properties+patternProperties",
+        "patternProperties-multi",
+    }
+)
+#: ``format`` values llguidance 1.7.6 turns into grammar (others: "Unknown format")
+GUIDANCE_FORMATS = frozenset(
+    {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri"}
 )

@@ -10,6 +10,8 @@ difference is what a request would leave unenforced.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -82,7 +84,35 @@ CONSTRAINT_KEYWORDS = frozenset(
         "$recursiveRef",
     }
 )
+#: the ``format`` values JSON Schema defines, which kiban's validator asserts; any other
+#: name (``int32``, ``byte`` ...) is an annotation that constrains nothing
+ASSERTED_FORMATS = frozenset(
+    {
+        "date",
+        "date-time",
+        "time",
+        "duration",
+        "email",
+        "idn-email",
+        "hostname",
+        "idn-hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "iri",
+        "iri-reference",
+        "uuid",
+        "uri-template",
+        "json-pointer",
+        "relative-json-pointer",
+        "regex",
+    }
+)
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+#: look-ahead, look-behind, word boundaries and back-references: beyond what the grammar
+#: compilers turn into a token mask
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|(?:^|[^\\])(?:\\\\)*\\(?:[1-9bB]|k<)")
 
 #: combined features (beyond plain keyword names)
 COMBINED_FEATURES = frozenset(
@@ -94,9 +124,13 @@ COMBINED_FEATURES = frozenset(
         "properties+patternProperties",
         "patternProperties-multi",
         "pattern-unanchored",  # a pattern not written as ^...$
+        "pattern-lookaround",  # look-ahead/-behind, \\b, a back-reference in a pattern
         "$ref-remote",  # a $ref that does not start with '#'
     }
 )
+#: features that constrain nothing but that a decoder may refuse to compile ("Unknown
+#: format: byte" from llguidance): taken out for every engine, never "unenforced"
+ANNOTATION_FEATURES = frozenset({"format-unknown"})
 
 
 def schema_features(schema: Any) -> frozenset[str]:
@@ -112,38 +146,66 @@ def canonical_schema_features(canonical: bytes) -> frozenset[str]:
     return frozenset(found)
 
 
-def _visit(node: Any, found: set[str]) -> None:
-    if not isinstance(node, dict):
-        return
-    for key in node.keys() & CONSTRAINT_KEYWORDS:
-        found.add(key)
+def node_features(node: dict[str, Any]) -> set[str]:
+    """The features one schema object uses itself (not those of its subschemas)."""
+    found = set(node.keys() & CONSTRAINT_KEYWORDS)
     _combinations(node, found)
+    return found
+
+
+def subschemas(node: dict[str, Any]) -> Iterator[Any]:
+    """The direct subschemas of one schema object (values that are not schemas included)."""
     for key in _SUBSCHEMA:
-        _visit(node.get(key), found)
+        if key in node:
+            yield node[key]
     for key in _SUBSCHEMA_LIST:
         value = node.get(key)
         if isinstance(value, list):
-            for item in value:
-                _visit(item, found)
+            yield from value
     items = node.get("items")
     if isinstance(items, list):  # draft 4-2019 tuple form
-        for item in items:
-            _visit(item, found)
+        yield from items
     for key in _SUBSCHEMA_MAP:
         value = node.get(key)
         if isinstance(value, dict):
-            for item in value.values():
-                _visit(item, found)
+            yield from value.values()
     deps = node.get("dependencies")
     if isinstance(deps, dict):
-        for item in deps.values():
-            _visit(item, found)
+        yield from deps.values()
+
+
+def map_subschemas(node: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of *node* with *fn* applied to each direct subschema (what `subschemas` yields)."""
+    out = dict(node)
+    for key in _SUBSCHEMA:
+        if key in out and not isinstance(out[key], list):
+            out[key] = fn(out[key])
+    for key in (*_SUBSCHEMA_LIST, "items"):
+        if isinstance(out.get(key), list):
+            out[key] = [fn(item) for item in out[key]]
+    for key in (*_SUBSCHEMA_MAP, "dependencies"):
+        if isinstance(out.get(key), dict):
+            out[key] = {
+                name: item if isinstance(item, list) else fn(item)
+                for name, item in out[key].items()
+            }
+    return out
+
+
+def _visit(node: Any, found: set[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    found |= node_features(node)
+    for sub in subschemas(node):
+        _visit(sub, found)
 
 
 def _combinations(node: dict[str, Any], found: set[str]) -> None:
     fmt = node.get("format")
-    if isinstance(fmt, str):
+    if fmt in ASSERTED_FORMATS:
         found.add(f"format:{fmt}")
+    elif fmt is not None:
+        found.add("format-unknown")
     if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
         found.add("string-length+pattern")
     if any(k in node for k in _NUMERIC_BOUNDS) and node.get("type") != "integer":
@@ -160,8 +222,11 @@ def _combinations(node: dict[str, Any], found: set[str]) -> None:
         if len(pattern_props) > 1:
             found.add("patternProperties-multi")
     pattern = node.get("pattern")
-    if isinstance(pattern, str) and not (pattern.startswith("^") and pattern.endswith("$")):
-        found.add("pattern-unanchored")
+    if isinstance(pattern, str):
+        if not (pattern.startswith("^") and pattern.endswith("$")):
+            found.add("pattern-unanchored")
+        if _LOOKAROUND.search(pattern):
+            found.add("pattern-lookaround")
     ref = node.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#"):
         found.add("$ref-remote")

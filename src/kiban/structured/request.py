@@ -6,100 +6,179 @@ route has a fixed schema; every other request skips this module entirely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from kiban.gateway.errors import APIError
+from kiban.structured.attempts import RELAX_STEPS, AttemptPlan
+from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import (
     STRUCTURED_KEYS,
     Constraint,
     constraint_from_request,
     json_schema_constraint,
 )
+from kiban.structured.features import ANNOTATION_FEATURES, canonical_schema_features
+from kiban.structured.relax import bound_runaways, relax, string_bound, token_budget
 from kiban.structured.stream import StreamAccumulator
 from kiban.structured.validator import CompiledSchema, SchemaError, ValidatorCache
 from kiban.structured.verify import OutputFailure, choices_of, verify_content
 
 if TYPE_CHECKING:
-    from kiban.config import RouteConfig, StructuredPolicy
+    from kiban.config import EngineConfig, RouteConfig, StructuredPolicy
     from kiban.gateway.routing import Route, Target
+
+#: response header saying how a structured answer was obtained: "enforced" (the engine
+#: enforced the whole constraint), "validated" (kiban checked what the engine could not
+#: enforce), or the error code when there is no answer
+STRUCTURED_HEADER = b"x-kiban-structured"
+#: max_tokens kiban gives a json_object, regex or grammar request that set none
+AUTO_BUDGET = 1024
+#: rank of an engine that accepts the form but enforces none of it (kiban validates)
+UNENFORCED_RANK = 1_000_000
+#: kinds kiban can check itself, so an engine that does not enforce them may still serve
+VERIFIABLE = frozenset({"json_schema", "json_object", "regex", "choice"})
 
 
 @dataclass(slots=True)
 class StructuredRequest:
-    """One request's constraint, its compiled validator and its route's policy."""
+    """One request's constraint, its compiled validator, its route's policy, and what
+    its attempts have sent so far."""
 
     constraint: Constraint
     compiled: CompiledSchema | None
     policy: StructuredPolicy
     set_max_tokens: bool
+    budget: int  # max_tokens: the client's, or the one kiban gives the request
+    deterministic: bool = False  # temperature 0: the same body gets the same answer
+    seed: int | None = None
     stream: StreamAccumulator | None = field(default=None)
+    #: "enforced" or "validated": how the current attempt's answer is obtained
+    how: str | None = None
+    bounded: bool = False  # after a runaway: bound strings
+    integers: bool = False  # after a number that never ended: bound numbers as integers
+    ranks: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)  # engine -> relax steps after refusals
+    sent: set[tuple[str, bytes]] = field(default_factory=set)  # (engine, constraint) sent
+    sends: int = 0
+    deadline: float = float("inf")  # no attempt runs past it (the route's total timeout)
 
     # -- where it may go --
 
     def targets(self, route: Route, candidates: list[Target]) -> list[Target]:
-        """The candidates that may take this request, enforcing engines first.
+        """The candidates that may take this request, best enforcing first.
 
-        Raises 400 naming what is unenforceable when no engine of the route
-        can enforce the constraint (and the route does not allow validating
-        output from engines that merely accept it).
+        An engine that enforces the whole constraint ranks first; one that enforces
+        part of a JSON Schema next (fewer features left out first); one that accepts
+        the form without enforcing it last. With ``structured.unenforced: refuse`` only
+        the first kind is used. Raises 400 naming what is unenforceable when no engine
+        of the route may take the request.
         """
-        enforcing, accepting = set(), set()
+        ranks: dict[str, int] = {}
         reasons: list[str] = []
+        partial: list[str] = []
+        kind = self.constraint.kind
         for target in route.targets:
             capability = target.upstream.structured
             missing = capability.unenforced(self.constraint)
+            name = target.upstream.name
             if not missing:
-                enforcing.add(target.upstream.name)
+                ranks[name] = 0
+                continue
+            reasons.append(f"{capability.describes} cannot enforce {', '.join(missing)}")
+            if kind in capability.enforced:
+                rank = len(missing)
+            elif kind in capability.expressible and kind in VERIFIABLE:
+                rank = UNENFORCED_RANK
             else:
-                reasons.append(f"{capability.describes} cannot enforce {', '.join(missing)}")
-                if self.constraint.kind in capability.expressible:
-                    accepting.add(target.upstream.name)
-        allowed = enforcing
-        if not enforcing:
-            if self.policy.unenforced != "validate" or not accepting:
-                hint = ""
-                if accepting:
-                    hint = (
-                        f" (the route's structured.unenforced: validate would send it to "
-                        f"{', '.join(sorted(accepting))} and validate the output)"
-                    )
-                raise APIError(
-                    400,
-                    f"no engine of model {route.name!r} can enforce this {self.constraint.kind} "
-                    f"constraint: {'; '.join(reasons)}{hint}",
-                    param=self.constraint.source,
-                    code="structured_output_unsupported",
+                continue
+            partial.append(name)
+            if self.policy.unenforced == "validate":
+                ranks[name] = rank
+        if not ranks:
+            hint = ""
+            if partial:
+                hint = (
+                    f" (the route's structured.unenforced: validate would send it to "
+                    f"{', '.join(sorted(partial))} and validate the output)"
                 )
-            allowed = accepting
-        chosen = [t for t in candidates if t.upstream.name in allowed]
-        return chosen
+            raise APIError(
+                400,
+                f"no engine of model {route.name!r} can enforce this {kind} "
+                f"constraint: {'; '.join(reasons)}{hint}",
+                param=self.constraint.source,
+                code="structured_output_unsupported",
+            )
+        self.ranks = ranks
+        chosen = [t for t in candidates if t.upstream.name in ranks]
+        return sorted(chosen, key=self.rank)
 
-    def plan(self, targets: list[Target], attempts: int) -> list[Target]:
-        """Attempts in order: failover for connection errors, retries for invalid output."""
-        if not targets:
-            return []
-        tries = max(attempts, 1 + self.policy.retries)
-        if self.policy.retry_on == "same":
-            per = 1 + self.policy.retries
-            ordered = [t for t in targets for _ in range(per)]
-        else:
-            ordered = [targets[i % len(targets)] for i in range(tries)]
-        return ordered[:tries]
+    def rank(self, target: Target) -> int:
+        return self.ranks.get(target.upstream.name, UNENFORCED_RANK)
+
+    def attempts(
+        self,
+        targets: list[Target],
+        attempts: int,
+        deadline: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> AttemptPlan:
+        """The attempts in order (see :mod:`kiban.structured.attempts`)."""
+        self.deadline = deadline
+        return AttemptPlan(self, targets, attempts, deadline, clock)
+
+    def relax_further(self, engine: str) -> bool:
+        """*engine* refused the schema: ask it with less enforced next, if anything is left."""
+        step = self.steps.get(engine, 0)
+        if self.constraint.kind != "json_schema" or step >= RELAX_STEPS:
+            return False
+        self.steps[engine] = step + 1
+        return True
+
+    def sent_before(self, target: Target) -> bool:
+        """Whether *target*'s next body would carry a constraint it was already sent."""
+        upstream = target.upstream
+        constraint, _ = self._constraint_for(upstream.name, upstream.structured)
+        return (upstream.name, _identity(constraint)) in self.sent
 
     # -- what it sends --
 
     def body_for(self, payload: dict[str, Any], target: Target) -> bytes:
-        """The request in *target*'s dialect, with a bounded max_tokens."""
+        """The request in *target*'s dialect: the part of the constraint it enforces,
+        a bounded max_tokens, and a new seed on a retry of a seeded request."""
         upstream = target.upstream
+        constraint, self.how = self._constraint_for(upstream.name, upstream.structured)
         out = {k: v for k, v in payload.items() if k not in STRUCTURED_KEYS}
         out["model"] = target.model
-        out.update(upstream.kind.structured_fields(self.constraint, upstream.config))
+        out.update(upstream.kind.structured_fields(constraint, upstream.config))
         if self.set_max_tokens:
-            out["max_tokens"] = self.policy.default_max_tokens
+            out["max_tokens"] = _within_context(self.budget, upstream.config)
+        if self.seed is not None:
+            out["seed"] = self.seed + self.sends
+        self.sends += 1
+        self.sent.add((upstream.name, _identity(constraint)))
         return orjson.dumps(out)
+
+    def _constraint_for(
+        self, engine: str, capability: StructuredCapability
+    ) -> tuple[Constraint, str]:
+        constraint = self.constraint
+        if constraint.kind not in capability.enforced:
+            return constraint, "validated"
+        if constraint.kind != "json_schema":
+            return constraint, "enforced"
+        bound = string_bound(constraint.schema, self.budget) if self.bounded else 0
+        step = self.steps.get(engine, 0)
+        schema, relaxed = enforceable_schema(constraint.key, capability, step, bound, self.integers)
+        how = "validated" if relaxed else "enforced"
+        if schema is None:
+            return constraint, how
+        return replace(constraint, schema=schema), how
 
     # -- what it checks --
 
@@ -139,6 +218,12 @@ class StructuredRequest:
                     )
                 return failure
         return None
+
+
+def answered_by(err: APIError) -> APIError:
+    """*err* with the structured-output header naming its code (a request with no answer)."""
+    err.headers.append((STRUCTURED_HEADER, (err.code or err.type).encode()))
+    return err
 
 
 class StructuredService:
@@ -181,5 +266,60 @@ class StructuredService:
                     param=constraint.source,
                     code="invalid_json_schema",
                 ) from None
-        set_max = payload.get("max_tokens") is None and payload.get("max_completion_tokens") is None
-        return StructuredRequest(constraint, compiled, route.config.structured, set_max)
+        policy = route.config.structured
+        given = payload.get("max_tokens") or payload.get("max_completion_tokens")
+        budget = given if isinstance(given, int) else default_budget(constraint, policy)
+        seed = payload.get("seed")
+        return StructuredRequest(
+            constraint,
+            compiled,
+            policy,
+            set_max_tokens=given is None,
+            budget=budget,
+            deterministic=payload.get("temperature") == 0,
+            seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        )
+
+
+def default_budget(constraint: Constraint, policy: StructuredPolicy) -> int:
+    """``max_tokens`` for a request that gave none: the route's, or one from the schema."""
+    if policy.default_max_tokens != "auto":
+        return policy.default_max_tokens
+    if constraint.kind == "json_schema":
+        return token_budget(constraint.schema)
+    if constraint.kind == "choice":
+        return max(len(c) for c in constraint.choices) + 16
+    return AUTO_BUDGET
+
+
+@lru_cache(maxsize=1024)
+def enforceable_schema(
+    key: bytes, capability: StructuredCapability, step: int, bound: int, integers: bool
+) -> tuple[Any, tuple[str, ...]]:
+    """The schema of *key* relaxed to what *capability* enforces after *step* refusals,
+    with strings bounded to *bound* characters (0: unbounded) and numbers to bounded
+    integers (:func:`kiban.structured.relax.bound_runaways`), None when that is the
+    schema itself; and the features left out."""
+    canonical = key.removeprefix(b"schema:")
+    trusted = capability.narrowed(step)
+    used = canonical_schema_features(canonical)
+    unsupported = [f for f in used if not trusted.supports(f)]
+    if not unsupported and not bound:
+        return None, ()
+    schema = orjson.loads(canonical)
+    if unsupported:
+        schema = relax(schema, trusted.supports)
+    if bound:
+        schema = bound_runaways(schema, bound, trusted.supports, integers)
+    return schema, tuple(sorted(set(unsupported) - ANNOTATION_FEATURES))
+
+
+def _identity(constraint: Constraint) -> bytes:
+    """Equal for equal constraints (the schema an attempt sends may be relaxed or bounded)."""
+    return orjson.dumps(constraint.schema) if constraint.kind == "json_schema" else b""
+
+
+def _within_context(budget: int, engine: EngineConfig) -> int:
+    """At most half the context kiban launched the engine with (its prompt needs room)."""
+    context = engine.launch.context if engine.launch is not None else None
+    return min(budget, context // 2) if context else budget

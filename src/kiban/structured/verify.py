@@ -20,6 +20,7 @@ from kiban.structured.validator import CompiledSchema
 #: a whitespace run at least this long in a truncated output counts as runaway
 WHITESPACE_RUN = 64
 _WHITESPACE_TAIL = re.compile(r"\s+\Z")
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class OutputFailure:
     kind: str
     message: str
     pointer: str | None = None
+    #: for a truncated JSON output: where it ran away, "string", "number" or None
+    runaway: str | None = None
 
     @property
     def code(self) -> str:
@@ -116,11 +119,31 @@ def _truncated(
             f"the engine filled max_tokens with whitespace (a run of {run} whitespace "
             f"characters in {len(content)}); the output {what}",
         )
+    runaway = open_value(content)
+    inside = f", cut off inside a {runaway}" if runaway else ""
     return OutputFailure(
         "truncated",
         f"the engine stopped at max_tokens (finish_reason {finish_reason!r}) and the output "
-        f"{what} ({len(content)} characters); raise max_tokens",
+        f"{what} ({len(content)} characters{inside}); raise max_tokens",
+        runaway=runaway,
     )
+
+
+def open_value(text: str) -> str | None:
+    """``"string"`` or ``"number"`` when unfinished JSON *text* ends inside one, else None."""
+    in_string = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = in_string
+        elif ch == '"':
+            in_string = not in_string
+    if in_string:
+        return "string"
+    if text[-1:] in _NUMBER_CHARS:
+        return "number"
+    return None
 
 
 def _longest_whitespace_run(text: str) -> int:
