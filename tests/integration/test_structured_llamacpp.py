@@ -65,16 +65,21 @@ def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None
         return err.code, json.loads(err.read()), err.headers["x-kiban-structured"]
 
 
-@pytest.mark.timeout(1800)
+#: The suite sends every 8th schema of the corpus (33); bench/structured_coverage.py runs
+#: them all and records the coverage (docs/benchmarks.md).
+CORPUS_SAMPLE_STEP = 8
+
+
+@pytest.mark.timeout(900)
 def test_corpus_never_returns_invalid_output(gateway) -> None:
-    """No coverage floor yet: not measured. llama.cpp samples a token first and checks it
-    against the grammar after, over the whole vocabulary when it does not fit
-    (common/sampling.cpp); a random model rarely fits, and the larger schemas of the
-    corpus, which kiban now relaxes and sends instead of refusing them, ran at about
-    4 tokens/s on the loaded 2-core machine (2026-12-01): over 120 s for some requests
-    of 3 attempts, so the client waits up to 600 s."""
+    """Nothing invalid comes back as a success. No coverage floor: llama.cpp samples a
+    token first and checks it against the grammar after, over the whole vocabulary when it
+    does not fit (common/sampling.cpp); a random model rarely fits, and the larger schemas,
+    which kiban relaxes and sends instead of refusing them, ran at about 4 tokens/s on the
+    loaded 2-core machine (2026-12-01), so a request of 3 attempts may take minutes."""
+    schemas = load_corpus()[::CORPUS_SAMPLE_STEP]
     report = asyncio.run(
-        run_corpus(gateway.base_url, "tiny", load_corpus(), max_tokens=512, timeout_s=600)
+        run_corpus(gateway.base_url, "tiny", schemas, max_tokens=256, timeout_s=600)
     )
     print("\n" + report.summary())
     assert_nothing_invalid_returned(report)

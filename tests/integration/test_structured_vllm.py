@@ -129,19 +129,22 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
 
-#: Measured 2026-12-01 on the loaded 2-core machine (vLLM 0.32.0 CPU, guidance): 204
-#: valid (159 enforced, 45 validated) among the first 236 answers, when the run was cut
-#: at pytest's 600 s (engine start included); the floor leaves about 10% to sampling
-#: that batching makes nondeterministic.
-CORPUS_VALID_FLOOR = 180
+#: The suite sends every 4th schema of the corpus (65); bench/structured_coverage.py runs
+#: them all. Measured 2026-12-01 on the loaded 2-core machine (vLLM 0.32.0 CPU, guidance)
+#: on the whole corpus: 204 valid among the first 236 answers (86%); the floor asks 70% of
+#: the sample, leaving room to sampling that batching makes nondeterministic.
+CORPUS_SAMPLE_STEP = 4
+CORPUS_VALID_FLOOR = 45
 
 
-@pytest.mark.timeout(1200)  # about 9 minutes of corpus on the loaded machine, 3 attempts each
+@pytest.mark.timeout(900)
 def test_corpus_never_returns_invalid_output(gateway) -> None:
     """Every success kiban returns satisfies its schema; the rest are clear errors."""
-    schemas = load_corpus()
-    assert len(schemas) >= 200
-    report = asyncio.run(run_corpus(gateway.base_url, "tiny", schemas, max_tokens=512))
+    schemas = load_corpus()[::CORPUS_SAMPLE_STEP]
+    assert len(schemas) >= 60
+    report = asyncio.run(
+        run_corpus(gateway.base_url, "tiny", schemas, max_tokens=512, timeout_s=300)
+    )
     print("\n" + report.summary())
     assert_nothing_invalid_returned(report)
     assert report.count("valid") >= CORPUS_VALID_FLOOR
