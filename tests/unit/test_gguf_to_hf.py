@@ -27,8 +27,8 @@ SAMPLES = ["Hello, world! 1234 apples", "  def f(x):\n    return x", "naïve caf
 def llamacpp_row_order(n_heads: int, head_dim: int) -> np.ndarray:
     """GGUF row r holds HF row order[r]: per head, pairs (i, i + head_dim/2) side by side."""
     half = head_dim // 2
-    order = [h * head_dim + k * half + j for h in range(n_heads) for j in range(half) for k in (0, 1)]
-    return np.array(order)
+    heads, pairs = range(n_heads), range(half)
+    return np.array([h * head_dim + k * half + j for h in heads for j in pairs for k in (0, 1)])
 
 
 def hf_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
