@@ -47,15 +47,13 @@ sys.path.insert(0, str(ROOT))
 
 from kiban.models.smollm2 import ensure_smollm2  # noqa: E402
 from tests.support.engines import free_port  # noqa: E402
-from tests.support.extraction_cases import MODELS, generate_cases  # noqa: E402
+from tests.support.extraction_cases import MODELS, generate_cases, integration_subset  # noqa: E402
 from tests.support.extraction_run import MODES, ExtractionClient  # noqa: E402
 
 KIBAN = Path(sys.executable).with_name("kiban")
 ENGINES = ("llamacpp", "vllm")
 RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
 ROUTE = "smollm2"
-#: cases the integration test sends (tests/integration/test_extraction_llamacpp.py)
-TEST_SUBSET_PER_SCHEMA = 8
 
 
 def engine_config(engine: str, gguf: Path, hf_dir: Path) -> dict[str, Any]:
@@ -256,7 +254,7 @@ def report(args: argparse.Namespace) -> None:
             print(
                 f"- {key[0]} {key[1]}: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items()))
             )
-    size = TEST_SUBSET_PER_SCHEMA * len(MODELS)
+    size = len(integration_subset())
     for key in (("llamacpp", "json_schema"), ("llamacpp", "extract")):
         if key in groups:
             floor = floor_for_subset(groups[key], size)

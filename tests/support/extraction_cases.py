@@ -628,3 +628,16 @@ def score(truth: Any, got: Any) -> tuple[int, int]:
         wrong = per_item * max(extra, 0)
         return sum(c for c, _ in pairs), sum(n for _, n in pairs) + wrong
     return int(_leaf_equal(truth, got)), 1
+
+
+#: English cases per model in the integration test's subset (`integration_subset`)
+SUBSET_PER_SCHEMA = 8
+
+
+def integration_subset() -> list[Case]:
+    """The first English cases of each model: what tests/integration sends on every run."""
+    subset: list[Case] = []
+    for schema in MODELS:
+        english = [c for c in generate_cases() if c.schema == schema and c.lang == "en"]
+        subset += english[:SUBSET_PER_SCHEMA]
+    return subset
