@@ -10,7 +10,8 @@ enforced through kiban, and kiban.extract. Greedy decoding, one request at a tim
 (route ``smollm2``, default structured settings: one retry after an invalid output).
 
 Every outcome is appended to a JSONL file; a later run skips what the file has, so
-the full benchmark runs in chunks (``--max-minutes``) and ``report`` merges them:
+the full benchmark runs in chunks (``--max-minutes``; SIGINT or SIGTERM also stop it
+after the request under way, and the engine goes down) and ``report`` merges them:
 
     .venv/bin/python bench/extraction.py run --engine llamacpp --max-minutes 18
     .venv/bin/python bench/extraction.py run --engine vllm --mode json_schema --schema list
@@ -54,6 +55,7 @@ KIBAN = Path(sys.executable).with_name("kiban")
 ENGINES = ("llamacpp", "vllm")
 RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
 ROUTE = "smollm2"
+STOP: list[int] = []  # signals received
 
 
 def engine_config(engine: str, gguf: Path, hf_dir: Path) -> dict[str, Any]:
@@ -112,14 +114,10 @@ async def run_engine(
 ) -> int:
     client = ExtractionClient(base_url, ROUTE, engine)
     deadline = args.started + args.max_minutes * 60 if args.max_minutes else None
-    stop = asyncio.Event()  # SIGINT / SIGTERM: finish this request, record it, stop
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     done = 0
     try:
         for case, mode in todo:
-            if stop.is_set() or (deadline and time.monotonic() > deadline):
+            if STOP or (deadline and time.monotonic() > deadline):
                 print(f"# stopped: {len(todo) - done} left for the next run")
                 break
             outcome = await client.run(case, mode)
@@ -137,8 +135,15 @@ async def run_engine(
     return done
 
 
+def _stop(signum: int, _frame: Any) -> None:
+    """SIGINT / SIGTERM: finish the request under way, record it, bring the engine down."""
+    STOP.append(signum)
+
+
 def run(args: argparse.Namespace) -> None:
     args.started = time.monotonic()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     files = ensure_smollm2(dtype=args.dtype, progress=print)
     cases = selected_cases(args)
     have = load_results(args.out)
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
         if not todo:
             print(f"# {engine}: nothing left to run")
             continue
-        if args.max_minutes and time.monotonic() > args.started + args.max_minutes * 60:
+        if STOP or (args.max_minutes and time.monotonic() > args.started + args.max_minutes * 60):
             break
         with tempfile.TemporaryDirectory(prefix="kiban-extraction-") as work:
             config = engine_config(engine, files.gguf, files.hf_dir)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--show", action="store_true", help="print every pair of answers")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop engines
     from tokenizers import Tokenizer
 
     logs = Path(tempfile.mkdtemp(prefix="kiban-agreement-"))
