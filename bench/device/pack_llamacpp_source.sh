@@ -7,11 +7,11 @@
 set -euo pipefail
 dest=$(realpath "${1:?usage: pack_llamacpp_source.sh DEST_DIR}")
 cd "$(dirname "$0")/../.."
-version=$(PYTHONPATH=src python3 -c \
+py=.venv/bin/python; [[ -x $py ]] || py=python3  # kiban's imports need its dependencies
+version=$(PYTHONPATH=src "$py" -c \
   'from kiban.deploy.envs import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-py=.venv/bin/python; [[ -x $py ]] || py=python3
 "$py" -m pip download --no-binary :all: --no-deps --dest "$tmp" \
   "llama-cpp-python==$version" >&2
 top=llama_cpp_python-$version

@@ -48,7 +48,17 @@ def gateway(fault: EngineProcess, tmp_path_factory: pytest.TempPathFactory):
     models = ["ok", "drop", "status-503"]
     config = {
         "gateway": {"api_keys": {"env": ["BENCH_TEST_KEY"]}, "health_interval_s": 0.5},
-        "engines": [{"name": "up", "kind": "openai", "url": fault.base_url, "models": models}],
+        # every "drop" stream is an engine failure: a circuit that opened after three of them
+        # would answer the fourth with 503 (CI saw that race), so it never opens here
+        "engines": [
+            {
+                "name": "up",
+                "kind": "openai",
+                "url": fault.base_url,
+                "models": models,
+                "circuit": {"failures": 1000},
+            }
+        ],
         "routes": [{"model": m, "engines": ["up"], "retries": {"attempts": 1}} for m in models],
     }
     gw = gateway_process(config, tmp_path_factory.mktemp("gw"), env={"BENCH_TEST_KEY": KEY})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.integration.test_supervisor import kiban
+from tests.support.cli import kiban
 from tests.support.engines import free_port
 
 

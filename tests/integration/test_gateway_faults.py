@@ -16,14 +16,15 @@ import contextlib
 import json
 import re
 import socket
-import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
 
 from tests.support.engines import EngineProcess
 from tests.support.gateway import fault_upstream, gateway_process
+from tests.support.load import background_load
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -167,19 +168,15 @@ def _other_route_answers(gw: EngineProcess) -> None:
 
 
 def test_hang_first_byte_timeout_while_other_routes_answer(gateway) -> None:
-    results: list[httpx.Response] = []
     started = time.monotonic()
-    hung = [
-        threading.Thread(target=lambda: results.append(_chat(gateway, "hang"))) for _ in range(4)
-    ]
-    for t in hung:
-        t.start()
-    for _ in range(5):  # meanwhile, another route is served at once
-        _other_route_answers(gateway)
-    for t in hung:
-        t.join()
+    hang = partial(_chat, gateway, "hang")
+    with background_load(hang, workers=4, max_requests=4, max_seconds=60) as load:
+        for _ in range(5):  # meanwhile, another route is served at once
+            _other_route_answers(gateway)
+        load.run_out()
     assert time.monotonic() - started >= 1.0  # the configured first_byte_s, not earlier
-    for resp in results:
+    assert load.failure_count == 0 and len(load.results) == 4, load.describe_failures()
+    for resp in load.results:
         error = _error(resp, 504)
         assert error["code"] == "upstream_timeout"
         assert "first-byte timeout (1 s)" in error["message"]

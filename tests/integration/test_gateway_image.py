@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import base_image, buildah, tool
+from tests.support.reaper import REAPER
 
 pytestmark = pytest.mark.image
 
@@ -83,13 +84,15 @@ def _run(
         args += ["--env", f"{key}={value}"]
     args += [container, "--", *argv]
     if background:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             args,
             start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        REAPER.watch_group(process.pid)
+        return process
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -102,6 +105,7 @@ def _stop(process: subprocess.Popen) -> str:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+    REAPER.forget_group(process.pid)
     return process.stdout.read() if process.stdout else ""
 
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -75,14 +76,31 @@ class InFlight:
 
     def start(self, body: dict, n: int = 1) -> None:
         for _ in range(n):
-            thread = threading.Thread(target=self._run, args=(body,))
+            thread = threading.Thread(target=self._run, args=(body,), daemon=True)
             thread.start()
             self.threads.append(thread)
 
     def join(self) -> list[tuple[int, str]]:
+        """Wait for every request (each ends within its 30 s timeout)."""
         for t in self.threads:
-            t.join()
+            t.join(60)
+        assert not any(t.is_alive() for t in self.threads), "a request outlived its timeout"
         return self.results
+
+
+@pytest.fixture
+def in_flight() -> Iterator[Callable[..., InFlight]]:
+    """``in_flight(gw, headers)``: requests in threads, joined after the test whatever happened
+    (the test's own ``finally`` stops the gateway first, which ends them at once)."""
+    made: list[InFlight] = []
+
+    def make(gw: EngineProcess, headers: dict[str, str] | None = None) -> InFlight:
+        made.append(InFlight(gw, headers))
+        return made[-1]
+
+    yield make
+    for flight in made:
+        flight.join()
 
 
 def _wait_in_flight(gw: EngineProcess, count: int) -> None:
@@ -107,10 +125,12 @@ def _reload(config_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_finishes_in_flight_then_exits(upstream, tmp_path: Path, workers: int) -> None:
+def test_sigterm_finishes_in_flight_then_exits(
+    upstream, tmp_path: Path, workers: int, in_flight
+) -> None:
     gw = gateway_process(_config(upstream.base_url), tmp_path, workers=workers).start(timeout=60)
     try:
-        flight = InFlight(gw)
+        flight = in_flight(gw)
         flight.start({"model": "sleep"}, 3)
         flight.start({"model": "slow", "stream": True, "max_tokens": 8})  # 2 s
         flight.start({"model": "slow", "stream": True, "max_tokens": 60})  # 15 s: too long
@@ -133,7 +153,9 @@ def test_sigterm_finishes_in_flight_then_exits(upstream, tmp_path: Path, workers
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_reload_keeps_in_flight_and_refuses_invalid(upstream, tmp_path: Path, workers: int) -> None:
+def test_reload_keeps_in_flight_and_refuses_invalid(
+    upstream, tmp_path: Path, workers: int, in_flight
+) -> None:
     keys_file = tmp_path / "keys.yaml"
     first = add_key(keys_file, "first")
     gw = gateway_process(_config(upstream.base_url, keys_file), tmp_path, workers=workers).start(
@@ -142,7 +164,7 @@ def test_reload_keeps_in_flight_and_refuses_invalid(upstream, tmp_path: Path, wo
     config_path = tmp_path / "kiban.yaml"
     auth = {"Authorization": f"Bearer {first}", "Connection": "close"}
     try:
-        flight = InFlight(gw, {"Authorization": f"Bearer {first}"})
+        flight = in_flight(gw, {"Authorization": f"Bearer {first}"})
         flight.start({"model": "sleep"}, 2)
         flight.start({"model": "slow", "stream": True, "max_tokens": 12})  # 3 s
         _wait_in_flight(gw, 3)

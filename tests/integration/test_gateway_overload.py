@@ -8,8 +8,8 @@ so the file holds digests only.
 from __future__ import annotations
 
 import re
-import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.engines import EngineProcess
 from tests.support.gateway import add_key, fault_upstream, gateway_process
+from tests.support.load import background_load
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -106,44 +107,38 @@ def _in_flight(gw: EngineProcess, route: str, count: int) -> None:
         time.sleep(0.05)
 
 
-def _background(fn, n: int) -> tuple[list[threading.Thread], list[httpx.Response]]:
-    results: list[httpx.Response] = []
-    threads = [threading.Thread(target=lambda: results.append(fn())) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return threads, results
-
-
 # -- per-engine concurrency and the bounded queue -------------------------------------------
 
 
 def test_queue_waits_then_serves_and_overflow_gets_429(gateway, upstream, keys) -> None:
     key = keys[1]["free"]
-    threads, results = _background(lambda: _chat(gateway, key, "queued"), 4)
-    _in_flight(gateway, "queued", 4)  # 2 at the engine, 2 waiting in its queue
-    overflow = _chat(gateway, key, "queued")
+    queued = partial(_chat, gateway, key, "queued")
+    with background_load(queued, workers=4, max_requests=4, max_seconds=60) as load:
+        _in_flight(gateway, "queued", 4)  # 2 at the engine, 2 waiting in its queue
+        overflow = _chat(gateway, key, "queued")
+        load.run_out()
     assert overflow.status_code == 429 and overflow.headers["retry-after"] == "1"
     error = overflow.json()["error"]
     assert error["code"] == "engines_saturated" and error["type"] == "rate_limit_error"
     assert "max_concurrency 2" in error["message"] and "max_queue 2" in error["message"]
-    for t in threads:
-        t.join()
-    assert [r.status_code for r in results] == [200] * 4  # the queued ones were served
+    assert load.failure_count == 0, load.describe_failures()
+    assert [r.status_code for r in load.results] == [200] * 4  # the queued ones were served
     assert _stats(upstream)["max_in_flight"] <= 2 + 1  # 2 of ours (plus a health check)
 
 
 def test_queue_timeout_429_names_the_key(gateway, keys) -> None:
     key = keys[1]["free"]
-    threads, results = _background(lambda: _chat(gateway, key, "impatient"), 1)
-    _in_flight(gateway, "impatient", 1)
-    waited = _chat(gateway, key, "impatient")
+    impatient = partial(_chat, gateway, key, "impatient")
+    with background_load(impatient, workers=1, max_requests=1, max_seconds=60) as load:
+        _in_flight(gateway, "impatient", 1)
+        waited = _chat(gateway, key, "impatient")
+        load.run_out()
     assert waited.status_code == 429
     error = waited.json()["error"]
     assert error["code"] == "queue_timeout" and "queue_timeout_s" in error["message"]
     assert "0.5 s" in error["message"]
-    for t in threads:
-        t.join()
-    assert results[0].status_code == 200
+    assert load.failure_count == 0, load.describe_failures()
+    assert load.results[0].status_code == 200
     text = httpx.get(gateway.base_url + "/metrics").text
     assert re.search(
         r'kiban_rate_limit_rejections_total\{limit="engine_queue_timeout",route="impatient"\} 1',

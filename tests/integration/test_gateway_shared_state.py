@@ -19,6 +19,7 @@ import pytest
 
 from tests.support.engines import EngineProcess, free_port
 from tests.support.gateway import add_key, fault_upstream, gateway_process
+from tests.support.reaper import REAPER
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -35,15 +36,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
         [*argv, "--save", "", "--appendonly", "no"],
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 20
-    while b"Ready to accept connections" not in (work / "redis.log").read_bytes():
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(20)
-    log.close()
+    REAPER.watch_group(proc.pid)
+    try:
+        deadline = time.monotonic() + 20
+        while b"Ready to accept connections" not in (work / "redis.log").read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        REAPER.forget_group(proc.pid)
+        log.close()
 
 
 @pytest.fixture(scope="module")

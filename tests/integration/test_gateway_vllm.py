@@ -1,9 +1,11 @@
 """The gateway in front of REAL vLLM servers (CPU build, tiny model), with the openai SDK.
 
-Two generating engines (a, b) and one embedding engine serve behind kiban
-(`kiban serve` as a subprocess); a fault-injecting upstream plays the engines
-that cannot be made to misbehave on demand (hang, HTTP 500/429, header echo).
-The last tests kill engine a by PID mid-stream and under load, then restart it.
+Two generating engines (a, b) serve behind kiban (`kiban serve` as a
+subprocess); a fault-injecting upstream plays the engines that cannot be made to
+misbehave on demand (hang, HTTP 500/429, header echo). The last tests kill
+engine a by PID mid-stream and under load, then restart it. Embeddings through
+kiban are in test_gateway_embeddings.py (the suite runs at most two vLLM
+servers at once).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,29 +22,29 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.support.engines import EngineProcess, free_port, start_together
+from tests.support.engines import (
+    VLLM_RESTART_TIMEOUT_S,
+    EngineProcess,
+    free_port,
+    start_together,
+)
 from tests.support.gateway import fault_upstream, gateway_process
+from tests.support.load import background_load
 
 pytestmark = pytest.mark.engine
 
 KEY = "sk-kiban-test-5f0c1d2e3a4b"
 MESSAGES = [{"role": "user", "content": "Tell me about licences."}]
 MAX_BODY = 64 * 1024
+REJOIN_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def engines(vllm_engine_factory, tiny_model_dir: Path) -> dict[str, EngineProcess]:
     a = vllm_engine_factory(tiny_model_dir, "tiny", start=False)
     b = vllm_engine_factory(tiny_model_dir, "tiny", start=False)
-    embed = vllm_engine_factory(
-        tiny_model_dir,
-        "tiny-embed",
-        start=False,
-        max_model_len=512,
-        extra_args=("--runner", "pooling", "--convert", "embed"),
-    )
-    start_together(a, b, embed)
-    return {"a": a, "b": b, "embed": embed}
+    start_together(a, b)
+    return {"a": a, "b": b}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def fault(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
-    a, b, embed = engines["a"].base_url, engines["b"].base_url, engines["embed"].base_url
+    a, b = engines["a"].base_url, engines["b"].base_url
     config = {
         "gateway": {
             "api_keys": {"env": ["KIBAN_TEST_KEY"]},
@@ -72,7 +73,6 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
                 "circuit": {"failures": 2, "cooldown_s": 1},
             },
             {"name": "b", "kind": "vllm", "url": b, "models": ["tiny"]},
-            {"name": "embedder", "kind": "vllm", "url": embed, "models": ["tiny-embed"]},
             *[
                 {
                     "name": f"fault-{m}",
@@ -106,7 +106,6 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
                 "strategy": "round_robin",
             },
             {"model": "tiny-a-first", "engines": ["a", "b"], "strategy": "priority"},
-            {"model": "embed", "engines": ["embedder"]},
             {"model": "echo", "engines": ["fault-ok"]},
             {"model": "ok", "engines": ["fault-ok"]},
             {"model": "hang", "engines": ["fault-hang"], "timeouts": {"first_byte_s": 1}},
@@ -149,7 +148,7 @@ def _assert_openai_error(resp: httpx.Response, status: int, code: str | None = N
 def test_models_lists_every_public_name(client: OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
     assert ids[:3] == ["tiny", "default", "tiny-a-first"]
-    assert {"embed", "echo", "vision", "nowhere"} <= set(ids)
+    assert {"echo", "vision", "nowhere"} <= set(ids)
 
 
 def test_chat_and_completions_sync(client: OpenAI) -> None:
@@ -207,11 +206,6 @@ def test_round_robin_uses_both_engines(client: OpenAI) -> None:
         )
         seen.add(raw.headers["x-kiban-engine"])
     assert seen == {"a", "b"}
-
-
-def test_embeddings(client: OpenAI) -> None:
-    resp = client.embeddings.create(model="embed", input=["hello world", "licence"])
-    assert len(resp.data) == 2 and len(resp.data[0].embedding) == 256
 
 
 def test_unknown_fields_pass_through_untouched(client: OpenAI, engines) -> None:
@@ -412,58 +406,55 @@ def test_client_disconnect_cancels_engine_request(client: OpenAI, engines) -> No
     assert _running(engines["a"]) == 0
 
 
-def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -> None:
-    a = engines["a"]
-    results: list[tuple[str, str]] = []
-    failures: list[BaseException] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        while not stop.is_set():
-            try:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="tiny", messages=MESSAGES, max_tokens=4
-                )
-                results.append(
-                    (raw.headers["x-kiban-engine"], raw.parse().choices[0].finish_reason)
-                )
-            except BaseException as exc:
-                failures.append(exc)
-
-    workers = [threading.Thread(target=load) for _ in range(3)]
-    for w in workers:
-        w.start()
-    stream = client.chat.completions.create(
-        model="tiny-a-first",
-        messages=MESSAGES,
-        max_tokens=1500,
-        stream=True,
-        extra_body={"min_tokens": 1500},
-    )
-    got = []
-    with pytest.raises(openai.APIError) as broken:
-        for chunk in stream:
-            got.append(chunk)
-            if len(got) == 5:
-                a.kill()
-    time.sleep(2)
-    stop.set()
-    for w in workers:
-        w.join(timeout=60)
-    assert "broke mid-stream" in broken.value.message or "without [DONE]" in broken.value.message
-    assert failures == [] and len(results) > 5
-    assert {engine for engine, _ in results[-3:]} == {"b"}
-
-    a.restart()
-    deadline = time.monotonic() + 30
+def _wait_until_routed_to(client: OpenAI, gateway, engine: EngineProcess, name: str) -> None:
+    """Requests on route tiny reach *name* again within the gateway's health interval and
+    circuit cooldown (a few seconds), with both logs in the failure message."""
+    deadline = time.monotonic() + REJOIN_TIMEOUT_S
     seen: set[str] = set()
-    while "a" not in seen and time.monotonic() < deadline:
+    while name not in seen and time.monotonic() < deadline:
         raw = client.chat.completions.with_raw_response.create(
             model="tiny", messages=MESSAGES, max_tokens=2
         )
         seen.add(raw.headers["x-kiban-engine"])
         time.sleep(0.2)
-    assert "a" in seen
+    assert name in seen, (
+        f"{name} healthy but not routed to within {REJOIN_TIMEOUT_S} s; engine log:\n"
+        f"{engine.log_tail()}\ngateway log:\n{gateway.log_tail()}"
+    )
+
+
+def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -> None:
+    a = engines["a"]
+
+    def one_request() -> tuple[str, str | None]:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=4
+        )
+        return raw.headers["x-kiban-engine"], raw.parse().choices[0].finish_reason
+
+    with background_load(one_request, workers=3, max_requests=3000, max_seconds=300) as load:
+        stream = client.chat.completions.create(
+            model="tiny-a-first",
+            messages=MESSAGES,
+            max_tokens=1500,
+            stream=True,
+            extra_body={"min_tokens": 1500},
+        )
+        got = []
+        with pytest.raises(openai.APIError) as broken:
+            for chunk in stream:
+                got.append(chunk)
+                if len(got) == 5:
+                    a.kill()
+        time.sleep(2)
+    assert "broke mid-stream" in broken.value.message or "without [DONE]" in broken.value.message
+    assert load.failure_count == 0, load.describe_failures()
+    assert len(load.results) > 5
+    assert {engine for engine, _ in load.results[-3:]} == {"b"}
+
+    a.restart(timeout=VLLM_RESTART_TIMEOUT_S)
+    print(f"vLLM a restarted in {a.startup_seconds:.1f} s")
+    _wait_until_routed_to(client, gateway, a, "a")
     assert _raw(gateway, "/ready", None).json()["routes_without_healthy_engine"] == ["nowhere"]
 
 
@@ -473,27 +464,25 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     stays down."""
     a = engines["a"]
     if not a.running():
-        a.restart()
-    answer: list = []
-    request = threading.Thread(
-        target=lambda: answer.append(
-            client.chat.completions.with_raw_response.create(
-                model="tiny-a-first",
-                messages=MESSAGES,
-                max_tokens=1500,
-                extra_body={"min_tokens": 1500},
-                extra_headers={"X-Request-Id": "killed-mid-request"},
-            )
+        a.restart(timeout=VLLM_RESTART_TIMEOUT_S)
+
+    def long_request():
+        return client.chat.completions.with_raw_response.create(
+            model="tiny-a-first",
+            messages=MESSAGES,
+            max_tokens=1500,
+            extra_body={"min_tokens": 1500},
+            extra_headers={"X-Request-Id": "killed-mid-request"},
         )
-    )
-    request.start()
-    deadline = time.monotonic() + 30
-    while _running(a) == 0:  # generating on a (1500 tokens take seconds here)
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    a.kill()
-    request.join(120)
-    raw = answer[0]
+
+    with background_load(long_request, workers=1, max_requests=1, max_seconds=60) as load:
+        deadline = time.monotonic() + 30
+        while _running(a) == 0:  # generating on a (1500 tokens take seconds here)
+            assert time.monotonic() < deadline, f"a never started it:\n{a.log_tail()}"
+            time.sleep(0.05)
+        a.kill()
+    assert load.failure_count == 0, load.describe_failures()
+    raw = load.results[0]
     assert raw.headers["x-kiban-engine"] == "b"
     assert raw.parse().usage.completion_tokens == 1500
     log = gateway.wait_for_log("killed-mid-request")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ import pytest
 import yaml
 
 from kiban.deploy.process import ProcessId, group_members
+from tests.support.cli import kiban, kiban_up_popen
 from tests.support.engines import free_port
-from tests.support.gateway import KIBAN, REPO_ROOT
+from tests.support.gateway import REPO_ROOT
 
 SERVER = [sys.executable, "-m", "tests.support.fault_upstream", "--port", "{port}"]
 CHAT = {"model": "ok", "messages": [{"role": "user", "content": "hi"}]}
@@ -57,12 +57,6 @@ def _write(tmp_path: Path, engines: list[dict], **gateway: object) -> Path:
     path = tmp_path / "kiban.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def kiban(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(KIBAN), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
-    )
 
 
 def _status(config: Path) -> dict[str, dict]:
@@ -180,13 +174,7 @@ def test_gpu_engine_refused_without_gpu(tmp_path: Path) -> None:
 
 def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     config = _write(tmp_path, [_engine("e1")])
-    proc = subprocess.Popen(
-        [str(KIBAN), "up", "-c", str(config)],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = kiban_up_popen(config)
     try:
         _wait_for(
             lambda: (

@@ -8,7 +8,6 @@ without a failed request.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ from openai import OpenAI
 
 from tests.support.engines import EngineProcess
 from tests.support.gateway import gateway_process
+from tests.support.load import background_load
 
 pytestmark = pytest.mark.engine
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -50,48 +50,31 @@ def gateway(pair, tmp_path_factory: pytest.TempPathFactory):
     gw.stop()
 
 
-def _load(
-    client: OpenAI, seconds: float, workers: int = 6
-) -> tuple[Counter, list[BaseException], list[threading.Thread]]:
-    """Closed-loop load from *workers* threads for *seconds*; started, not joined."""
-    served: Counter = Counter()
-    failures: list[BaseException] = []
-    deadline = time.monotonic() + seconds
-
-    def run() -> None:
-        while time.monotonic() < deadline:
-            try:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="tiny", messages=MESSAGES, max_tokens=24
-                )
-                raw.parse()
-                served[raw.headers["x-kiban-engine"]] += 1
-            except BaseException as exc:
-                failures.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    return served, failures, threads
-
-
 def test_least_outstanding_spreads_then_fails_over(pair, gateway) -> None:
     client = OpenAI(base_url=f"{gateway.base_url}/v1", api_key="none", max_retries=0, timeout=60)
-    served, failures, threads = _load(client, 6.0)
-    for t in threads:
-        t.join(60)
-    assert failures == []
+
+    def one_request() -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=MESSAGES, max_tokens=24
+        )
+        raw.parse()
+        return raw.headers["x-kiban-engine"]
+
+    with background_load(one_request, workers=6, max_requests=2000, max_seconds=6.0) as load:
+        load.run_out()
+    assert load.failure_count == 0, load.describe_failures()
+    served = Counter(load.results)
     total = sum(served.values())
     print(f"requests per engine under load: {dict(served)}")
     assert total > 20 and min(served["gpu0"], served["gpu1"]) >= total * 0.25, served
 
-    served, failures, threads = _load(client, 6.0)
-    time.sleep(1.5)
-    pair[1].kill()  # one "GPU" engine dies under load
-    killed_at = time.monotonic()
-    for t in threads:
-        t.join(60)
-    assert failures == []  # every request was answered, by the surviving engine when needed
+    with background_load(one_request, workers=6, max_requests=2000, max_seconds=6.0) as load:
+        time.sleep(1.5)
+        pair[1].kill()  # one "GPU" engine dies under load
+        killed_at = time.monotonic()
+        load.run_out()
+    # every request was answered, by the surviving engine when needed
+    assert load.failure_count == 0, load.describe_failures()
     after = Counter()
     for _ in range(10):
         raw = client.chat.completions.with_raw_response.create(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,10 @@ import yaml
 from openai import OpenAI
 
 from kiban.deploy.envs import ensure_engine_env
-from tests.integration.test_supervisor import _status, _wait_for, kiban
+from tests.integration.test_supervisor import _status, _wait_for
+from tests.support.cli import kiban, kiban_up_detached
 from tests.support.engines import free_port
+from tests.support.load import background_load
 
 pytestmark = pytest.mark.engine
 
@@ -59,10 +61,8 @@ def up(tiny_model_dir: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathF
     }
     path = tmp_path_factory.mktemp("up") / "kiban.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = kiban("up", "-c", str(path), "-d", timeout=900)
-    assert result.returncode == 0, result.stderr
-    yield path, f"http://127.0.0.1:{port}/v1"
-    assert kiban("down", "-c", str(path), timeout=300).returncode == 0
+    with kiban_up_detached(path, timeout=900):
+        yield path, f"http://127.0.0.1:{port}/v1"
 
 
 def test_both_engines_serve_through_the_gateway(up) -> None:
@@ -87,22 +87,16 @@ def test_both_engines_serve_through_the_gateway(up) -> None:
 
 def test_status_shows_live_figures_under_load(up) -> None:
     config, base_url = up
-    client = OpenAI(base_url=base_url, api_key="none", max_retries=0)
-    stop = threading.Event()
+    client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
 
-    def load() -> None:
-        while not stop.is_set():
-            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=64)
+    def one_request() -> None:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=64)
 
-    workers = [threading.Thread(target=load) for _ in range(2)]
-    for w in workers:
-        w.start()
-    try:
+    with background_load(one_request, workers=2, max_requests=200, max_seconds=120) as load:
+        while not load.results and load.failure_count == 0:  # both engines busy from now on
+            time.sleep(0.05)
         result = kiban("status", "-c", str(config), "--json")
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(60)
+    assert load.failure_count == 0, load.describe_failures()
     document = json.loads(result.stdout)
     live = {p["name"]: p.get("live") for p in document["processes"]}
     assert live["vllm"] is not None and live["llama"] is not None

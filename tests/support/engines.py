@@ -17,11 +17,23 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiban.deploy.process import stat_fields
 from kiban.engines.llamacpp import LlamaCpp
+from tests.support.reaper import REAPER
 
 HEALTH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_CHARS = 6000
+
+#: Environment variable that marks every process a test session starts (engines inherit it).
+SESSION_MARKER = "KIBAN_TEST_SESSION"
+#: vLLM CPU servers a test session may run at once: each takes a core while it starts.
+MAX_VLLM_SERVERS = 2
+#: How long a restarted vLLM CPU server may take to be healthy. Measured on the 2-core CI
+#: machine with the suite's other engines serving load: see VLLM_RESTART_MEASURED_S.
+VLLM_RESTART_MEASURED_S = 0.0
+VLLM_RESTART_TIMEOUT_S = 180.0
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def free_port() -> int:
@@ -50,6 +62,11 @@ class EngineProcess:
     _launched_at: float = 0.0
 
     @property
+    def is_vllm(self) -> bool:
+        """A vLLM OpenAI server (counted against MAX_VLLM_SERVERS)."""
+        return VLLM_SERVER_MODULE in self.argv
+
+    @property
     def base_url(self) -> str:
         """Root URL of the server, e.g. http://127.0.0.1:PORT."""
         return f"http://127.0.0.1:{self.port}"
@@ -68,6 +85,11 @@ class EngineProcess:
         """Start the process without waiting (see :func:`start_together`)."""
         if self.running():
             raise RuntimeError(f"{self.name} already running as PID {self.pid}")
+        if self.is_vllm and len(running := vllm_servers_in_session()) >= MAX_VLLM_SERVERS:
+            raise RuntimeError(
+                f"{self.name}: {len(running)} vLLM servers of this test session run already "
+                f"(PIDs {running}); at most {MAX_VLLM_SERVERS} may run at once: stop one first"
+            )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._launched_at = time.monotonic()
         with self.log_path.open("ab") as log:
@@ -81,6 +103,7 @@ class EngineProcess:
                 env=os.environ | self.env,
                 start_new_session=True,
             )
+        REAPER.watch_group(self.proc.pid)
         return self
 
     def wait_started(self, timeout: float = HEALTH_TIMEOUT_S) -> EngineProcess:
@@ -182,7 +205,9 @@ class EngineProcess:
         if not self._wait_leader(STOP_TIMEOUT_S):
             self._signal_group(signal.SIGKILL)
         self._signal_group(signal.SIGKILL)
-        return self.proc.wait(STOP_TIMEOUT_S)
+        code = self.proc.wait(STOP_TIMEOUT_S)
+        REAPER.forget_group(self.proc.pid)
+        return code
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -200,6 +225,43 @@ class EngineProcess:
             f"{self.name} not healthy after {timeout:.0f}s on port {self.port}; "
             f"log {self.log_path}:\n{self.log_tail()}"
         )
+
+
+def stop_all(engines: list[EngineProcess]) -> None:
+    """Stop every engine, last started first, even when stopping one of them fails."""
+    errors = []
+    for engine in reversed(engines):
+        try:
+            engine.stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def vllm_servers_in_session() -> list[int]:
+    """PIDs of the vLLM servers this test session started, directly or through `kiban up`.
+
+    A server is a process-group leader (every engine runs in a session of its own)
+    running vLLM's OpenAI server with this session's marker in its environment.
+    """
+    marker = f"{SESSION_MARKER}={os.environ.get(SESSION_MARKER, '')}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        fields = stat_fields(pid)
+        if fields is None or int(fields[2]) != pid or fields[0] == "Z":
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if VLLM_SERVER_MODULE.encode() in argv and marker in environ:
+            found.append(pid)
+    return sorted(found)
 
 
 def start_together(*engines: EngineProcess, timeout: float = HEALTH_TIMEOUT_S) -> None:

@@ -63,7 +63,10 @@ def test_failure_names_step_and_shows_tail(home: Path, monkeypatch: pytest.Monke
     message = str(info.value)
     assert "pip install broken==1.0" in message and "exit code 3" in message
     assert "ERROR: no broken" in message
-    assert not (home / "envs" / "toy" / envs.MARKER).exists()
+    # nothing half-made is left; the install log it names stays
+    assert not (home / "envs" / "toy").exists()
+    assert f"the unfinished environment {home / 'envs' / 'toy'} was removed" in message
+    assert "ERROR: no broken" in (home / "envs" / "toy.install.log").read_text()
 
 
 def test_unknown_name(home: Path) -> None:

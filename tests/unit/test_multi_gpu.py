@@ -89,3 +89,25 @@ def test_plan_shares_both_gpus_and_sets_tensor_parallel(tmp_path: Path, two_h100
     # every GPU is given to the engines on it, and no more than the card has
     assert all(0 < need[i] <= two_h100[i].mem_total for i in (0, 1))
     assert plan.engine("llama0").gpus == (0,) and plan.engine("lm1").gpus == (1,)
+
+
+def test_llamacpp_over_two_gpus_splits_layers_evenly(tmp_path: Path, two_h100) -> None:
+    raw = {
+        "engines": [
+            {"name": "split", "kind": "llamacpp", "models": ["m"],
+             "launch": {"model": "Qwen/Qwen2.5-7B-Instruct", "gpus": [0, 1], "port": 8101,
+                        "context": 8192, "concurrency": 4}},
+            {"name": "one", "kind": "llamacpp", "models": ["m"],
+             "launch": {"model": "Qwen/Qwen2.5-7B-Instruct", "gpus": [0], "port": 8102,
+                        "context": 8192, "concurrency": 4}},
+        ],
+        "routes": [{"model": "m", "engines": ["split", "one"]}],
+    }  # fmt: skip
+    plan = plan_config(parse_config(raw, {}))
+    assert plan.ok, plan.problems
+    flags = plan.engine("split").flags
+    assert flags[flags.index("--split-mode") + 1] == "layer"
+    assert flags[flags.index("--tensor-split") + 1] == "1,1"
+    assert "--split-mode" not in plan.engine("one").flags
+    # half of the KV cache on each GPU: the same cells, half the KV heads' bytes per GPU
+    assert plan.engine("split").kv_cache_bytes * 2 == plan.engine("one").kv_cache_bytes

@@ -219,3 +219,22 @@ def test_sglang_flags_cap_the_pool_at_the_planned_tokens() -> None:
     static = (e.weights_bytes + e.kv_cache_bytes) / (e.free_at_start_bytes - 512 * 1024**2)
     assert static <= float(flags["--mem-fraction-static"]) < static + 0.001
     assert flags["--context-length"] == "16384" and flags["--max-running-requests"] == "4"
+
+
+def test_lmdeploy_backend_from_launch_args_decides_the_plan() -> None:
+    """Qwen2.5 runs on TurboMind by default; ``--backend pytorch`` in launch.args (where
+    TurboMind is not installed) makes the plan reserve the PyTorch engine's runtime buffers
+    and say ``--backend pytorch``, with a smaller cache fraction for the same KV bytes."""
+    launch = {"model": "Qwen/Qwen2.5-7B-Instruct", "context": 8192, "concurrency": 16,
+              "kv_cache_dtype": "int8"}  # fmt: skip
+    default = plan_of(config(engine("lm", "lmdeploy", 1, **launch)), gpu="h100-80").engines[0]
+    pytorch = plan_of(
+        config(engine("lm", "lmdeploy", 1, **launch, args=["--backend", "pytorch"])),
+        gpu="h100-80",
+    ).engines[0]
+    flags = dict(zip(default.flags[::2], default.flags[1::2], strict=True))
+    torch_flags = dict(zip(pytorch.flags[::2], pytorch.flags[1::2], strict=True))
+    assert flags["--backend"] == "turbomind" and torch_flags["--backend"] == "pytorch"
+    assert pytorch.kv_cache_bytes == default.kv_cache_bytes
+    assert pytorch.overhead_bytes > default.overhead_bytes  # the runtime reserve
+    assert float(torch_flags["--cache-max-entry-count"]) > float(flags["--cache-max-entry-count"])

@@ -16,6 +16,11 @@ A marker file records the fingerprint of the spec that built a venv:
   hand): wait for any process still running in it, then run the steps in place
   (pip is idempotent); if that fails, build from scratch once.
 
+A build that fails (a step exits non-zero: no network, a compiler error) removes
+the venv it made, so nothing half-made is left to be mistaken for an engine; the
+install log beside it stays, and the error names the step and ends with the log's
+last lines. An interrupted build (killed, Ctrl+C) keeps its venv to resume.
+
 A file lock serialises concurrent callers (two pytest workers, two CLIs).
 """
 
@@ -255,7 +260,12 @@ def ensure_engine_env(name: str, *, progress: Progress | None = None) -> EngineE
             except EnvInstallError as exc:
                 say(f"{name}: resuming failed ({exc.args[0].splitlines()[0]}); starting over")
                 shutil.rmtree(root)
-        return _build(spec, root, say, fresh=True)
+        try:
+            return _build(spec, root, say, fresh=True)
+        except EnvInstallError as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            message = f"{exc.args[0]}\n(the unfinished environment {root} was removed)"
+            raise EnvInstallError(message) from None
 
 
 def llama_server_binary(env: EngineEnv) -> Path:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from kiban.config import EngineConfig, KibanConfig, RestartPolicy
 from kiban.deploy import gpu_policy
+from kiban.deploy.envs import EnvInstallError
 from kiban.deploy.launch import EngineCommand, engine_command, engine_env_root
 from kiban.deploy.process import ProcessId, group_members, spawn, stop_group, tail
 from kiban.deploy.state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
@@ -129,7 +130,12 @@ class Supervisor:
             raise SupervisorError(problems)
         assert plan is not None
         for engine in self.engines:
-            root = engine_env_root(engine, progress)
+            try:
+                root = engine_env_root(engine, progress)
+            except EnvInstallError as err:
+                raise SupervisorError(
+                    [f"engine {engine.name!r}: building its environment failed: {err}"]
+                ) from None
             ep = plan.engine(engine.name)  # None: nothing to plan (kind openai's own command)
             flags, env = (ep.flags, ep.env) if ep is not None else ([], {})
             self._manage_engine(engine, engine_command(engine, root, flags, env))

@@ -258,7 +258,18 @@ class LlamaCpp(EngineKind):
         return warnings
 
     def plan_flags(self, plan):
+        """The cache, slots and offload the plan sized; over several GPUs, an even split.
+
+        On several GPUs the plan gives each the same share, so the split is pinned to
+        equal proportions (``--tensor-split 1,1``) instead of llama.cpp's default
+        split by free memory; ``--split-mode layer`` (llama.cpp's default, stable)
+        puts whole layers and their KV cells on each GPU (common/arg.cpp also has
+        ``row`` and an experimental ``tensor``).
+        """
         per_slot = blocks(plan.context, _PAD) * _PAD
+        split = []
+        if plan.on_gpu and plan.tp > 1:
+            split = ["--split-mode", "layer", "--tensor-split", ",".join(["1"] * plan.tp)]
         return [
             "-c",
             str(per_slot * plan.concurrency),
@@ -274,6 +285,7 @@ class LlamaCpp(EngineKind):
             plan.kv_format_v.name,
             "--fit",
             "off",
+            *split,
         ]
 
     # -- structured output --

@@ -126,7 +126,7 @@ class LMDeploy(EngineKind):
         if capability is not None and capability < (7, 0):
             raise PlanRefusal(f"lmdeploy needs sm70 or newer; {target.name} is older")
         _check_model(spec)
-        backend = backend_for(spec)
+        backend = backend_for(spec, target.args)
         if policy == 0:
             return (dtype_format(spec, "0"),) * 2
         if policy == 42:
@@ -183,7 +183,7 @@ class LMDeploy(EngineKind):
             + activation_bytes(spec, _MAX_PREFILL_TOKENS, target.tp)
             + logits_bytes(spec, concurrency)
         )
-        if backend_for(spec) == "pytorch":
+        if backend_for(spec, target.args) == "pytorch":
             overhead += _pytorch_runtime_reserve(spec, concurrency)
         return overhead
 
@@ -199,7 +199,7 @@ class LMDeploy(EngineKind):
                 "MiniCPM-V runs on lmdeploy's PyTorch engine (TurboMind dropped it in 0.14); "
                 "older docs that list TurboMind KV int8/int4 for it are stale"
             )
-        if backend_for(spec) == "turbomind":
+        if backend_for(spec, target.args) == "turbomind":
             warnings.append(
                 "TurboMind silently shortens session_len when its blocks run out; the planned "
                 "--cache-max-entry-count leaves room for session_len x max_batch_size"
@@ -211,7 +211,7 @@ class LMDeploy(EngineKind):
         return warnings
 
     def plan_flags(self, plan):
-        backend = backend_for(plan.model)
+        backend = backend_for(plan.model, plan.args)
         free_after_weights = (
             plan.free_at_start_bytes - plan.weights_bytes - TORCH_CUDA_CONTEXT_BYTES
         )
@@ -318,8 +318,16 @@ def _pytorch_runtime_reserve(spec, concurrency: int) -> int:
     return (_MAX_PREFILL_TOKENS + 2 * concurrency) * spec.vocab_size * 2
 
 
-def backend_for(spec) -> str:
-    """``turbomind`` for the architectures TurboMind lists, else ``pytorch``."""
+def backend_for(spec, args: tuple[str, ...] = ()) -> str:
+    """The engine lmdeploy runs the model on: ``--backend`` from launch.args when given
+    (e.g. ``pytorch`` where TurboMind is not installed), else ``turbomind`` for the
+    architectures TurboMind lists and ``pytorch`` for the rest."""
+    for i, arg in enumerate(args):
+        flag, _, inline = arg.partition("=")
+        if flag == "--backend":
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            if value in ("turbomind", "pytorch"):
+                return value
     return "turbomind" if spec.architecture in TURBOMIND_ARCHS else "pytorch"
 
 

@@ -269,6 +269,7 @@ def _finish(
         requested_context=d.launch.context,
         requested_concurrency=d.launch.concurrency,
         warnings=list(d.warnings or []),
+        args=d.target.args,
     )
     if not fits:  # no flags: they would ask the engine for memory the device does not have
         problems.append(_refusal(d, plan, deficit, others))
@@ -286,10 +287,13 @@ def _refusal(d: _Draft, plan: EnginePlan, deficit: int, others: list[str]) -> st
     )
     available = d.share + deficit
     beside = f" beside {', '.join(others)}" if others else ""
+    where = plan.device_name
+    if plan.gpus:
+        where = f"GPU {', '.join(map(str, plan.gpus))} ({where})"
     if available < d.fixed:
         return (
             head + f"weights and overhead alone need {human(d.fixed)} per GPU but "
-            f"{human(max(0, available))} of {plan.device_name} is left for it{beside}: short by "
+            f"{human(max(0, available))} of {where} is left for it{beside}: short by "
             f"{human(d.fixed - available)}; use quantized weights, more GPUs (tensor "
             "parallel) or a larger GPU"
         )
@@ -297,7 +301,7 @@ def _refusal(d: _Draft, plan: EnginePlan, deficit: int, others: list[str]) -> st
     tail = f"; would fit: {'; '.join(alternatives)}" if alternatives else ""
     if deficit < 0:
         return (
-            head + f"needs {human(plan.required_bytes)} per GPU ({parts}); {plan.device_name} "
+            head + f"needs {human(plan.required_bytes)} per GPU ({parts}); {where} "
             f"is over-committed by {human(-deficit)}{beside}" + tail
         )
     wanted = f"{plan.context} tokens x {plan.concurrency} sequences"
@@ -305,7 +309,7 @@ def _refusal(d: _Draft, plan: EnginePlan, deficit: int, others: list[str]) -> st
         wanted = f"one sequence of context {plan.context}"
     return (
         head + f"{wanted} needs {human(plan.required_bytes)} per GPU ({parts}) but its share of "
-        f"{plan.device_name} is {human(d.share)}: short by {human(-plan.margin_bytes)}{tail}"
+        f"{where} is {human(d.share)}: short by {human(-plan.margin_bytes)}{tail}"
     )
 
 

@@ -50,6 +50,8 @@ class EnginePlan:
     flags: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: the user's launch.args, for engines whose flags depend on them (lmdeploy --backend)
+    args: tuple[str, ...] = ()
 
     @property
     def on_gpu(self) -> bool:
