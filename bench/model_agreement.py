@@ -82,9 +82,9 @@ def chat(engine: EngineProcess, prompt: str, max_tokens: int) -> str:
         return json.loads(resp.read())["choices"][0]["message"]["content"]
 
 
-def answers(engine: EngineProcess, max_tokens: int) -> list[str]:
+def answers(engine: EngineProcess, prompts: tuple[str, ...], max_tokens: int) -> list[str]:
     try:
-        return [chat(engine, p, max_tokens) for p in PROMPTS]
+        return [chat(engine, p, max_tokens) for p in prompts]
     finally:
         engine.stop()
 
@@ -101,8 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", choices=("bfloat16", "float32"))
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts")
     parser.add_argument("--show", action="store_true", help="print every pair of answers")
     args = parser.parse_args()
+    prompts = PROMPTS[: args.prompts]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop engines
     from tokenizers import Tokenizer
 
@@ -112,18 +114,19 @@ def main() -> None:
     started = time.monotonic()
     files = ensure_smollm2(progress=print)
     llama = llamacpp_server(binary, files.gguf, "smollm2", logs, ctx=2048, parallel=1).start()
-    reference = answers(llama, args.max_tokens)
+    reference = answers(llama, prompts, args.max_tokens)
     print(
-        f"machine: {os.cpu_count()} CPUs, {platform.machine()}; {len(PROMPTS)} prompts, "
-        f"greedy, max_tokens {args.max_tokens}; logs in {logs}"
+        f"machine: {os.cpu_count()} CPUs, {platform.machine()}; {len(prompts)} prompts, "
+        f"greedy, max_tokens {args.max_tokens}; logs in {logs}",
+        flush=True,
     )
     for dtype in args.dtype or ("bfloat16", "float32"):
         hf_dir = ensure_smollm2(dtype=dtype, progress=print).hf_dir
         tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
         vllm = vllm_server(vllm_python, hf_dir, "smollm2", logs, max_model_len=2048).start(900)
-        other = answers(vllm, args.max_tokens)
+        other = answers(vllm, prompts, args.max_tokens)
         diffs = []
-        for prompt, a, b in zip(PROMPTS, reference, other, strict=True):
+        for prompt, a, b in zip(prompts, reference, other, strict=True):
             ids_a, ids_b = tok.encode(a).ids, tok.encode(b).ids
             diffs.append((first_difference(ids_a, ids_b), min(len(ids_a), len(ids_b))))
             if args.show:

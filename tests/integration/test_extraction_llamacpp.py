@@ -6,12 +6,18 @@ the two enforced modes, json_schema through kiban and kiban.extract, greedy.
 
 Nothing kiban returns as a success may fail the schema (checked again here with
 jsonschema and Pydantic, independently of kiban). The field accuracy must reach
-`ACCURACY_FLOOR`, set from the distribution bench/extraction.py measured on all 204
-English cases (docs/structured-output.md): the 1st percentile of the field
-accuracy of 24 cases drawn at random from that run's outcomes (20,000 bootstrap
-draws), per mode, rounded down to a whole percent. A working set-up falls below it
-about once in a hundred random subsets; this fixed subset measured MEASURED_ACCURACY
-in that run. A broken conversion, template, tokenizer or schema translation falls far below.
+`ACCURACY_FLOOR`. How it is set: the 1st percentile of the field accuracy of 24
+English cases drawn at random from a bench/extraction.py run's outcomes (20,000
+bootstrap draws, per mode, rounded down to a whole percent; `report` prints it), so
+that a working set-up falls below it about once in a hundred random subsets, while a
+broken conversion, template, tokenizer or schema translation falls far below.
+
+Provisional (2026-12-01): only 5 flat cases were measured (json_schema: 72 % of the
+fields right, bootstrap 1st percentile 62.5 %; docs/structured-output.md), none of the
+nested and list models. The floor is therefore set at half the
+measured accuracy, 35 %, for both modes, until a run of the whole subset
+(`bench/extraction.py run --engine llamacpp --mode json_schema --mode extract
+--cases 0:8`) gives the distribution to set it from.
 """
 
 from __future__ import annotations
@@ -29,8 +35,7 @@ from tests.support.inprocess_gateway import running_gateway
 pytestmark = pytest.mark.engine
 
 #: per mode, see the module docstring for how they were set
-ACCURACY_FLOOR = {"json_schema": 0.0, "extract": 0.0}
-MEASURED_ACCURACY = {"json_schema": 0.0, "extract": 0.0}
+ACCURACY_FLOOR = {"json_schema": 0.35, "extract": 0.35}
 
 
 @pytest.fixture(scope="module")
