@@ -12,12 +12,12 @@ bootstrap draws, per mode, rounded down to a whole percent; `report` prints it),
 that a working set-up falls below it about once in a hundred random subsets, while a
 broken conversion, template, tokenizer or schema translation falls far below.
 
-Provisional (2026-12-01): only 5 flat cases were measured (json_schema: 72 % of the
-fields right, bootstrap 1st percentile 62.5 %; docs/structured-output.md), none of the
-nested and list models. The floor is therefore set at half the
-measured accuracy, 35 %, for both modes, until a run of the whole subset
-(`bench/extraction.py run --engine llamacpp --mode json_schema --mode extract
---cases 0:8`) gives the distribution to set it from.
+Measured 2026-12-01 on this very subset (bench/extraction.py, docs/structured-output.md):
+json_schema 33.7 % of the fields right on all 24 cases (flat 77.5 %, nested 26.4 %, list
+25.7 %), bootstrap 1st percentile 24.4 %; extract 34.9 % on 20 of the 24 (the last 4 list
+cases ran out of time), 24.9 %. Floor: 24 % for both modes. Greedy decoding makes the fixed
+subset score about the same on every run; the margin covers the few tokens that flip
+between runs on a busy machine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests.support.inprocess_gateway import running_gateway
 pytestmark = pytest.mark.engine
 
 #: per mode, see the module docstring for how they were set
-ACCURACY_FLOOR = {"json_schema": 0.35, "extract": 0.35}
+ACCURACY_FLOOR = {"json_schema": 0.24, "extract": 0.24}
 
 
 @pytest.fixture(scope="module")
