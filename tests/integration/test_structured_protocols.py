@@ -86,24 +86,26 @@ def test_lmdeploy_reads_the_constraint(
 
 
 @pytest.mark.parametrize(
-    ("request_form", "field", "value"),
+    ("request_form", "field", "value", "budget"),
     [
-        (OPENAI_SCHEMA, "json_schema", SCHEMA),
-        ({"guided_json": SCHEMA}, "json_schema", SCHEMA),
-        ({"response_format": {"type": "json_object"}}, "json_schema", {"type": "object"}),
-        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+"),
-        ({"guided_choice": ["yes", "no"]}, "regex", "(yes|no)"),
-        ({"guided_grammar": 'root ::= "a" | "b"'}, "ebnf", 'root ::= "a" | "b"'),
+        # the budget kiban gives a request without max_tokens: from the schema (at least
+        # 256), the longest choice + 16, else 1024 (kiban.structured.request.default_budget)
+        (OPENAI_SCHEMA, "json_schema", SCHEMA, 256),
+        ({"guided_json": SCHEMA}, "json_schema", SCHEMA, 256),
+        ({"response_format": {"type": "json_object"}}, "json_schema", {"type": "object"}, 1024),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+", 1024),
+        ({"guided_choice": ["yes", "no"]}, "regex", "(yes|no)", 19),
+        ({"guided_grammar": 'root ::= "a" | "b"'}, "ebnf", 'root ::= "a" | "b"', 1024),
     ],
 )
 def test_sglang_reads_the_constraint(
-    env: EngineEnv, request_form: dict, field: str, value: Any
+    env: EngineEnv, request_form: dict, field: str, value: Any, budget: int
 ) -> None:
     report = check(env, "sglang", request_form)
     assert list(report["constraint"]) == [field]
     got = report["constraint"][field]
     assert (json.loads(got) if field == "json_schema" else got) == value
-    assert report["max_new_tokens"] == 1024  # kiban bounded a request that gave no max_tokens
+    assert report["max_new_tokens"] == budget  # kiban bounded a request that gave no max_tokens
 
 
 def test_engine_check_catches_a_field_the_engine_ignores(env: EngineEnv) -> None:
