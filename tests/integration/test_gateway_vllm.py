@@ -62,7 +62,7 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
             "api_keys": {"env": ["KIBAN_TEST_KEY"]},
             "max_body_bytes": MAX_BODY,
             "health_interval_s": 0.5,
-            "health_timeout_s": 2,
+            "health_timeout_s": 5,  # a loaded 2-core machine can take seconds to answer
         },
         "engines": [
             {
@@ -387,14 +387,37 @@ def _running(engine: EngineProcess) -> float:
     return float(match.group(1))
 
 
-def test_client_disconnect_cancels_engine_request(client: OpenAI, engines) -> None:
-    stream = client.chat.completions.create(
+def _wait_until_a_serves_first(gateway: EngineProcess) -> None:
+    """Engine a is healthy with its circuit closed in the gateway's view, so route
+    tiny-a-first sends the next request to a (an earlier test or a slow health check on a
+    loaded machine may have let it fall back to b for a moment)."""
+    deadline = time.monotonic() + REJOIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = _raw(gateway, "/metrics", None).text
+        if 'kiban_engine_up{engine="a"} 1.0' in text and (
+            'kiban_engine_circuit_state{engine="a"} 0.0' in text
+        ):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"a not healthy, circuit closed, in {REJOIN_TIMEOUT_S} s:\n{gateway.log_tail()}")
+
+
+def _long_stream_on_a(client: OpenAI, gateway: EngineProcess):
+    """A 1500-token stream (several seconds of generation here) served by engine a."""
+    _wait_until_a_serves_first(gateway)
+    raw = client.chat.completions.with_raw_response.create(
         model="tiny-a-first",
         messages=MESSAGES,
         max_tokens=1500,
         stream=True,
         extra_body={"min_tokens": 1500},
     )
+    assert raw.headers["x-kiban-engine"] == "a", raw.headers
+    return raw.parse()
+
+
+def test_client_disconnect_cancels_engine_request(client: OpenAI, gateway, engines) -> None:
+    stream = _long_stream_on_a(client, gateway)
     for i, _chunk in enumerate(stream):
         if i == 3:
             break
@@ -433,13 +456,7 @@ def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -
         return raw.headers["x-kiban-engine"], raw.parse().choices[0].finish_reason
 
     with background_load(one_request, workers=3, max_requests=3000, max_seconds=300) as load:
-        stream = client.chat.completions.create(
-            model="tiny-a-first",
-            messages=MESSAGES,
-            max_tokens=1500,
-            stream=True,
-            extra_body={"min_tokens": 1500},
-        )
+        stream = _long_stream_on_a(client, gateway)
         got = []
         with pytest.raises(openai.APIError) as broken:
             for chunk in stream:
@@ -465,6 +482,7 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     a = engines["a"]
     if not a.running():
         a.restart(timeout=VLLM_RESTART_TIMEOUT_S)
+    _wait_until_a_serves_first(gateway)
 
     def long_request():
         return client.chat.completions.with_raw_response.create(
