@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.support.engines import EngineProcess
+from tests.support.gateway import chat_exchange
 from tests.support.inprocess_gateway import running_gateway
 from tests.support.schema_corpus import assert_nothing_invalid_returned, load_corpus, run_corpus
 
@@ -53,16 +52,10 @@ def gateway(engine: EngineProcess):
 
 def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
     """Status, JSON body and x-kiban-structured header of one chat request."""
-    request = urllib.request.Request(
-        f"{gateway.base_url}/v1/chat/completions",
-        data=json.dumps({"model": "tiny", "messages": MESSAGES, **body}).encode(),
-        headers={"content-type": "application/json"},
+    status, headers, answer = chat_exchange(
+        gateway.base_url, {"model": "tiny", "messages": MESSAGES, **body}
     )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            return resp.status, json.loads(resp.read()), resp.headers["x-kiban-structured"]
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), err.headers["x-kiban-structured"]
+    return status, answer, headers["x-kiban-structured"]
 
 
 #: The suite sends every 8th schema of the corpus (33); bench/structured_coverage.py runs

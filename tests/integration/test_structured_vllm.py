@@ -24,6 +24,7 @@ import kiban
 from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
 from tests.support.engines import EngineProcess
+from tests.support.gateway import chat_exchange
 from tests.support.inprocess_gateway import running_gateway
 from tests.support.schema_corpus import assert_nothing_invalid_returned, load_corpus, run_corpus
 
@@ -344,16 +345,9 @@ def mixed_gateway(engine: EngineProcess, llamacpp_engine_factory, tiny_gguf: Pat
 
 def answered(gateway, body: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any]]:
     """The engine that answered, the x-kiban-structured header and the body of one request."""
-    request = urllib.request.Request(
-        f"{gateway.base_url}/v1/chat/completions",
-        data=json.dumps({"model": "tiny", "messages": MESSAGES, **body}).encode(),
-        headers={"content-type": "application/json"},
+    _, headers, answer = chat_exchange(
+        gateway.base_url, {"model": "tiny", "messages": MESSAGES, **body}
     )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            headers, answer = resp.headers, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        headers, answer = err.headers, json.loads(err.read())
     return headers["x-kiban-engine"], headers["x-kiban-structured"], answer
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +77,19 @@ def fault_upstream(log_dir: Path, *, slow_interval: float = 1.0) -> EngineProces
         log_path=log_dir / f"fault-{port}.log",
         env={"PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+def chat_exchange(
+    base_url: str, body: dict[str, Any], timeout: float = 120
+) -> tuple[int, Message, dict[str, Any]]:
+    """Status, headers and JSON body of one POST /v1/chat/completions, errors included."""
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.headers, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.loads(err.read())
