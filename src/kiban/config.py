@@ -117,6 +117,11 @@ class GatewayConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    health_failures: Annotated[int, Field(ge=1)] = Field(
+        default=3,
+        description="consecutive failed health checks (timeout or non-200) before an engine "
+        "leaves rotation; a refused connection takes it out at once",
+    )
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
 

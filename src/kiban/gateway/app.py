@@ -163,6 +163,7 @@ class Gateway:
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
+            gw.health_failures,
             on_checked=self._after_health_checks,
         )
         await self.health.check_all()
