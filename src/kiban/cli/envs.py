@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
@@ -41,10 +40,8 @@ def build(
     if unknown:
         raise fail(f"unknown environment {unknown[0]!r}; known: {', '.join(sorted(ENGINE_ENVS))}")
     for name in names:
-        started = time.monotonic()
         try:
-            env = ensure_engine_env(name, progress=console.print)
+            env = ensure_engine_env(name, progress=console.print)  # says "ready in N s"
         except EnvInstallError as exc:
             raise fail(f"{name}: {exc}", code=1) from None
-        console.print(f"{name}: ready in {time.monotonic() - started:.1f} s", highlight=False)
         typer.echo(env.root)
