@@ -119,6 +119,9 @@ class GatewayConfig(_Strict):
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
+    usage_flush_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=10.0, description="how often usage per key is written to its store"
+    )
 
     @field_validator("shared_state", mode="before")
     @classmethod
