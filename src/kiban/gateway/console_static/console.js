@@ -95,6 +95,7 @@
 
   function renderKeys(keys) {
     fill("keys", keys, (tr, k) => {
+      tr.dataset.key = k.name;
       cell(tr, k.name);
       cell(tr, k.admin ? "admin" : "");
       cell(tr, k.models ? k.models.join(", ") : "all");
