@@ -152,13 +152,15 @@ class ConsoleState:
     def _series(self) -> dict[str, list[float | None]]:
         t: list[float | None] = []
         rps: list[float | None] = []
+        requests: list[float | None] = []
         tps: list[float | None] = []
         p50: list[float | None] = []
         p95: list[float | None] = []
         for before, after in itertools.pairwise(self.samples):
             dt = after.at - before.at
             t.append(after.at)
-            rps.append(max(0.0, after.requests - before.requests) / dt)
+            requests.append(max(0.0, after.requests - before.requests))
+            rps.append(requests[-1] / dt)
             tps.append(max(0.0, after.completion_tokens - before.completion_tokens) / dt)
             previous = dict(before.ttft_buckets)
             delta = [(b, c - previous.get(b, 0.0)) for b, c in after.ttft_buckets]
@@ -167,6 +169,7 @@ class ConsoleState:
         return {
             "t": t,
             "requests_per_s": rps,
+            "requests": requests,
             "ttft_p50_s": p50,
             "ttft_p95_s": p95,
             "tokens_per_s": tps,

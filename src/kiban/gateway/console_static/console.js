@@ -176,6 +176,7 @@
     const ms = (v) => (v === null ? null : v * 1000);
     chart("chart-rps", [{ label: "requests/s", stroke: "#1f6feb", width: 2 }],
       [s.t, s.requests_per_s]);
+    $("chart-rps").dataset.requests = String(s.requests.reduce((a, b) => a + b, 0));
     chart("chart-ttft", [
       { label: "p50", stroke: "#1a7f37", width: 2, spanGaps: true },
       { label: "p95", stroke: "#c62828", width: 2, spanGaps: true },
