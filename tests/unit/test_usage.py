@@ -196,3 +196,21 @@ def test_quantile_interpolates_like_prometheus() -> None:
     assert quantile(0.5, buckets) == pytest.approx(0.1)
     assert quantile(0.75, buckets) == pytest.approx(0.3)
     assert quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_html_report_is_self_contained_and_escapes_names() -> None:
+    from kiban.observability.report import EngineFigures, GpuFigures, Report
+    from kiban.observability.report_html import GpuSeries, render_html, verdict
+
+    hot = EngineFigures("<b>e</b>", "0", kv_saturated_share=0.2, kv_usage_peak=1.0, requests=9)
+    full = GpuFigures("0", [hot], vram_high_share=0.0, vram_peak=0.5)
+    idle = GpuFigures("1", [EngineFigures("calm", "1", kv_usage_peak=0.4, tokens_per_s_peak=12.5)])
+    series = GpuSeries(t=[0.0, 60.0], busy_by_day={"2026-12-01": 0.25})
+    assert verdict(full, series).startswith(
+        "GPU 0 does not suffice: <b>e</b>'s KV cache was full 20%"
+    )
+    assert "busiest day 2026-12-01, busy 25% of it" in verdict(full, series)
+    assert verdict(idle, None).startswith("GPU 1 suffices: KV cache peaked at 40%, 12.5 tokens/s")
+    page = render_html(Report("http://prom:9090", 0.0, 3600.0, [full, idle]), {"0": series})
+    assert "<b>e</b>" not in page and "&lt;b&gt;e&lt;/b&gt;" in page
+    assert "<script src" not in page and "uPlot" in page and "@@" not in page
