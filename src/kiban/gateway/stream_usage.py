@@ -59,11 +59,11 @@ class UsageEventDropper:
     def feed(self, chunk: bytes) -> bytes:
         if self._partial:
             chunk, self._partial = self._partial + chunk, b""
-        last = chunk.rfind(b"\n\n")
-        end = last + 2 if last >= 0 else 0
-        if end < len(chunk):
+        if not chunk.endswith(b"\n\n"):
+            last = chunk.rfind(b"\n\n")
+            end = last + 2 if last >= 0 else 0
             chunk, self._partial = chunk[:end], chunk[end:]
-        if not _USAGE_OBJECT.search(chunk):
+        if b'"usage"' not in chunk or not _USAGE_OBJECT.search(chunk):
             return chunk
         kept = [event for event in chunk.split(b"\n\n") if not _usage_only(event)]
         return b"\n\n".join(kept)
