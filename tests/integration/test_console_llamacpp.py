@@ -188,8 +188,8 @@ def test_console_in_a_real_browser(gateway, keys, tmp_path: Path) -> None:
         wait.until(lambda d: int(chart.get_attribute("data-points") or 0) >= 1)
         before = float(chart.get_attribute("data-requests"))
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4}
-        for _ in range(4):
-            _post(gateway.base_url, keys["alice"], body)
+        for i in range(4):  # two streams, for the TTFT chart
+            _post(gateway.base_url, keys["alice"], {**body, "stream": i % 2 == 0})
         # the chart's points count the 4 requests (and nothing else reaches this gateway now)
         wait.until(lambda d: float(chart.get_attribute("data-requests")) == before + 4)
         assert float(chart.get_attribute("data-max")) > 0
