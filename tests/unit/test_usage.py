@@ -132,6 +132,14 @@ def test_a_failing_store_loses_nothing() -> None:
     assert _value(metrics.render("public"), "kiban_usage_store_errors_total") == 1
 
 
+def test_without_a_store_the_last_day_stays_in_memory() -> None:
+    usage = Usage(Metrics().registry)
+    usage.record("new", _exchange(status=200, usage={"prompt_tokens": 1}), 0)
+    usage._put_back({("old", hour_of(time.time()) - 3 * 86400): [1, 0, 0]})
+    assert asyncio.run(usage.flush())
+    assert totals(asyncio.run(usage.rows(0))) == {"new": [1, 1, 0]}
+
+
 def test_sqlite_rows_add_up_across_writers(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml.usage.sqlite"
     hour = hour_of(time.time())

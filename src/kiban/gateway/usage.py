@@ -37,6 +37,8 @@ log = logging.getLogger("kiban.usage")
 MAX_KEY_SERIES = 500
 OTHER_KEYS = "_other"
 _LOG_EVERY_S = 60.0
+#: how long usage stays in memory when there is no store (keys from the environment only)
+KEPT_WITHOUT_STORE_S = 86400.0
 
 
 class KeyMetrics:
@@ -156,8 +158,7 @@ class Usage:
 
     def start(self, store: UsageStore | None) -> None:
         self.store = store
-        if store is not None:
-            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._task = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
         while True:
@@ -165,8 +166,15 @@ class Usage:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Write what was counted since the last flush; on failure keep it for the next."""
-        if self.store is None or not self._pending:
+        """Write what was counted since the last flush; on failure keep it for the next.
+
+        Without a store the cells of the last :data:`KEPT_WITHOUT_STORE_S` stay (the console's).
+        """
+        if self.store is None:
+            first = hour_of(time.time() - KEPT_WITHOUT_STORE_S)
+            self._pending = {k: v for k, v in self._pending.items() if k[1] >= first}
+            return True
+        if not self._pending:
             return True
         batch, self._pending = self._pending, {}
         try:
