@@ -2,7 +2,8 @@
 
 No web framework sits on the hot path: the routes are a handful of exact
 paths, and a request body is parsed once (orjson) for what routing needs and
-forwarded as the same bytes unless the engine knows the model by another name.
+forwarded as the same bytes unless the engine knows the model by another name
+(or, on a stream, with ``include_usage`` spliced in: :mod:`kiban.gateway.stream_usage`).
 
 Everything a configuration decides (routes, engines, keys) lives in one
 :class:`Live` object that a request reads once; a reload builds a new one
