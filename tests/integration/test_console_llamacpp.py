@@ -195,6 +195,11 @@ def test_console_in_a_real_browser(gateway, keys, tmp_path: Path) -> None:
         assert float(chart.get_attribute("data-max")) > 0
         assert driver.find_elements(By.CSS_SELECTOR, "#chart-rps canvas")
         wait.until(lambda d: int(_cells(d, '#keys tr[data-key="alice"]')[4]) >= 4)
+        if os.environ.get("KIBAN_SCREENSHOT_DIR"):  # for docs: a few more points on the charts
+            for i in range(6):
+                _post(gateway.base_url, keys["bob"], {**body, "stream": True, "max_tokens": 2 + i})
+                time.sleep(1)
+            wait.until(lambda d: int(chart.get_attribute("data-points")) >= 8)
         shot = Path(os.environ.get("KIBAN_SCREENSHOT_DIR") or tmp_path) / "console.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shot))

@@ -137,7 +137,7 @@ def test_html_report_in_a_real_browser(stack, tmp_path: Path) -> None:
         capture_output=True,
     )
     text = page.read_text()
-    assert "CPU engines suffices" in text and "cdn" not in text.lower()
+    assert "CPU engines suffice:" in text and "cdn" not in text.lower()
     assert "<script src" not in text and "<link" not in text  # self-contained
 
     with headless_chromium(WAIT_S) as driver:
@@ -158,6 +158,6 @@ def test_html_report_in_a_real_browser(stack, tmp_path: Path) -> None:
         busy = float(days.split()[-1].rstrip("%"))
         assert 0 < busy <= 100, days
         verdict = section.find_element(By.CLASS_NAME, "verdict").text
-        assert verdict.startswith("CPU engines suffices") and "tokens/s at peak" in verdict
+        assert verdict.startswith("CPU engines suffice:") and "tokens/s at peak" in verdict
         shot = Path(os.environ.get("KIBAN_SCREENSHOT_DIR") or tmp_path) / "report.png"
         assert driver.save_screenshot(str(shot))

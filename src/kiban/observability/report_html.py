@@ -103,6 +103,7 @@ def collect_series(prom: Prometheus, report: Report, resolution_s: float) -> dic
 def verdict(g: GpuFigures, s: GpuSeries | None) -> str:
     """Does this GPU suffice? One sentence with the numbers behind it."""
     where = _where(g)
+    verb = "suffice" if where.endswith("engines") else "suffices"  # "CPU engines" / "GPU 0"
     full = [e for e in g.engines if (e.kv_saturated_share or 0) >= KV_SATURATION_NOTE]
     queued = [e for e in g.engines if (e.queued_share or 0) >= QUEUE_NOTE]
     vram = (g.vram_high_share or 0) >= VRAM_NOTE
@@ -118,7 +119,9 @@ def verdict(g: GpuFigures, s: GpuSeries | None) -> str:
         ]
         if vram:
             reasons.append(f"VRAM was above 90% {_pct(g.vram_high_share or 0)} of the time")
-        return f"{where} does not suffice: {', '.join(reasons)}{busy}. Add a second GPU now."
+        return f"{where} {'do' if verb == 'suffice' else 'does'} not suffice: " + (
+            f"{', '.join(reasons)}{busy}. Add a second GPU now."
+        )
     if not g.engines and g.vram_peak is None:
         return f"{where}: no data in this period."
     peaks = [e.kv_usage_peak for e in g.engines if e.kv_usage_peak is not None]
@@ -126,7 +129,7 @@ def verdict(g: GpuFigures, s: GpuSeries | None) -> str:
     tokens = [e.tokens_per_s_peak for e in g.engines if e.tokens_per_s_peak is not None]
     peak = f", {max(tokens):,.1f} tokens/s at peak" if tokens else ""
     return (
-        f"{where} suffices: {kv}{peak}, no lasting queue{busy}. "
+        f"{where} {verb}: {kv}{peak}, no lasting queue{busy}. "
         "A second GPU is due when the KV cache is full or requests queue for more than "
         f"{_pct(KV_SATURATION_NOTE)} / {_pct(QUEUE_NOTE)} of the time."
     )
