@@ -124,6 +124,9 @@ class GatewayConfig(_Strict):
     )
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
+    usage_flush_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=10.0, description="how often usage per key is written to its store"
+    )
 
     @field_validator("shared_state", mode="before")
     @classmethod
@@ -389,6 +392,11 @@ class ObservabilityConfig(_Strict):
     scrape_interval_s: Annotated[float, Field(ge=1, le=300)] = 15.0
     gpu_exporter: Literal["gateway", "standalone", "off"] = "gateway"
     gpu_exporter_port: Annotated[int, Field(ge=1, le=65535)] = 9835
+    metrics_key_file: Path | None = Field(
+        default=None,
+        description="file holding an admin API key, with which the rendered Prometheus "
+        "configuration scrapes the private per-key series from the gateway's /admin/metrics",
+    )
 
     @field_validator("prometheus_url")
     @classmethod
@@ -552,7 +560,8 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
     """Relative paths in the file mean relative to the file (not to the current directory).
 
     ``launch.model`` counts as a path when it starts with ``./`` or ``../`` (otherwise
-    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` always.
+    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` and
+    ``observability.metrics_key_file`` always.
     """
     for engine in tree.get("engines") or []:
         launch = engine.get("launch") if isinstance(engine, dict) else None
@@ -566,6 +575,9 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
     )
     if isinstance(keys, dict) and isinstance(keys.get("file"), str):
         keys["file"] = str((base_dir / keys["file"]).resolve())
+    obs = tree.get("observability")
+    if isinstance(obs, dict) and isinstance(obs.get("metrics_key_file"), str):
+        obs["metrics_key_file"] = str((base_dir / obs["metrics_key_file"]).resolve())
 
 
 def parse_config(
