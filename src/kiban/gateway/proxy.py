@@ -120,15 +120,13 @@ class Proxy:
         try:
             for target in plan:
                 upstream = target.upstream
-                if attempted and failures:
+                if failures:
                     # the route's retry budget guards failing engines; an engine that
                     # answered (an invalid output, a refused schema, a prompt too long
                     # for it) is bounded by the route's engines and structured.retries
                     last = failures[-1][1]
                     if not last.engine_answered and not route.budget.try_withdraw():
                         break
-                    ex.retries.append(last.reason)
-                    self.metrics.retried(route.name, last.reason)
                     if structured is None:
                         pause = failover.wait_s
                     elif last.engine_answered:
@@ -141,6 +139,9 @@ class Proxy:
                     queued = None  # the slot waited for is used now
                 elif not upstream.try_acquire():
                     continue  # filled up since the plan was made
+                if failures:
+                    ex.retries.append(failures[-1][1].reason)
+                    self.metrics.retried(route.name, failures[-1][1].reason)
                 attempted += 1
                 try:
                     failure = await self._attempt(ex, route, target, send)
