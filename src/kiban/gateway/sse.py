@@ -44,6 +44,11 @@ class EventStream:
         Stops before an error event (it is not returned; ``error`` holds it).
         Raises :class:`MalformedEvent` for an event that does not parse.
         """
+        if not self._pending and data[:6] == b"data: " and data.find(b"\n") == len(data) - 2:
+            if data[-1:] != b"\n":  # one data line and a blank line: the usual read
+                self._pending = data
+                return b""
+            return data if self._take(data[6:-2]) else b""
         if self._pending:
             data = self._pending + data
         if b"\r" in data:
@@ -53,40 +58,22 @@ class EventStream:
             self._pending = data
             return b""
         self._pending = data[end + 2 :]
-        start = 0
-        while start <= end:
-            stop = data.find(b"\n\n", start)
-            if stop > start and not self._event(data[start:stop]):  # an error event
-                self._pending = b""
-                return data[:start]
-            start = stop + 2
+        events = data[:end].split(b"\n\n")
+        for n, event in enumerate(events):
+            if event[:6] == b"data: " and b"\n" not in event:
+                payload = event[6:]
+            elif event:
+                payload = _data_of(event)
+            else:
+                continue  # a blank line more
+            if payload is None:
+                self.events += 1  # a comment or a keep-alive
+            elif not self._take(payload):
+                return b"".join(e + b"\n\n" for e in events[:n] if e)
         return data[: end + 2]
 
-    @property
-    def complete(self) -> bool:
-        """``[DONE]`` came, or every choice seen has a finish_reason."""
-        return self.done or (bool(self.finished) and self._seen <= self.finished)
-
-    def close(self) -> None:
-        """The engine ended the stream: what is left must be nothing but blank lines."""
-        if self._pending.strip():
-            raise MalformedEvent(f"the stream ended inside an event: {_show(self._pending)}")
-
-    def _event(self, event: bytes) -> bool:
-        """Check one event; False for an error event."""
-        if event[:6] == b"data: " and b"\n" not in event:  # the usual shape
-            payload = event[6:]
-        else:
-            parts = []
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    parts.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif line and not line.startswith(_FIELDS):
-                    raise MalformedEvent(f"not an SSE field: {_show(line)}")
-            if not parts:
-                self.events += 1
-                return True  # a comment or a keep-alive
-            payload = b"\n".join(parts)
+    def _take(self, payload: bytes) -> bool:
+        """Check the data of one event; False (and nothing more is taken) for an error."""
         self.events += 1
         if payload == b"[DONE]":
             self.done = True
@@ -100,22 +87,43 @@ class EventStream:
         if "error" in obj:
             error = obj["error"]
             self.error = error if isinstance(error, dict) else {"message": str(error)}
+            self._pending = b""
             return False
         choices = obj.get("choices")
         if choices:
-            for choice in choices:
-                if type(choice) is not dict:
-                    raise MalformedEvent(f"a choice is not an object: {_show(payload)}")
-                index = choice.get("index", 0)
-                if type(index) is not int:
-                    raise MalformedEvent(f"a choice index is not a number: {_show(payload)}")
-                self._seen.add(index)
-                if choice.get("finish_reason") is not None:
-                    self.finished.add(index)
+            try:
+                for choice in choices:
+                    index = choice.get("index", 0)
+                    self._seen.add(index)
+                    if choice.get("finish_reason") is not None:
+                        self.finished.add(index)
+            except (AttributeError, TypeError):  # not objects, an unhashable index
+                raise MalformedEvent(f"choices are not objects: {_show(payload)}") from None
         usage = obj.get("usage")
         if usage and type(usage) is dict:
             self.usage = usage
         return True
+
+    @property
+    def complete(self) -> bool:
+        """``[DONE]`` came, or every choice seen has a finish_reason."""
+        return self.done or (bool(self.finished) and self._seen <= self.finished)
+
+    def close(self) -> None:
+        """The engine ended the stream: what is left must be nothing but blank lines."""
+        if self._pending.strip():
+            raise MalformedEvent(f"the stream ended inside an event: {_show(self._pending)}")
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The data of an event of several lines (None when it has none)."""
+    parts = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line and not line.startswith(_FIELDS):
+            raise MalformedEvent(f"not an SSE field: {_show(line)}")
+    return b"\n".join(parts) if parts else None
 
 
 def _show(data: bytes) -> str:
