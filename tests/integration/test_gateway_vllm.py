@@ -507,4 +507,6 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     assert raw.parse().usage.completion_tokens == 1500
     log = gateway.wait_for_log("killed-mid-request")
     line = next(ln for ln in log.splitlines() if "killed-mid-request" in ln)
-    assert json.loads(line)["attempts"] == 2
+    entry = json.loads(line)
+    # a once more after the failover policy's backoff (refused: it is dead), then b
+    assert entry["attempts"] == 3 and entry["retries"] == ["broken", "connect"]
