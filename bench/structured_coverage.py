@@ -212,7 +212,7 @@ def kiban_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     route: dict[str, Any] = {"model": "m", "engines": ["engine"]}
     if args.route_structured:
         route["structured"] = json.loads(args.route_structured)
-    route["timeouts"] = {"first_byte_s": args.timeout, "total_s": args.timeout}
+    route["timeouts"] = {"ttft_s": args.timeout, "total_s": args.timeout}
     return {
         "gateway": {"port": free_port(), "health_interval_s": 2},
         "engines": [engine],

@@ -260,6 +260,11 @@ class EngineConfig(_Strict):
     api_key: str | None = Field(default=None, description="key sent to the engine")
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
     launch: LaunchConfig | None = None
+    context: Annotated[int, Field(ge=16)] | None = Field(
+        default=None,
+        description="tokens of context the engine serves (for failover; a launched engine "
+        "has launch.context)",
+    )
     version: str | None = Field(
         default=None, description="engine release (selects its API dialect), e.g. 0.11.2"
     )
@@ -275,6 +280,13 @@ class EngineConfig(_Strict):
             if isinstance(launch, dict) and isinstance(launch.get("port"), int):
                 return {**data, "url": f"http://127.0.0.1:{launch['port']}"}
         return data
+
+    @property
+    def planned_context(self) -> int | None:
+        """The context the engine serves, when the configuration says."""
+        if self.context is not None:
+            return self.context
+        return self.launch.context if self.launch is not None else None
 
     @property
     def port(self) -> int:
@@ -307,12 +319,46 @@ class EngineConfig(_Strict):
 
 
 class Timeouts(_Strict):
-    """Per attempt: connect, first byte, whole exchange; ``idle_s`` between stream chunks."""
+    """Per attempt, in seconds (docs/reliability.md).
+
+    ``connect_s``: the TCP connection; ``ttft_s``: a stream's first event, from the
+    start of the attempt; ``idle_s``: the longest silence between two events of a
+    stream (``null``: none); ``total_s``: the whole exchange with one engine, which
+    for a non-streamed request is the only bound on waiting for its answer.
+    """
 
     connect_s: Annotated[float, Field(gt=0)] = 3.0
-    first_byte_s: Annotated[float, Field(gt=0)] = 120.0
-    total_s: Annotated[float, Field(gt=0)] = 900.0
-    idle_s: Annotated[float, Field(gt=0)] | None = 120.0
+    ttft_s: Annotated[float, Field(gt=0)] = 30.0
+    idle_s: Annotated[float, Field(gt=0)] | None = 30.0
+    total_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_first_byte(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "first_byte_s" in data:
+            raise ValueError(
+                "first_byte_s is no longer a setting: use "
+                "ttft_s for the first event of a stream and total_s for a whole answer"
+            )
+        return data
+
+
+class FailoverPolicy(_Strict):
+    """Which failures move a request to another engine, or try the same one again.
+
+    ``context_length``: an engine that refuses a prompt as too long for its context
+    passes the request on, never back to itself: ``larger`` to the engines whose
+    context (``engines[].context`` or ``launch.context``) is larger first, ``next`` in
+    the route's order, ``off`` not at all (the refusal goes to the client).
+    ``same_engine_retries``: after a 5xx, a 429 or a connection error, the tries on the
+    same engine before the next one, after ``same_engine_backoff_s`` (doubling, with
+    jitter) or the engine's Retry-After. Other 4xx (a content-policy refusal, a bad
+    request) go to the client as they are.
+    """
+
+    context_length: Literal["larger", "next", "off"] = "larger"
+    same_engine_retries: Annotated[int, Field(ge=0, le=5)] = 1
+    same_engine_backoff_s: Annotated[float, Field(ge=0, le=60)] = 0.25
 
 
 class Retries(_Strict):
@@ -366,6 +412,7 @@ class RouteConfig(_Strict):
     strategy: Strategy = "priority"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
+    failover: FailoverPolicy = Field(default_factory=FailoverPolicy)
     structured: StructuredPolicy = Field(default_factory=StructuredPolicy)
 
     @field_validator("engines", mode="before")
@@ -517,6 +564,11 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
             problems.append(f"engines[{i}].{key}: {problem}")
         if engine.launch is not None:
             problems += _check_launch(f"engines[{i}]", engine)
+            if engine.context is not None and engine.launch.context not in (None, engine.context):
+                problems.append(
+                    f"engines[{i}].context: {engine.context} differs from launch.context "
+                    f"{engine.launch.context}; give one of them"
+                )
 
     seen_gpus: dict[int, int] = {}
     for i, gpu in enumerate(cfg.gpus):

@@ -89,7 +89,13 @@ def gateway(upstreams, tmp_path_factory: pytest.TempPathFactory):
         "routes": [
             {"model": "ok", "engines": ["a", "b"]},
             {"model": "only-b", "engines": ["b"]},
-            {"model": "c-then-b", "engines": ["c", "b"], "timeouts": {"connect_s": 0.5}},
+            {
+                "model": "c-then-b",
+                "engines": ["c", "b"],
+                "timeouts": {"connect_s": 0.5},
+                # each failure on c moves on to b at once: the attempts below count engines
+                "failover": {"same_engine_retries": 0},
+            },
             *[{"model": m, "engines": [f"a-{m}"]} for m in _A_ROUTES],
             {"model": "slow-total", "engines": ["a-slow"], "timeouts": {"total_s": 1.1}},
             {"model": "truncated-then-ok", "engines": ["a-truncated", "b"]},
@@ -103,7 +109,9 @@ def gateway(upstreams, tmp_path_factory: pytest.TempPathFactory):
     }
     for route in config["routes"]:
         if route["model"] == "hang":
-            route["timeouts"] = {"first_byte_s": 1}
+            route["timeouts"] = {"total_s": 1}  # a non-streamed answer: total_s bounds it
+        elif route["model"] == "status-429":
+            route["timeouts"] = {"total_s": 5}  # shorter than Retry-After: no wait, no retry
         elif route["model"] == "slow":
             route["timeouts"] = {"idle_s": 2}
         elif route["model"] == "stall":
@@ -170,19 +178,19 @@ def _other_route_answers(gw: EngineProcess) -> None:
 # -- an engine that accepts the request and never answers ----------------------------------
 
 
-def test_hang_first_byte_timeout_while_other_routes_answer(gateway) -> None:
+def test_hang_total_timeout_while_other_routes_answer(gateway) -> None:
     started = time.monotonic()
     hang = partial(_chat, gateway, "hang")
     with background_load(hang, workers=4, max_requests=4, max_seconds=60) as load:
         for _ in range(5):  # meanwhile, another route is served at once
             _other_route_answers(gateway)
         load.run_out()
-    assert time.monotonic() - started >= 1.0  # the configured first_byte_s, not earlier
+    assert time.monotonic() - started >= 1.0  # the configured total_s, not earlier
     assert load.failure_count == 0 and len(load.results) == 4, load.describe_failures()
     for resp in load.results:
         error = _error(resp, 504)
         assert error["code"] == "upstream_timeout"
-        assert "first-byte timeout (1 s)" in error["message"]
+        assert "total timeout (1 s" in error["message"]
 
 
 def test_engine_gone_refused_then_black_hole(gateway, upstreams) -> None:

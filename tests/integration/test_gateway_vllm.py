@@ -108,9 +108,11 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
             {"model": "tiny-a-first", "engines": ["a", "b"], "strategy": "priority"},
             {"model": "echo", "engines": ["fault-ok"]},
             {"model": "ok", "engines": ["fault-ok"]},
-            {"model": "hang", "engines": ["fault-hang"], "timeouts": {"first_byte_s": 1}},
+            # a non-streamed answer comes whole: total_s is what bounds waiting for it
+            {"model": "hang", "engines": ["fault-hang"], "timeouts": {"total_s": 1}},
             {"model": "always-500", "engines": ["fault-status-500"]},
-            {"model": "always-429", "engines": ["fault-status-429"]},
+            # Retry-After 7 s is past this route's deadline: no second try, the 429 at once
+            {"model": "always-429", "engines": ["fault-status-429"], "timeouts": {"total_s": 5}},
             {"model": "vision", "engines": ["fault-ok", "vlm"]},
             {"model": "nowhere", "engines": ["nowhere"]},
         ],
@@ -323,7 +325,7 @@ def test_upstream_timeout_504(client: OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="hang", messages=MESSAGES)
     assert info.value.status_code == 504 and info.value.body["code"] == "upstream_timeout"
-    assert "first-byte timeout (1 s)" in info.value.body["message"]
+    assert "total timeout (1 s" in info.value.body["message"]
     assert time.monotonic() - started < 10  # 1 s per attempt, 3 attempts at most
 
 
@@ -505,4 +507,6 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     assert raw.parse().usage.completion_tokens == 1500
     log = gateway.wait_for_log("killed-mid-request")
     line = next(ln for ln in log.splitlines() if "killed-mid-request" in ln)
-    assert json.loads(line)["attempts"] == 2
+    entry = json.loads(line)
+    # a once more after the failover policy's backoff (refused: it is dead), then b
+    assert entry["attempts"] == 3 and entry["retries"] == ["broken", "connect"]

@@ -149,6 +149,55 @@ async def test_idle_connection_closed_by_the_engine_is_replaced() -> None:
     server.close()
 
 
+async def _server_closing_second_request(delay_s: float) -> tuple[asyncio.Server, int, list[int]]:
+    """Answers the first request of a connection; reads the second, waits *delay_s*, closes.
+
+    The list counts the requests each connection received.
+    """
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    seen: list[int] = []
+
+    async def handler(reader, writer) -> None:
+        seen.append(0)
+        mine = len(seen) - 1
+        for _ in range(2):
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)  # the body, b"{}"
+            seen[mine] += 1
+            if seen[mine] == 2:
+                await asyncio.sleep(delay_s)
+                writer.transport.abort()
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    server, port = await _raw_server(handler)
+    return server, port, seen
+
+
+async def test_reused_connection_closed_at_once_is_resent_silently() -> None:
+    server, port, seen = await _server_closing_second_request(0.0)
+    pool = Pool(f"http://127.0.0.1:{port}", asyncio.get_running_loop())
+    assert await _post(pool, b"{}") == (200, b"ok")
+    assert await _post(pool, b"{}") == (200, b"ok")  # on a new connection
+    assert seen == [2, 1]
+    pool.close()
+    server.close()
+
+
+async def test_reused_connection_closed_later_is_not_resent() -> None:
+    """The engine held the request 0.3 s: it may have had it, so the pool does not send it
+    again on its own (the proxy counts and retries it as an attempt)."""
+    server, port, seen = await _server_closing_second_request(0.3)
+    pool = Pool(f"http://127.0.0.1:{port}", asyncio.get_running_loop())
+    assert await _post(pool, b"{}") == (200, b"ok")
+    with pytest.raises(Dropped, match=r"reused connection 0\.3"):
+        await _post(pool, b"{}")
+    assert seen == [2]
+    pool.close()
+    server.close()
+
+
 async def test_garbage_is_a_bad_response() -> None:
     async def garbage(reader, writer) -> None:
         await reader.readuntil(b"\r\n\r\n")

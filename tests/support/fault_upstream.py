@@ -7,16 +7,29 @@ The request's ``model`` picks the behaviour, so one server plays many engines:
                   received, as JSON;
 * ``hang``        accepts the request and never answers;
 * ``status-NNN``  answers HTTP NNN with an OpenAI-shaped error (429 adds Retry-After: 7);
+                  ``status-NNN-ra-S`` sends Retry-After: S;
+* ``content-filter`` answers 400 with OpenAI's ``content_policy_violation``;
+* ``ctx-KIND-N``  an engine of KIND (vllm, llamacpp, sglang, lmdeploy, openai) whose
+                  context holds N characters of message content: a longer prompt gets
+                  that engine's own context-length refusal (lmdeploy's, in a stream, as
+                  its first event, as lmdeploy does), a shorter one the ``ok`` answer;
 * ``nonjson``     answers 502 with an HTML body;
 * ``truncated``   200 with a JSON body cut in the middle;
 * ``no-done``     streams two chunks and ends the response without ``[DONE]``;
+* ``finished-no-done`` streams two chunks, the last with ``finish_reason``, then a usage
+                  chunk, and ends the response without ``[DONE]``;
+* ``malformed``   streams one chunk, then an event whose JSON is cut, then the rest;
+* ``malformed-first`` the same, the cut event first;
+* ``error-event`` streams one chunk, then an error event and ``[DONE]`` (as SGLang does);
+* ``close-after-S`` reads the request, waits S seconds and closes the connection;
 * ``drop``        streams two chunks and closes the connection mid-response;
 * ``slow``        streams one token per ``--slow-interval`` seconds (max_tokens, or 30);
 * ``stall``       streams two chunks, then sends nothing more (the connection stays open);
 * ``sleep-S``     waits S seconds, then answers as ``ok`` does.
 
 ``POST /fault {"mode": M}`` makes every request behave as model M until
-``{"mode": null}`` (an engine that starts failing, then recovers);
+``{"mode": null}`` (an engine that starts failing, then recovers); with
+``"times": N`` only the next N requests do;
 ``GET /stats`` counts the requests received by model.
 
 ``python -m tests.support.fault_upstream --port P`` serves until SIGTERM.
@@ -32,7 +45,85 @@ import time
 
 from aiohttp import web
 
-BEHAVIOURS = ("ok", "hang", "nonjson", "truncated", "no-done", "drop", "slow", "stall")
+BEHAVIOURS = (
+    "ok",
+    "hang",
+    "nonjson",
+    "truncated",
+    "no-done",
+    "finished-no-done",
+    "malformed",
+    "malformed-first",
+    "error-event",
+    "drop",
+    "slow",
+    "stall",
+    "content-filter",
+)
+#: the words of each engine's context-length refusal, and where they go (the engines'
+#: code at the versions kiban pins: see each src/kiban/engines module)
+CONTEXT_REFUSALS = {
+    "vllm": (
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is {n} tokens. However, your "
+                "prompt contains {m} input tokens, which exceeds this limit even without any "
+                "output tokens. Please reduce the length of the input prompt. "
+                "(parameter=input_tokens, value={m})",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+        },
+    ),
+    "llamacpp": (
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "request ({m} tokens) exceeds the available context size ({n} "
+                "tokens), try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": "{m}",
+                "n_ctx": "{n}",
+            }
+        },
+    ),
+    "sglang": (
+        400,
+        {
+            "object": "error",
+            "message": "The input ({m} tokens) is longer than the model's context length "
+            "({n} tokens).",
+            "type": "BadRequest",
+            "param": None,
+            "code": 400,
+        },
+    ),
+    "lmdeploy": (
+        400,
+        {
+            "message": "Input length ({m}) must be smaller than the model context length ({n}).",
+            "type": "invalid_request_error",
+            "code": 400,
+            "param": None,
+            "object": "error",
+        },
+    ),
+    "openai": (
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is {n} tokens. However, your "
+                "messages resulted in {m} tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+}
 
 
 def _completion(model: str, content: str) -> dict:
@@ -50,6 +141,19 @@ def _completion(model: str, content: str) -> dict:
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
     }
+
+
+def _fill(tree: object, n: int, m: int) -> object:
+    if isinstance(tree, dict):
+        return {k: _fill(v, n, m) for k, v in tree.items()}
+    if isinstance(tree, str):
+        text = tree.replace("{n}", str(n)).replace("{m}", str(m))
+        return int(text) if text.isdigit() and tree in ("{n}", "{m}") else text
+    return tree
+
+
+def _prompt_chars(body: dict) -> int:
+    return sum(len(str(m.get("content", ""))) for m in body.get("messages") or ())
 
 
 def _chunk(model: str, content: str, finish: str | None = None) -> bytes:
@@ -71,9 +175,13 @@ async def _stream(
     await resp.prepare(request)
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
-        await resp.write(_chunk(model, piece, "stop" if last and end == "done" else None))
+        finish = "stop" if last and end in ("done", "finished") else None
+        await resp.write(_chunk(model, piece, finish))
         if interval and not last:
             await asyncio.sleep(interval)
+    if end == "finished":  # every choice finished, then usage, and no [DONE]
+        usage = {"prompt_tokens": 3, "completion_tokens": len(pieces), "total_tokens": 3}
+        await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
     if end == "drop":
         assert request.transport is not None
         request.transport.close()  # under the client, mid-response
@@ -82,6 +190,24 @@ async def _stream(
         await asyncio.sleep(3600)
     if end == "done":
         await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _broken_events(request: web.Request, model: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    cut = b'data: {"choices": [{"index": 0, "delta": {"content": "b\n\n'
+    if model == "malformed-first":
+        await resp.write(cut)
+    await resp.write(_chunk(model, "a"))
+    if model == "malformed":
+        await resp.write(cut)
+    if model == "error-event":
+        error = {"message": "Generation aborted.", "type": "InternalServerError", "code": 500}
+        await resp.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+    await resp.write(_chunk(model, "c", "stop"))
+    await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
@@ -95,8 +221,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     app["in_flight"] += 1
     app["max_in_flight"] = max(app["max_in_flight"], app["in_flight"])
+    mode = app["mode"]
+    if mode is not None and app["times"] is not None:
+        app["times"] -= 1
+        if app["times"] <= 0:
+            app["mode"] = app["times"] = None
     try:
-        return await _behave(request, app["mode"] or model, body, raw, stream)
+        return await _behave(request, mode or model, body, raw, stream)
     finally:
         app["in_flight"] -= 1
 
@@ -112,9 +243,38 @@ async def _behave(
         return await _stream(request, model, ["a", "b"], 0.0, "stall")
     if model == "hang":
         await asyncio.sleep(3600)
+    if model.startswith("ctx-"):
+        kind, limit = model.removeprefix("ctx-").rsplit("-", 1)
+        used = _prompt_chars(body)
+        if used > int(limit):
+            status, shape = CONTEXT_REFUSALS[kind]
+            refusal = _fill(shape, int(limit), used)
+            if stream and kind == "lmdeploy":  # its first event (chat_completions/serving.py)
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await resp.prepare(request)
+                await resp.write(b"data: " + json.dumps({"error": refusal}).encode() + b"\n\n")
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
+            return web.json_response(refusal, status=status)
+        model = "ok"
+    if model.startswith("close-after-"):
+        await asyncio.sleep(float(model.removeprefix("close-after-")))
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+    if model == "content-filter":
+        error = {
+            "message": "Your request was rejected as a result of our safety system.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "content_policy_violation",
+        }
+        return web.json_response({"error": error}, status=400)
     if model.startswith("status-"):
-        status = int(model.removeprefix("status-"))
-        headers = {"Retry-After": "7"} if status == 429 else {}
+        code, _, retry_after = model.removeprefix("status-").partition("-ra-")
+        status = int(code)
+        headers = {"Retry-After": retry_after or "7"} if status == 429 or retry_after else {}
         error = {"error": {"message": f"injected HTTP {status}", "type": "fault", "code": status}}
         return web.json_response(error, status=status, headers=headers)
     if model == "nonjson":
@@ -123,10 +283,11 @@ async def _behave(
         return web.Response(
             body=b'{"id": "cmpl-fault", "choices": [{"mess', content_type="application/json"
         )
-    if model in ("no-done", "drop"):
-        return await _stream(
-            request, model, ["a", "b"], 0.0, "eof" if model == "no-done" else "drop"
-        )
+    if model in ("no-done", "drop", "finished-no-done"):
+        end = {"no-done": "eof", "drop": "drop", "finished-no-done": "finished"}[model]
+        return await _stream(request, model, ["a", "b"], 0.0, end)
+    if model in ("malformed", "malformed-first", "error-event"):
+        return await _broken_events(request, model)
     if model == "slow":
         count = body.get("max_tokens") or 30
         return await _stream(request, model, [f"t{i} " for i in range(count)], slow_interval)
@@ -157,8 +318,9 @@ async def models(_request: web.Request) -> web.Response:
 
 
 async def fault(request: web.Request) -> web.Response:
-    request.app["mode"] = (await request.json()).get("mode")
-    return web.json_response({"mode": request.app["mode"]})
+    order = await request.json()
+    request.app["mode"], request.app["times"] = order.get("mode"), order.get("times")
+    return web.json_response({"mode": request.app["mode"], "times": request.app["times"]})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -175,7 +337,7 @@ async def stats(request: web.Request) -> web.Response:
 def make_app(slow_interval: float = 1.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app["slow_interval"] = slow_interval
-    app["mode"] = None
+    app["mode"] = app["times"] = None
     app["counts"] = {}
     app["in_flight"] = app["max_in_flight"] = 0
     app.router.add_post("/fault", fault)

@@ -57,6 +57,18 @@ def test_valid_config_defaults_and_normalisation() -> None:
         ("routes[0].strategy", "random", "routes[0].strategy: expected one of priority"),
         ("routes[0].timeouts", {"connect_s": -1}, "routes[0].timeouts.connect_s: Input should be"),
         ("gateway", {"prot": 1}, "gateway.prot: unknown key"),
+        (
+            "routes[0].timeouts",
+            {"first_byte_s": 120},
+            "routes[0].timeouts: first_byte_s is no longer a setting: use ttft_s for the first "
+            "event of a stream and total_s for a whole answer (got {'first_byte_s': 120})",
+        ),
+        (
+            "routes[0].failover",
+            {"context_length": "bigger"},
+            "routes[0].failover.context_length: expected one of larger, next or off",
+        ),
+        ("engines[0].context", 8, "engines[0].context: Input should be greater than or equal"),
     ],
 )
 def test_errors_name_key_value_and_accepted(path: str, value: object, expected: str) -> None:
@@ -138,3 +150,33 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert cfg.engine("a").launch.model == str(tmp_path / "models" / "m")
     assert cfg.engine("b").launch.model == "Org/Model-7B"  # a hub name stays as it is
     assert cfg.gateway.api_keys.file == tmp_path / "conf" / "keys.txt"
+
+
+def test_engine_context_and_launch_context_must_agree() -> None:
+    raw = _with("engines[0].context", 4096)
+    assert parse_config(raw, {}).engine("a").planned_context == 4096
+    raw["engines"][0]["launch"] = {"model": "m", "port": 8001, "context": 8192}
+    problems = _problems(raw)
+    assert problems == [
+        "engines[0].context: 4096 differs from launch.context 8192; give one of them"
+    ]
+    del raw["engines"][0]["context"]
+    assert parse_config(raw, {}).engine("a").planned_context == 8192
+
+
+def test_readme_route_uses_the_default_timeouts_and_failover() -> None:
+    """The README's example shows the defaults; they bound what an engine that never
+    answers a stream costs (connect within the ttft deadline) to 30 s."""
+    import re
+
+    import yaml
+
+    from kiban.config import FailoverPolicy, Timeouts
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = re.search(r"## A minimal kiban.yaml\n\n```yaml\n(.*?)```", readme, re.S)
+    assert example is not None
+    route = yaml.safe_load(example.group(1))["routes"][0]
+    assert Timeouts(**route["timeouts"]) == Timeouts()
+    assert FailoverPolicy(**route["failover"]) == FailoverPolicy()
+    assert Timeouts().ttft_s <= 30

@@ -61,7 +61,7 @@ def test_every_metric_passes_promtool_check_metrics() -> None:
         0.5,
     )
     m.observe_exchange("m", _exchange(engine="b", status=200, attempts=2), 0.2)
-    m.retries.labels("m").inc()
+    m.retried("m", "status")
     m.upstream_failures.labels("m", "a", "connect").inc()
     for upstream in router.upstreams.values():
         m.engine_health(upstream)

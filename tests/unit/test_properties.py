@@ -2,8 +2,9 @@
 
 * Any tree given to the config loader yields a configuration or a ConfigError
   whose every problem names a key path; nothing else escapes.
-* A stream cut into chunks anywhere gives the same relay counts, the same
-  usage and, through the structured accumulator, the same bytes and content.
+* A stream cut into chunks anywhere gives the same relayed bytes, event count,
+  usage and end state and, through the structured accumulator, the same bytes and
+  content.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from kiban.config import ConfigError, KibanConfig, parse_config
 from kiban.gateway.limits import LocalLimitStore, wait_for
-from kiban.gateway.proxy import _TAIL_BYTES, sse_events, stream_usage
+from kiban.gateway.sse import EventStream
 from kiban.structured.stream import DONE_EVENT, StreamAccumulator
 
 BASE = {
@@ -121,17 +122,20 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunk_events, usages, st.lists(st.integers(0, 10**6), max_size=30))
-def test_relay_counts_and_usage_do_not_depend_on_chunk_boundaries(events, usage, cuts) -> None:
+@given(chunk_events, usages, st.booleans(), st.lists(st.integers(0, 10**6), max_size=30))
+def test_event_stream_does_not_depend_on_chunk_boundaries(events, usage, crlf, cuts) -> None:
     data = _sse(events, usage)
-    chunks = _split(data, cuts)
-    counted, tail = chunks[0].count(b"\n\n"), chunks[0][-_TAIL_BYTES:]
-    for chunk in chunks[1:]:
-        counted += sse_events(chunk, tail)
-        tail = (tail + chunk)[-_TAIL_BYTES:]
-    assert counted == data.count(b"\n\n")
-    assert tail.rstrip().endswith(b"[DONE]")
-    assert stream_usage(tail) == (usage if usage else None)
+    if crlf:
+        data = data.replace(b"\n", b"\r\n")
+    stream = EventStream()
+    relayed = b"".join(stream.feed(chunk) for chunk in _split(data, cuts))
+    stream.close()
+    assert relayed == data.replace(b"\r\n", b"\n")
+    assert stream.events == data.count(b"\n\n") + data.count(b"\r\n\r\n")
+    assert stream.done and stream.complete and stream.error is None
+    assert stream.usage == (usage if usage else None)
+    finished = {c["index"] for e in events for c in e["choices"] if c["finish_reason"]}
+    assert stream.finished == finished
 
 
 @settings(max_examples=300, deadline=None)

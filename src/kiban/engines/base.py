@@ -186,6 +186,14 @@ class EngineKind:
                 return error_body(message, _type_for(status), code=data.get("code", status))
         return error_body(body.decode("utf-8", "replace")[:2000], _type_for(status), code=status)
 
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """The engine refused the request as too long for its context (*error*: the
+        OpenAI-shaped error object): another engine, with a larger context, may answer.
+
+        The default knows OpenAI's own code for it.
+        """
+        return status == 400 and error.get("code") == "context_length_exceeded"
+
     def option(self, config: EngineConfig, name: str) -> str:
         """The configured value of option *name*, or its default."""
         spec = next(o for o in self.options if o.name == name)

@@ -303,6 +303,12 @@ class LlamaCpp(EngineKind):
             describes=f"llama.cpp {config.version or 'server'}",
         )
 
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """HTTP 400 of type ``exceed_context_size_error``: "request (M tokens) exceeds the
+        available context size (N tokens), try increasing it" (tools/server/
+        server-context.cpp and server-common.cpp ``format_error_response``, b11312)."""
+        return status == 400 and error.get("type") == "exceed_context_size_error"
+
     def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
         if status == 500 and message.startswith(_UNPARSED_OUTPUT):
             return OutputFailure(

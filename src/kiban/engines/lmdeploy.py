@@ -236,6 +236,21 @@ class LMDeploy(EngineKind):
             flags += ["--tp", str(plan.tp)]
         return flags
 
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """lmdeploy 0.18.0 raises ``ErrorCode.CONTEXT_LENGTH_EXCEEDED`` (HTTP 400): "Input
+        length (M) must be smaller than the model context length (N)." or "The request
+        exceeds the model context length." (lmdeploy/serve/core/async_engine.py,
+        exceptions.py); a stream gets it as its first event."""
+        message = error.get("message")
+        return (
+            status == 400
+            and isinstance(message, str)
+            and (
+                "must be smaller than the model context length" in message
+                or "exceeds the model context length" in message
+            )
+        )
+
     # -- structured output --
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kiban.engines.base import EngineKind, LaunchTarget
 from kiban.structured.capability import StructuredCapability
@@ -37,6 +37,17 @@ class OpenAICompatible(EngineKind):
             "name": engine.models[0],
         }
         return [_fill(arg, values) for arg in engine.launch.command]
+
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """OpenAI's code, or a 400 whose message speaks of the context length or size (the
+        wording of vLLM, SGLang, lmdeploy and llama.cpp behind a generic entry)."""
+        if super().refuses_context_length(status, error):
+            return True
+        message = error.get("message")
+        if status != 400 or not isinstance(message, str):
+            return False
+        lowered = message.lower()
+        return "context length" in lowered or "context size" in lowered
 
     # -- structured output --
 

@@ -166,6 +166,21 @@ class SGLang(EngineKind):
 
     #: SGLang's default chunked prefill size on large GPUs (tokens per prefill step; estimate)
 
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """SGLang 0.5.23 answers 400 "The input (M tokens) is longer than the model's context
+        length (N tokens)." or "Requested token count exceeds the model's maximum context
+        length of N tokens..." (sglang/srt/managers/tokenizer_manager.py
+        ``_validate_one_request``)."""
+        message = error.get("message")
+        return (
+            status == 400
+            and isinstance(message, str)
+            and (
+                "is longer than the model's context length" in message
+                or "exceeds the model's maximum context length" in message
+            )
+        )
+
     # -- structured output --
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:

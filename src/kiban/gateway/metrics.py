@@ -94,6 +94,7 @@ class Metrics:
         self._in_flight: dict[str, Any] = {}
         self._outcomes: dict[tuple[str, str], Any] = {}
         self._results: dict[tuple[str, str], Any] = {}
+        self._retried: dict[tuple[str, str], Any] = {}
         r = self.registry
         route_engine = ["route", "engine"]
         self.requests = Counter(
@@ -140,7 +141,10 @@ class Metrics:
             registry=r,
         )
         self.retries = Counter(
-            "kiban_retries", "Attempts on another engine after a failure", ["route"], registry=r
+            "kiban_retries",
+            "Attempts after a failed one (the same engine or another), by the failure's reason",
+            ["route", "reason"],
+            registry=r,
         )
         self.failovers = Counter(
             "kiban_failovers",
@@ -150,7 +154,8 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "kiban_upstream_failures",
-            "Failed attempts by reason (connect, timeout, status, broken)",
+            "Failed attempts by reason (connect, timeout, status, broken, context_length, "
+            "invalid_output, rejected)",
             ["route", "engine", "reason"],
             registry=r,
         )
@@ -281,6 +286,14 @@ class Metrics:
         child = self._results.get(key)
         if child is None:
             child = self._results[key] = self.structured_results.labels(route, result)
+        child.inc()
+
+    def retried(self, route: str, reason: str) -> None:
+        """Count one attempt made after a failed one whose reason was *reason*."""
+        key = (route, reason)
+        child = self._retried.get(key)
+        if child is None:
+            child = self._retried[key] = self.retries.labels(route, reason)
         child.inc()
 
     def rate_limited(self, route: str, limit: str) -> None:

@@ -1,11 +1,14 @@
 """Forwarding one inference request to an engine, with failover before the first byte.
 
 Nothing reaches the client until an engine has answered successfully: for a
-non-streaming request the whole body, for a stream its first chunk. Until
-then any connect error, timeout, 5xx or 429 moves the request to the next
-engine of the route (bounded by the route's attempts and retry budget).
-After the first byte a broken engine ends the stream with an OpenAI-shaped
-error event, never with a silent ``[DONE]``.
+non-streaming request the whole body, for a stream its first well-formed event.
+Until then a failure goes to the route's failover policy (kiban/gateway/failover.py):
+the same engine again, the next one, or the client, bounded by the route's
+attempts and retry budget. Every streamed event is parsed before it is relayed
+(kiban/gateway/sse.py). A stream whose every choice finished is complete, with or
+without the engine's ``[DONE]``; one that breaks after the first event ends in
+:meth:`Proxy._stream_broke`, with an OpenAI-shaped error event, never with a silent
+``[DONE]``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +23,12 @@ import orjson
 
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.errors import APIError, error_event
+from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
+from kiban.gateway.sse import EventStream, MalformedEvent
 from kiban.gateway.stream_usage import UsageEventDropper
-from kiban.gateway.upstream_http import ConnectTimeout, Deadline, UpstreamError
+from kiban.gateway.upstream_http import ConnectTimeout, Deadline, Dropped, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
 from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
@@ -54,7 +58,6 @@ _STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-_TAIL_BYTES = 8192
 
 
 @dataclass(slots=True)
@@ -72,6 +75,7 @@ class Exchange:
     engine: str | None = None
     status: int = 0
     attempts: int = 0
+    retries: list[str] = field(default_factory=list)  # the reason of each retry, in order
     ttft_s: float | None = None
     itl_s: float | None = None  # mean gap between streamed events after the first read
     chunks: int = 0
@@ -80,23 +84,6 @@ class Exchange:
     error: str | None = None
     structured: StructuredRequest | None = None  # set only when a constraint applies
     drop_usage: bool = False  # kiban asked the engine for the stream's usage, not the client
-
-
-@dataclass(slots=True)
-class _Failure:
-    """An attempt that failed before anything was sent to the client."""
-
-    reason: str  # "connect", "timeout", "status", "broken", "invalid_output", "rejected"
-    message: str
-    status: int = 0
-    body: bytes = b""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    output: OutputFailure | None = None  # why a structured output failed verification
-
-    @property
-    def engine_answered(self) -> bool:
-        """The engine worked; the output or the request was the problem (no breaker trip)."""
-        return self.reason in ("invalid_output", "rejected")
 
 
 class Proxy:
@@ -120,36 +107,43 @@ class Proxy:
         if not candidates:
             target = await self._wait_in_queue(route, needs_images, structured)
             queued, candidates = target.upstream, [target]
+        deadline = self.loop.time() + route.config.timeouts.total_s
         if structured is None:
-            plan: Iterable[Target] = candidates[: retries.attempts]
+            plan = failover = FailoverPlan(
+                candidates, route.config.failover, retries, deadline, self.loop.time
+            )
         else:
-            deadline = self.loop.time() + route.config.timeouts.total_s
             plan = structured_plan = structured.attempts(
                 candidates, retries.attempts, deadline, self.loop.time
             )
         route.budget.deposit()
-        failures: list[tuple[str, _Failure]] = []
+        failures: list[tuple[str, Failure]] = []
         attempted = 0
-        done_with: set[str] | None = None  # engines not to try again (failed other than output)
         try:
             for target in plan:
                 upstream = target.upstream
-                if done_with is not None and upstream.name in done_with:
-                    continue
-                if attempted:
+                if failures:
                     # the route's retry budget guards failing engines; an engine that
-                    # answered (an invalid output, a refused schema) is bounded by
-                    # structured.retries instead
-                    answered = failures and failures[-1][1].engine_answered
-                    if not answered and not route.budget.try_withdraw():
+                    # answered (an invalid output, a refused schema, a prompt too long
+                    # for it) is bounded by the route's engines and structured.retries
+                    last = failures[-1][1]
+                    if not last.engine_answered and not route.budget.try_withdraw():
                         break
-                    self.metrics.retries.labels(route.name).inc()
-                    if retries.backoff_s and not answered:
-                        await asyncio.sleep(retries.backoff_s * (0.5 + random.random()) * attempted)
+                    if structured is None:
+                        pause = failover.wait_s
+                    elif last.engine_answered:
+                        pause = 0.0
+                    else:
+                        pause = retries.backoff_s * (0.5 + random.random()) * attempted
+                    if pause:
+                        await asyncio.sleep(pause)
                 if upstream is queued:
                     queued = None  # the slot waited for is used now
                 elif not upstream.try_acquire():
                     continue  # filled up since the plan was made
+                if failures:
+                    ex.retries.append(failures[-1][1].reason)
+                    self.metrics.retried(route.name, failures[-1][1].reason)
                 attempted += 1
                 try:
                     failure = await self._attempt(ex, route, target, send)
@@ -162,7 +156,7 @@ class Proxy:
                     route.name, upstream.name, failure.reason
                 ).inc()
                 if structured is None:
-                    done_with = (done_with or set()) | {upstream.name}
+                    failover.record(target, failure)
                 elif not structured_plan.record(upstream.name, failure.reason, failure.output):
                     break
         finally:
@@ -208,7 +202,7 @@ class Proxy:
 
     async def _attempt(
         self, ex: Exchange, route: Route, target: Target, send: Send
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """One try on *target*, whose slot the caller holds."""
         upstream = target.upstream
         timeouts = route.config.timeouts
@@ -220,15 +214,11 @@ class Proxy:
         total_at = now + timeouts.total_s
         if ex.structured is not None:  # its retries share the route's total timeout
             total_at = min(total_at, ex.structured.deadline)
+        ttft_at = now + timeouts.ttft_s if ex.stream else None
         try:
-            failure = await self._exchange(
-                ex, target, send, route, now + timeouts.first_byte_s, total_at
-            )
-        except Deadline as deadline:
-            failure = _Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
-            if ex.committed:
-                code = "upstream_idle_timeout" if deadline.what == "idle" else "upstream_timeout"
-                await self._end_stream_with_error(ex, send, failure.message, code)
+            failure = await self._exchange(ex, target, send, route, ttft_at, total_at)
+        except Deadline as deadline:  # before anything reached the client
+            failure = Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
         if failure is None or failure.engine_answered:
             upstream.breaker.on_success()
             upstream.observe_latency(time.perf_counter() - started)
@@ -244,9 +234,9 @@ class Proxy:
         target: Target,
         send: Send,
         route: Route,
-        first_byte_at: float,
+        ttft_at: float | None,
         total_at: float,
-    ) -> _Failure | None:
+    ) -> Failure | None:
         upstream = target.upstream
         assert upstream.http is not None
         body = ex.body
@@ -261,19 +251,20 @@ class Proxy:
                 self._upstream_headers(ex, target),
                 body,
                 connect_timeout=route.config.timeouts.connect_s,
-                first_byte_at=first_byte_at,
+                first_byte_at=ttft_at,
                 total_at=total_at,
             )
         except ConnectTimeout as err:
-            return _Failure("timeout", f"engine {upstream.name!r} did not connect: {err}")
+            return Failure("timeout", f"engine {upstream.name!r} did not connect: {err}")
+        except Dropped as err:
+            return Failure("broken", f"engine {upstream.name!r} dropped the request: {err}")
         except UpstreamError as err:
-            return _Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(err)}")
+            return Failure("connect", f"engine {upstream.name!r} is unreachable: {_describe(err)}")
         try:
             if resp.status >= 400:
                 return await self._upstream_error(ex, resp, target, send, route)
             if ex.stream:
-                return await self._relay_stream(ex, resp, send, route)
-            resp.cancel_deadline("first byte")  # the headers came: the total deadline remains
+                return await self._relay_stream(ex, resp, send, route, target)
             return await self._relay_body(ex, resp, send, route)
         finally:
             resp.finish()
@@ -299,21 +290,25 @@ class Proxy:
 
     async def _upstream_error(
         self, ex: Exchange, resp: EngineResponse, target: Target, send: Send, route: Route
-    ) -> _Failure | None:
+    ) -> Failure | None:
         try:
             raw = await resp.read()
         except UpstreamError as exc:
-            return _Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
+            return Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
         body = target.upstream.kind.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
         if resp.retry_after:
             headers.append((b"retry-after", resp.retry_after))
+        error = _error_object(body)
+        refused = self._context_refusal(target, route, resp.status, error, body)
+        if refused is not None:
+            return refused
         if ex.structured is not None:
-            kind, message = target.upstream.kind, _error_message(body)
+            kind, message = target.upstream.kind, _error_message(body, error)
             output = kind.structured_output_error(resp.status, message)
             if output is not None:
                 self.metrics.structured_outcome(route.name, output.kind)
-                return _Failure(
+                return Failure(
                     "invalid_output",
                     f"engine {target.upstream.name!r}: {output.message}",
                     output=output,
@@ -322,7 +317,7 @@ class Proxy:
                 # the engine could not compile or accept the constraint: less of it may do,
                 # or another engine
                 self.metrics.structured_outcome(route.name, "engine_rejected")
-                return _Failure(
+                return Failure(
                     "rejected",
                     f"engine {target.upstream.name!r} refused the "
                     f"{ex.structured.constraint.kind} constraint: {message}",
@@ -331,32 +326,64 @@ class Proxy:
                     headers,
                 )
         if resp.status >= 500 or resp.status == 429:
-            return _Failure(
+            return Failure(
                 "status",
                 f"engine {target.upstream.name!r} answered HTTP {resp.status}",
                 resp.status,
                 body,
                 headers,
+                retry_after=resp.retry_after,
             )
-        ex.status = resp.status
-        await send_response(send, resp.status, body, headers + self._response_headers(ex))
-        ex.committed = True
+        await self._relay_refusal(ex, send, resp.status, body, headers)
         return None
+
+    @staticmethod
+    def _context_refusal(
+        target: Target, route: Route, status: int, error: dict[str, Any], body: bytes
+    ) -> Failure | None:
+        """A refusal of the prompt as too long for *target*'s context, when the route's
+        policy passes such requests on."""
+        upstream = target.upstream
+        if route.config.failover.context_length == "off" or not (
+            upstream.kind.refuses_context_length(status, error)
+        ):
+            return None
+        message = error.get("message")
+        return Failure(
+            "context_length",
+            f"engine {upstream.name!r} refused the request as too long for its context: {message}",
+            status,
+            body,
+            [(b"content-type", b"application/json")],
+        )
+
+    async def _relay_refusal(
+        self,
+        ex: Exchange,
+        send: Send,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """An engine's 4xx goes to the client as it is (no other engine would do better)."""
+        ex.status = status
+        await send_response(send, status, body, headers + self._response_headers(ex))
+        ex.committed = True
 
     async def _relay_body(
         self, ex: Exchange, resp: EngineResponse, send: Send, route: Route
-    ) -> _Failure | None:
+    ) -> Failure | None:
         try:
             body = await resp.read()
         except UpstreamError as exc:
-            return _Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+            return Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
         content_type = resp.content_type or b"application/json"
         parsed: Any = None
         if b"json" in content_type:
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as err:
-                return _Failure("broken", f"engine {ex.engine!r} sent invalid JSON: {err}")
+                return Failure("malformed", f"engine {ex.engine!r} sent invalid JSON: {err}")
             usage = parsed.get("usage") if isinstance(parsed, dict) else None
             ex.usage = usage if isinstance(usage, dict) else None
         if ex.structured is not None:
@@ -367,7 +394,7 @@ class Proxy:
             )
             self.metrics.structured_outcome(route.name, output.kind if output else "valid")
             if output is not None:
-                return _Failure(
+                return Failure(
                     "invalid_output", f"engine {ex.engine!r}: {output.message}", output=output
                 )
         ex.status = resp.status
@@ -381,81 +408,140 @@ class Proxy:
         return None
 
     async def _relay_stream(
-        self, ex: Exchange, resp: EngineResponse, send: Send, route: Route
-    ) -> _Failure | None:
-        try:
-            first = await resp.next_chunk()
+        self, ex: Exchange, resp: EngineResponse, send: Send, route: Route, target: Target
+    ) -> Failure | None:
+        events = EventStream()
+        try:  # until the first event nothing has reached the client: a failure may fail over
+            out = b""
+            while not out and events.error is None:
+                chunk = await resp.next_chunk()
+                if not chunk:
+                    events.close()
+                    return Failure("broken", f"engine {ex.engine!r} ended the stream without data")
+                out = events.feed(chunk)
         except UpstreamError as exc:
-            return _Failure(
+            return Failure(
                 "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
             )
-        if not first:
-            return _Failure("broken", f"engine {ex.engine!r} closed the stream without data")
+        except MalformedEvent as err:
+            return Failure("malformed", f"engine {ex.engine!r} sent a malformed event: {err}")
+        if not out:
+            assert events.error is not None
+            return await self._stream_refused(ex, send, route, target, events.error)
         resp.cancel_deadline("first byte")
-        first_at = time.perf_counter()
+        first_at = last_at = time.perf_counter()
+        first_events = events.events
         ex.ttft_s = first_at - ex.started
         ex.status = resp.status
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
-        chunks = first_events = first.count(b"\n\n")
-        last_at = first_at
-        tail = first[-_TAIL_BYTES:]
         held = ex.structured.start_stream() if ex.structured is not None else None
         dropper = UsageEventDropper() if ex.drop_usage else None
-        out = dropper.feed(first) if dropper is not None else first
-        out = held.feed(out) if held is not None else out
-        await send({"type": "http.response.body", "body": out, "more_body": True})
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
         try:
-            while chunk := await resp.next_chunk():
-                last_at = time.perf_counter()
-                chunks += sse_events(chunk, tail)
-                tail = (tail + chunk)[-_TAIL_BYTES:]
-                if dropper is not None:
-                    chunk = dropper.feed(chunk)
-                    if not chunk:
-                        continue
+            while True:
+                if dropper is not None:  # events come whole, so the dropper holds nothing back
+                    out = dropper.feed(out)
                 if held is not None:
-                    chunk = held.feed(chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    out = held.feed(out)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if events.error is not None:
+                    message = events.error.get("message")
+                    return await self._stream_broke(
+                        ex,
+                        send,
+                        route,
+                        events,
+                        Failure("broken", f"engine {ex.engine!r} reported an error: {message}"),
+                        "upstream_stream_error",
+                    )
+                chunk = await resp.next_chunk()
+                if not chunk:
+                    events.close()
+                    break
+                last_at = time.perf_counter()
+                out = events.feed(chunk)
         except UpstreamError as exc:
-            ex.chunks = chunks
-            await self._end_stream_with_error(
-                ex,
-                send,
-                f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}",
-                "upstream_stream_broken",
+            failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}")
+            return await self._stream_broke(
+                ex, send, route, events, failure, "upstream_stream_broken"
             )
-            return _Failure("broken", "mid-stream")
-        except Deadline:
-            ex.chunks = chunks
-            raise
-        ex.chunks = chunks
-        if chunks > first_events:
-            ex.itl_s = (last_at - first_at) / (chunks - first_events)
-        ex.usage = stream_usage(tail)
-        if dropper is not None and (rest := dropper.rest()):
-            rest = held.feed(rest) if held is not None else rest
-            await send({"type": "http.response.body", "body": rest, "more_body": True})
-        if not tail.rstrip().endswith(b"[DONE]"):
-            await self._end_stream_with_error(
-                ex,
-                send,
-                f"engine {ex.engine!r} ended the stream without [DONE]",
-                "upstream_stream_incomplete",
+        except MalformedEvent as err:
+            failure = Failure("malformed", f"engine {ex.engine!r} sent a malformed event: {err}")
+            return await self._stream_broke(
+                ex, send, route, events, failure, "upstream_stream_malformed"
             )
-            return _Failure("broken", "stream ended without [DONE]")
+        except Deadline as deadline:
+            timeouts = route.config.timeouts
+            failure = Failure("timeout", _timeout_message(ex.engine or "", deadline.what, timeouts))
+            code = "upstream_idle_timeout" if deadline.what == "idle" else "upstream_timeout"
+            return await self._stream_broke(ex, send, route, events, failure, code)
+        ex.chunks = events.events
+        if ex.chunks > first_events:
+            ex.itl_s = (last_at - first_at) / (ex.chunks - first_events)
+        ex.usage = events.usage
+        if not events.complete:
+            failure = Failure(
+                "broken",
+                f"engine {ex.engine!r} ended the stream before every choice finished "
+                "(no finish_reason and no [DONE])",
+            )
+            return await self._stream_broke(
+                ex, send, route, events, failure, "upstream_stream_incomplete"
+            )
         if held is not None:
             return await self._end_structured_stream(ex, send, route)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # an engine that finished every choice but sent no [DONE]: kiban ends the stream
+        end = b"" if events.done else DONE_EVENT
+        await send({"type": "http.response.body", "body": end, "more_body": False})
         return None
+
+    async def _stream_refused(
+        self, ex: Exchange, send: Send, route: Route, target: Target, error: dict[str, Any]
+    ) -> Failure | None:
+        """The engine's first event is an error (lmdeploy and SGLang refuse a stream so):
+        handled as the same error in an HTTP status would be."""
+        code = error.get("code")
+        status = code if type(code) is int and 400 <= code < 600 else 500
+        body = orjson.dumps({"error": error})
+        refused = self._context_refusal(target, route, status, error, body)
+        if refused is not None:
+            return refused
+        message = f"engine {ex.engine!r} refused the stream: {error.get('message')}"
+        if status >= 500 or status == 429:
+            return Failure(
+                "status", message, status, body, [(b"content-type", b"application/json")]
+            )
+        await self._relay_refusal(ex, send, status, body, [(b"content-type", b"application/json")])
+        return None
+
+    async def _stream_broke(
+        self,
+        ex: Exchange,
+        send: Send,
+        route: Route,
+        events: EventStream,
+        failure: Failure,
+        code: str,
+    ) -> Failure:
+        """A stream that reached the client broke: the engine dropped, went silent, sent a
+        malformed event or an error, or stopped before every choice finished.
+
+        The one place where such a stream ends: the client gets an OpenAI-shaped error
+        event (never a silent ``[DONE]``), and the attempt counts as a failure.
+        """
+        ex.chunks = events.events
+        ex.usage = events.usage
+        ex.error = code
+        body = error_event(failure.message, "upstream_error", code)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return failure
 
     async def _end_structured_stream(
         self, ex: Exchange, send: Send, route: Route
-    ) -> _Failure | None:
+    ) -> Failure | None:
         """[DONE] after content that passed verification; an error event otherwise."""
         assert ex.structured is not None
         output = ex.structured.verify_stream()
@@ -471,18 +557,7 @@ class Proxy:
             _output_extra(output),
         )
         await send({"type": "http.response.body", "body": event, "more_body": False})
-        return _Failure("invalid_output", output.message, output=output)
-
-    @staticmethod
-    async def _end_stream_with_error(ex: Exchange, send: Send, message: str, code: str) -> None:
-        ex.error = code
-        await send(
-            {
-                "type": "http.response.body",
-                "body": error_event(message, "upstream_error", code),
-                "more_body": False,
-            }
-        )
+        return Failure("invalid_output", output.message, output=output)
 
     @staticmethod
     def _nothing_available(route: Route, needs_images: bool) -> APIError:
@@ -504,7 +579,7 @@ class Proxy:
 
     @staticmethod
     def _all_failed(
-        failures: list[tuple[str, _Failure]], structured: StructuredRequest | None = None
+        failures: list[tuple[str, Failure]], structured: StructuredRequest | None = None
     ) -> APIError:
         last = failures[-1][1]
         summary = "; ".join(f.message for _, f in failures)
@@ -526,7 +601,7 @@ class Proxy:
                 param=structured.constraint.source if structured else None,
                 code="structured_output_rejected",
             )
-        if last.reason == "status":
+        if last.reason in ("status", "context_length"):
             return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
         if last.reason == "timeout":
             return APIError(504, summary, "timeout", code="upstream_timeout")
@@ -562,14 +637,19 @@ def _saturated(route: Route, targets: list[Target]) -> APIError:
 def _timeout_message(engine: str, what: str, timeouts: Any) -> str:
     """What a passed deadline means, with the route's setting that decided it."""
     if what == "first byte":
-        limit = timeouts.first_byte_s
-        return f"engine {engine!r} did not answer within the first-byte timeout ({limit:g} s)"
+        return (
+            f"engine {engine!r} sent no event within the first-token timeout "
+            f"({timeouts.ttft_s:g} s): the route's timeouts.ttft_s"
+        )
     if what == "idle":
         return (
             f"engine {engine!r} sent nothing for {timeouts.idle_s:g} s mid-stream "
             "(the route's timeouts.idle_s)"
         )
-    return f"engine {engine!r} did not answer within the total timeout ({timeouts.total_s:g} s)"
+    return (
+        f"engine {engine!r} did not answer within the total timeout "
+        f"({timeouts.total_s:g} s): the route's timeouts.total_s"
+    )
 
 
 def _output_extra(output: OutputFailure) -> dict[str, object]:
@@ -579,45 +659,21 @@ def _output_extra(output: OutputFailure) -> dict[str, object]:
     return extra
 
 
-def _error_message(body: bytes) -> str:
-    """The message of an OpenAI-shaped error body (the body itself if it has none)."""
+def _error_object(body: bytes) -> dict[str, Any]:
+    """The ``error`` object of an OpenAI-shaped error body (empty if it has none)."""
     try:
         error = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):
-        error = None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
-    return body.decode("utf-8", "replace")[:500]
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def _error_message(body: bytes, error: dict[str, Any]) -> str:
+    """The message of an OpenAI-shaped error (the body itself if it has none)."""
+    message = error.get("message")
+    return message if isinstance(message, str) else body.decode("utf-8", "replace")[:500]
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def sse_events(chunk: bytes, before: bytes) -> int:
-    """Events that end in *chunk*, given the bytes *before* it (a ``\n\n`` may straddle)."""
-    return chunk.count(b"\n\n") + (chunk[:1] == b"\n" and before[-1:] == b"\n")
-
-
-def _usage_of(body: bytes) -> dict[str, Any] | None:
-    if b'"usage"' not in body:
-        return None
-    try:
-        usage = orjson.loads(body).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
-
-
-def stream_usage(tail: bytes) -> dict[str, Any] | None:
-    """Usage from the last SSE event that carries one (``stream_options.include_usage``)."""
-    if b'"usage"' not in tail:
-        return None
-    for event in reversed(tail.split(b"\n\n")):
-        event = event.strip()
-        if event.startswith(b"data:") and b'"usage"' in event:
-            usage = _usage_of(event[5:])
-            if usage:
-                return usage
-    return None

@@ -5,8 +5,9 @@ request sets ``stream_options.include_usage``: then one extra event, with
 ``"choices": []`` and the ``usage`` object, comes before ``[DONE]``. For
 usage per key kiban asks for it on every stream (:func:`ask_for_usage`) and,
 when the client had not, drops that one event on its way back
-(:class:`UsageEventDropper`); the gateway still reads it (the proxy keeps
-the stream's raw tail). Everything else passes as the same bytes.
+(:class:`UsageEventDropper`); the gateway has read it first (every event is
+parsed on its way: :class:`kiban.gateway.sse.EventStream`). Everything else
+passes as the same bytes.
 """
 
 from __future__ import annotations

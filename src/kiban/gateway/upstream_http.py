@@ -25,6 +25,11 @@ from urllib.parse import urlsplit
 import httptools
 
 _MAX_IDLE = 64
+#: a reused connection that closes without a byte of answer this soon after the request
+#: was written was closed by the engine before the request could reach it (an idle
+#: keep-alive connection timed out as it was taken): sent again, silently, on a new one.
+#: Closed later, the engine may have had the request: that is a failed attempt.
+STALE_WINDOW_S = 0.05
 
 
 class UpstreamError(Exception):
@@ -56,7 +61,8 @@ class Deadline(TimeoutError):
 
 
 class _Stale(Exception):
-    """A reused idle connection was closed by the engine before any byte of the answer."""
+    """A reused idle connection was closed by the engine at once, before any byte of the
+    answer (within :data:`STALE_WINDOW_S` of the request)."""
 
 
 class Exchange(asyncio.Protocol):
@@ -69,6 +75,7 @@ class Exchange(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reusable = False
         self.used = 0
+        self.sent_at = 0.0
         self._clear()
 
     def _clear(self) -> None:
@@ -95,6 +102,7 @@ class Exchange(asyncio.Protocol):
         self._clear()
         self.used += 1
         self.reusable = False
+        self.sent_at = self.loop.time()
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
@@ -229,7 +237,16 @@ class Exchange(asyncio.Protocol):
         if self._headers_done and not self._framed:
             self.on_message_complete()  # a body that ends with the connection
         elif not self._got_bytes and self.used > 1:
-            self._fail(_Stale())
+            held = self.loop.time() - self.sent_at
+            if held <= STALE_WINDOW_S:
+                self._fail(_Stale())
+            else:
+                self._fail(
+                    Dropped(
+                        f"the engine closed a reused connection {held:.2f} s after the "
+                        "request, without answering"
+                    )
+                )
         else:
             reason = f": {exc}" if exc else ""
             self._fail(Dropped(f"the engine closed the connection mid-response{reason}"))
