@@ -364,6 +364,9 @@ class RouteConfig(_Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
     structured: StructuredPolicy = Field(default_factory=StructuredPolicy)
+    #: a stream whose engine breaks after tokens reached the client continues on another
+    #: engine of the route (gateway/continuation.py); False: it ends with an error event
+    continue_streams: bool = True
 
     @field_validator("engines", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from kiban.gateway.asgi import Send, send_response, start_response
+from kiban.gateway.continuation import Continuer, StreamRecord, record_for
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
@@ -78,6 +79,7 @@ class Exchange:
     committed: bool = False  # a byte of the response has reached the client
     error: str | None = None
     structured: StructuredRequest | None = None  # set only when a constraint applies
+    continuations: list[dict[str, Any]] | None = None  # broken streams continued (continuation.py)
 
 
 @dataclass(slots=True)
@@ -103,6 +105,7 @@ class Proxy:
     def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.metrics = metrics
         self.loop = loop
+        self.continuer = Continuer(metrics, loop, self._upstream_headers)
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
         candidates = route.candidates(needs_images)
@@ -399,7 +402,9 @@ class Proxy:
         last_at = first_at
         tail = first[-_TAIL_BYTES:]
         held = ex.structured.start_stream() if ex.structured is not None else None
-        out = held.feed(first) if held is not None else first
+        record = record_for(ex, route)  # None for structured output: never both
+        feeder = held or record
+        out = feeder.feed(first) if feeder is not None else first
         await send({"type": "http.response.body", "body": out, "more_body": True})
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
@@ -408,23 +413,28 @@ class Proxy:
                 last_at = time.perf_counter()
                 chunks += sse_events(chunk, tail)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
-                if held is not None:
-                    chunk = held.feed(chunk)
+                if feeder is not None:
+                    chunk = feeder.feed(chunk)
                     if not chunk:
                         continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             ex.chunks = chunks
-            await self._end_stream_with_error(
-                ex,
-                send,
-                f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}",
-                "upstream_stream_broken",
-            )
+            message = f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}"
+            if record is not None:
+                message = await self._continue(ex, route, record, send, message)
+            if message is not None:
+                await self._end_stream_with_error(ex, send, message, "upstream_stream_broken")
             return _Failure("broken", "mid-stream")
-        except Deadline:
+        except Deadline as deadline:
             ex.chunks = chunks
-            raise
+            if record is None or deadline.what != "idle":
+                raise
+            message = _timeout_message(ex.engine or "", "idle", route.config.timeouts)
+            message = await self._continue(ex, route, record, send, message)
+            if message is not None:
+                await self._end_stream_with_error(ex, send, message, "upstream_idle_timeout")
+            return _Failure("timeout", "stalled mid-stream")
         ex.chunks = chunks
         if chunks > first_events:
             ex.itl_s = (last_at - first_at) / (chunks - first_events)
@@ -439,8 +449,17 @@ class Proxy:
             return _Failure("broken", "stream ended without [DONE]")
         if held is not None:
             return await self._end_structured_stream(ex, send, route)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        rest = record.pending if record is not None else b""
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
         return None
+
+    async def _continue(
+        self, ex: Exchange, route: Route, record: StreamRecord, send: Send, message: str
+    ) -> str | None:
+        """Finish a broken stream on another engine (continuation.py): None when that
+        worked, else *message* with the reason it did not."""
+        why = await self.continuer.resume(ex, route, record, send, ex.engine or "")
+        return None if why is None else f"{message}; not continued: {why}"
 
     async def _end_structured_stream(
         self, ex: Exchange, send: Send, route: Route
