@@ -199,8 +199,11 @@ class Continuer:
                 upstream.breaker.on_success()
                 self._count(ex, route, broken, upstream.name, record, "continued", before)
                 return None
-            upstream.breaker.on_failure(time.monotonic())
-            self.metrics.upstream_failures.labels(route.name, upstream.name, "broken").inc()
+            if isinstance(why, _Refused):  # it works, but would not take this request
+                upstream.breaker.on_success()
+            else:
+                upstream.breaker.on_failure(time.monotonic())
+                self.metrics.upstream_failures.labels(route.name, upstream.name, "broken").inc()
             reasons.append(why)
             if record.tokens > before:  # it sent some text: another engine goes on from there
                 self._count(ex, route, broken, upstream.name, record, "broken", before)
@@ -260,8 +263,9 @@ class Continuer:
         try:
             if resp.status >= 400:
                 raw = await resp.read()
-                message = raw.decode("utf-8", "replace")[:300]
-                return f"engine {upstream.name!r} refused to continue it: {resp.status} {message}"
+                text = raw[:300].decode("utf-8", "replace")
+                why = f"engine {upstream.name!r} answered {resp.status}: {text}"
+                return why if resp.status >= 500 or resp.status == 429 else _Refused(why)
             return await self._splice(ex, resp, record, send, upstream.name, idle_s=timeouts.idle_s)
         except (UpstreamError, Deadline) as exc:
             return f"engine {upstream.name!r} broke while continuing it: {_describe(exc)}"
@@ -327,6 +331,10 @@ class Continuer:
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
         return f"engine {engine!r} ended the continued stream without [DONE]"
+
+
+class _Refused(str):
+    """Why a continuation failed, when the engine answered with a 4xx (not its fault)."""
 
 
 def continuation_body(
