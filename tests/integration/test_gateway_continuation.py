@@ -44,6 +44,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
             engine("b", "words"),
             engine("b-cut", "words-cut-3"),
             engine("generic", "words", kind="openai"),
+            engine("b-400", "status-400"),
         ],
         "routes": [
             route("cut", "a", "b"),
@@ -51,6 +52,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
             route("cut-twice", "a", "b-cut", "b"),
             route("cut-no-continuation", "a", "b", continue_streams=False),
             route("cut-generic", "a", "generic"),
+            route("cut-refused", "a", "b-400"),
             route("words", "b"),
         ],
     }
@@ -199,6 +201,14 @@ def test_no_continuation_when_no_other_engine_can(gateway: EngineProcess) -> Non
     assert entry["continuations"] == [
         {"from": "a", "to": "none", "continued_at": 5, "outcome": "unavailable"}
     ]
+
+
+def test_error_event_when_the_other_engine_refuses_to_continue(gateway: EngineProcess) -> None:
+    resp, events = _stream(gateway, "cut-refused")
+    error = _ends_with_error(events, "upstream_stream_broken")
+    assert "not continued: engine 'b-400' answered 400" in error["message"]
+    entry = _log_entry(gateway, resp.headers["x-request-id"])
+    assert entry["continuations"][0]["outcome"] == "failed"
 
 
 def test_an_answer_without_a_break_is_untouched(gateway: EngineProcess) -> None:
