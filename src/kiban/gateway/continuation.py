@@ -15,9 +15,11 @@ Off (the stream ends with the error event) for anything a prefix cannot carry:
 tool calls, structured output, ``n`` > 1, logprobs, a client's own assistant
 prefill, and routes with ``continue_streams: false``.
 
-Tokens sent are counted as the events that carried content: vLLM and llama.cpp
-stream one token per event. The client's prompt tokens are the continuing
-engine's prompt tokens less that count (its prompt holds the prefix).
+Tokens sent are counted as the content events (the opening role-only one aside):
+vLLM streams one event per token, an empty one where a token ends inside a UTF-8
+character; llama.cpp holds such a token back and sends it with the next. The
+client's prompt tokens are the continuing engine's prompt tokens less that count
+(its prompt holds the prefix).
 """
 
 from __future__ import annotations
@@ -144,10 +146,12 @@ class StreamRecord:
         choices = obj.get("choices")
         if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
             self.finished = True
-        content = _content_of(obj)
-        if content:
+        delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str):
             self.text += content
-            self.tokens += 1
+            if content or "role" not in delta:  # not the opening role-only event
+                self.tokens += 1
 
 
 class Continuer:
@@ -395,15 +399,6 @@ def _role_only(obj: dict[str, Any]) -> bool:
         return False
     delta = choices[0].get("delta") or {}
     return all(key == "role" or not value for key, value in delta.items())
-
-
-def _content_of(obj: dict[str, Any]) -> str | None:
-    choices = obj.get("choices")
-    if not choices or not isinstance(choices[0], dict):
-        return None
-    delta = choices[0].get("delta")
-    content = delta.get("content") if isinstance(delta, dict) else None
-    return content if isinstance(content, str) else None
 
 
 def _event_json(event: bytes) -> dict[str, Any] | None:
