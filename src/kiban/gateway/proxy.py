@@ -4,8 +4,9 @@ Nothing reaches the client until an engine has answered successfully: for a
 non-streaming request the whole body, for a stream its first chunk. Until
 then any connect error, timeout, 5xx or 429 moves the request to the next
 engine of the route (bounded by the route's attempts and retry budget).
-After the first byte a broken engine ends the stream with an OpenAI-shaped
-error event, never with a silent ``[DONE]``.
+After the first byte a broken engine's stream goes on on another engine where
+it can (:mod:`kiban.gateway.continuation`); otherwise it ends with an
+OpenAI-shaped error event, never with a silent ``[DONE]``.
 """
 
 from __future__ import annotations
