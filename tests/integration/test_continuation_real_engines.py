@@ -116,7 +116,9 @@ def test_llamacpp_stream_continues_on_b_when_a_is_killed(engines, gateway) -> No
         add_generation_prompt=False,
         cache_prompt=False,
     )
-    assert after == direct["choices"][0]["message"]["content"]
+    # the answer that is not streamed repeats the prefill (seen; the stream kiban reads
+    # leaves it out: tools/server/server-task.cpp, is_continuation)
+    assert direct["choices"][0]["message"]["content"] == before + after
     usage = events[-2]["usage"]
     assert usage["completion_tokens"] == sent + direct["usage"]["completion_tokens"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

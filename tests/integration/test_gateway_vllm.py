@@ -104,10 +104,15 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
                 "aliases": ["default"],
                 "engines": ["a", "b"],
                 "strategy": "round_robin",
-                # the stream killed under load must end with the error event: no continuation
+            },
+            # the stream killed under load must end with the error event: no continuation
+            {
+                "model": "tiny-a-first",
+                "engines": ["a", "b"],
+                "strategy": "priority",
                 "continue_streams": False,
             },
-            {"model": "tiny-a-first", "engines": ["a", "b"], "strategy": "priority"},
+            {"model": "tiny-continued", "engines": ["a", "b"], "strategy": "priority"},
             {"model": "echo", "engines": ["fault-ok"]},
             {"model": "ok", "engines": ["fault-ok"]},
             {"model": "hang", "engines": ["fault-hang"], "timeouts": {"first_byte_s": 1}},
@@ -495,7 +500,7 @@ def test_stream_continues_on_b_when_a_is_killed(client: OpenAI, gateway, engines
     whole = direct.chat.completions.create(model="tiny", **request).choices[0].message.content
     _wait_until_a_serves_first(gateway)
     raw = client.chat.completions.with_raw_response.create(
-        model="tiny-a-first",
+        model="tiny-continued",
         stream=True,
         stream_options={"include_usage": True},
         extra_headers={"X-Request-Id": "continued-vllm"},
