@@ -16,8 +16,9 @@ tool calls, structured output, ``n`` > 1, logprobs, a client's own assistant
 prefill, and routes with ``continue_streams: false``.
 
 Tokens sent are counted as the content events (the opening role-only one aside):
-vLLM streams one event per token, an empty one where a token ends inside a UTF-8
-character; llama.cpp holds such a token back and sends it with the next. The
+vLLM 0.32 streams one event per token, an empty one where a token's text is not
+complete yet (vllm/entrypoints/openai/chat_completion/serving.py); llama.cpp holds
+such a token back and sends it with the next. The
 client's prompt tokens are the continuing engine's prompt tokens less that count
 (its prompt holds the prefix).
 """
