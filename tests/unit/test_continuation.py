@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kiban.config import EngineConfig
-from kiban.gateway.continuation import StreamRecord, continuable, continuation_body
+from kiban.gateway.continuation import (
+    StreamRecord,
+    continuable,
+    continuation_body,
+    whole_events,
+)
 from kiban.gateway.routing import Target
 from kiban.gateway.upstreams import Upstream
 
@@ -35,6 +40,12 @@ def test_the_text_and_tokens_sent_are_read_from_whole_events_only() -> None:
     # vLLM sends an empty delta for a token that ends inside a character: it counts
     record = _record("Hel", "", "lo")
     assert (record.text, record.tokens, record.id, record.created) == ("Hello", 3, "x", 1)
+
+
+def test_only_whole_events_pass() -> None:
+    assert whole_events(b"", b"data: {") == (b"", b"data: {")
+    assert whole_events(b"data: {", b"}\n\ndata") == (b"data: {}\n\n", b"data")
+    assert whole_events(b"", b"data: 1\n\n") == (b"data: 1\n\n", b"")
 
 
 @pytest.mark.parametrize(

@@ -122,12 +122,7 @@ class StreamRecord:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of ``pending + chunk``; the rest waits for the next chunk."""
-        data = self.pending + chunk if self.pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.pending = data
-            return b""
-        out, self.pending = data[: end + 2], data[end + 2 :]
+        out, self.pending = whole_events(self.pending, chunk)
         self._sent += out
         return out
 
@@ -153,6 +148,15 @@ class StreamRecord:
             self.text += content
             if content or "role" not in delta:  # not the opening role-only event
                 self.tokens += 1
+
+
+def whole_events(pending: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """``(complete events, the rest)`` of what came before (*pending*) and *chunk*."""
+    data = pending + chunk if pending else chunk
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return b"", data
+    return data[: end + 2], data[end + 2 :]
 
 
 class Continuer:
@@ -298,12 +302,8 @@ class Continuer:
                 if idle_s:
                     resp.watch_idle(idle_s)
                 first = False
-            data = pending + chunk
-            end = data.rfind(b"\n\n")
-            if end < 0:
-                pending = data
-                continue
-            events, pending = data[: end + 2].split(b"\n\n")[:-1], data[end + 2 :]
+            complete, pending = whole_events(pending, chunk)
+            events = complete.split(b"\n\n")[:-1]
             out: list[bytes] = []
             for event in events:
                 if event.strip() == b"data: [DONE]":
