@@ -414,6 +414,9 @@ class RouteConfig(_Strict):
     retries: Retries = Field(default_factory=Retries)
     failover: FailoverPolicy = Field(default_factory=FailoverPolicy)
     structured: StructuredPolicy = Field(default_factory=StructuredPolicy)
+    #: a stream whose engine breaks after tokens reached the client continues on another
+    #: engine of the route (gateway/continuation.py); False: it ends with an error event
+    continue_streams: bool = True
 
     @field_validator("engines", mode="before")
     @classmethod

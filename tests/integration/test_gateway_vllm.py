@@ -105,7 +105,14 @@ def gateway(engines, fault, tmp_path_factory: pytest.TempPathFactory):
                 "engines": ["a", "b"],
                 "strategy": "round_robin",
             },
-            {"model": "tiny-a-first", "engines": ["a", "b"], "strategy": "priority"},
+            # the stream killed under load must end with the error event: no continuation
+            {
+                "model": "tiny-a-first",
+                "engines": ["a", "b"],
+                "strategy": "priority",
+                "continue_streams": False,
+            },
+            {"model": "tiny-continued", "engines": ["a", "b"], "strategy": "priority"},
             {"model": "echo", "engines": ["fault-ok"]},
             {"model": "ok", "engines": ["fault-ok"]},
             # a non-streamed answer comes whole: total_s is what bounds waiting for it
@@ -475,6 +482,49 @@ def test_failover_kill_mid_stream_and_rejoin(client: OpenAI, gateway, engines) -
     print(f"vLLM a restarted in {a.startup_seconds:.1f} s")
     _wait_until_routed_to(client, gateway, a, "a")
     assert _raw(gateway, "/ready", None).json()["routes_without_healthy_engine"] == ["nowhere"]
+
+
+def test_stream_continues_on_b_when_a_is_killed(client: OpenAI, gateway, engines) -> None:
+    """Engine a is killed mid-stream; b goes on from the text a had sent
+    (gateway/continuation.py, vLLM's continue_final_message). At temperature 0 the client's
+    text equals an uninterrupted answer of the same request, and its usage counts every
+    token once. Leaves a down for the next test, which restarts it."""
+    a, b = engines["a"], engines["b"]
+    if not a.running():
+        a.restart(timeout=VLLM_RESTART_TIMEOUT_S)
+    request = {
+        "messages": MESSAGES,
+        "max_tokens": 800,
+        "temperature": 0,
+        "extra_body": {"min_tokens": 800},
+    }
+    direct = OpenAI(base_url=f"{b.base_url}/v1", api_key="none", max_retries=0, timeout=120)
+    whole = direct.chat.completions.create(model="tiny", **request).choices[0].message.content
+    _wait_until_a_serves_first(gateway)
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-continued",
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"X-Request-Id": "continued-vllm"},
+        **request,
+    )
+    assert raw.headers["x-kiban-engine"] == "a", raw.headers
+    pieces: list[str] = []
+    usage = None
+    for chunk in raw.parse():  # 800 tokens take seconds here: a is killed long before its end
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            if len(pieces) == 5:
+                a.kill()
+        usage = chunk.usage or usage
+    assert not a.running()
+    log = gateway.wait_for_log("continued-vllm")
+    entry = json.loads(next(ln for ln in log.splitlines() if "continued-vllm" in ln))
+    (continuation,) = entry["continuations"]
+    assert continuation["from"] == "a" and continuation["to"] == "b"
+    assert continuation["outcome"] == "continued" and 5 <= continuation["continued_at"] < 800
+    assert "".join(pieces) == whole
+    assert usage is not None and usage.completion_tokens == 800
 
 
 def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engines) -> None:

@@ -25,7 +25,14 @@ The request's ``model`` picks the behaviour, so one server plays many engines:
 * ``drop``        streams two chunks and closes the connection mid-response;
 * ``slow``        streams one token per ``--slow-interval`` seconds (max_tokens, or 30);
 * ``stall``       streams two chunks, then sends nothing more (the connection stays open);
-* ``sleep-S``     waits S seconds, then answers as ``ok`` does.
+* ``sleep-S``     waits S seconds, then answers as ``ok`` does;
+* ``words``       streams a deterministic answer, word i being ``w<i> `` (max_tokens words,
+                  one an event, vLLM's shape: a role-only opener, usage with
+                  ``stream_options.include_usage``); it continues a final assistant message
+                  the way vLLM does (``continue_final_message`` and ``add_generation_prompt:
+                  false`` required, else 400) from the word after the prefix's last;
+* ``words-cut-K`` the same, closing the connection after K words;
+* ``words-stall-K`` the same, silent after K words (the connection stays open).
 
 ``POST /fault {"mode": M}`` makes every request behave as model M until
 ``{"mode": null}`` (an engine that starts failing, then recovers); with
@@ -241,6 +248,8 @@ async def _behave(
         model = "ok"
     if model == "stall":
         return await _stream(request, model, ["a", "b"], 0.0, "stall")
+    if model.startswith("words"):
+        return await _words(request, model, body)
     if model == "hang":
         await asyncio.sleep(3600)
     if model.startswith("ctx-"):
@@ -297,6 +306,51 @@ async def _behave(
             request, model, [echo[i : i + 64] for i in range(0, len(echo), 64)], 0.0
         )
     return web.json_response(_completion(model, echo))
+
+
+async def _words(request: web.Request, model: str, body: dict) -> web.StreamResponse:
+    """The ``words`` behaviours (see the module docstring)."""
+    messages = body.get("messages") or []
+    start = 0
+    if messages and messages[-1].get("role") == "assistant":
+        if not body.get("continue_final_message") or body.get("add_generation_prompt") is not False:
+            error = {"message": "a final assistant message without continue_final_message"}
+            return web.json_response({"error": error}, status=400)
+        start = len(messages[-1]["content"].split())
+    count = body.get("max_tokens") or 30
+    _, _, cut = model.partition("-")  # "", "cut-K" or "stall-K"
+    end = "done"
+    if cut:
+        end, _, k = cut.partition("-")
+        count = min(count, int(k))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    created = int(time.time())
+
+    def event(choices: list, **extra: object) -> bytes:
+        data = {"id": f"chatcmpl-{model}", "object": "chat.completion.chunk", "created": created}
+        data |= {"model": model, "choices": choices, **extra}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    await resp.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}]))
+    for i in range(count):
+        last = i == count - 1 and end == "done"
+        choice = {"index": 0, "delta": {"content": f"w{start + i} "}}
+        await resp.write(event([{**choice, "finish_reason": "length" if last else None}]))
+        await asyncio.sleep(0.01)
+    if end == "cut":
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    if end == "stall":
+        await asyncio.sleep(3600)
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"prompt_tokens": 10 + start, "completion_tokens": count}
+        usage["total_tokens"] = usage["prompt_tokens"] + count
+        await resp.write(event([], usage=usage))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def embeddings(request: web.Request) -> web.Response:

@@ -255,6 +255,18 @@ class EngineKind:
         """Server flags that make structured output safe (backend, whitespace limit)."""
         return []
 
+    # -- continuation of a broken stream --
+
+    def continuation_fields(self, config: EngineConfig) -> dict[str, Any] | None:
+        """Request fields that make this engine continue a final assistant message.
+
+        The gateway sends the conversation with the text a broken stream already
+        gave the client as the last (assistant) message, plus these fields; the
+        engine must then generate what follows that text, without repeating it.
+        None: this engine cannot continue a prefix (kiban does not know that it can).
+        """
+        return None
+
     # -- launch --
 
     def environment(self, device: str) -> str | None:

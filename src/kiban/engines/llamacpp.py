@@ -85,6 +85,22 @@ class LlamaCpp(EngineKind):
 
     name = "llamacpp"
 
+    # -- continuation --
+
+    def continuation_fields(self, config: EngineConfig) -> dict[str, Any] | None:
+        """llama-server at the pinned commit takes ``continue_final_message`` (tools/server/
+        server-common.cpp oaicompat_chat_params_parse): the Jinja template renders the messages
+        before the last with the generation prompt, then the last message's content
+        (common/chat.cpp), and the stream leaves that prefill out (server-task.cpp,
+        is_continuation; a non-streamed answer repeats it, as seen in
+        test_continuation_real_engines.py). A trailing assistant message alone is prefilled
+        as well unless --no-prefill-assistant, but only the explicit field keeps the prefill
+        out of the stream. The legacy (--no-jinja) renderer ignores the field and closes the
+        message."""
+        if config.launch is not None and "--no-jinja" in config.launch.args:
+            return None
+        return {"continue_final_message": True, "add_generation_prompt": False}
+
     # -- launch --
 
     def environment(self, device: str) -> str:

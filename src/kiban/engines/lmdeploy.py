@@ -39,6 +39,14 @@ class LMDeploy(EngineKind):
 
     name = "lmdeploy"
 
+    # -- continuation --
+
+    def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
+        """lmdeploy 0.18 continues a final assistant message by itself: its chat templates
+        render it without the end-of-turn marker (lmdeploy/model.py messages2prompt, both
+        the built-in templates and HFChatTemplate); it has no field for it."""
+        return {}
+
     # -- launch --
 
     def environment(self, device: str) -> str:

@@ -44,6 +44,15 @@ class SGLang(EngineKind):
 
     name = "sglang"
 
+    # -- continuation --
+
+    def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
+        """SGLang 0.5.23 takes a final assistant message's text off the messages and appends
+        its tokens after the generation prompt when ``continue_final_message`` is set
+        (sglang/srt/entrypoints/openai/serving_chat.py, _handle_last_assistant_message;
+        without it the message would turn into a user turn)."""
+        return {"continue_final_message": True}
+
     # -- launch --
 
     def environment(self, device: str) -> str:

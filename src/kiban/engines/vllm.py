@@ -56,6 +56,14 @@ class VLLM(EngineKind):
 
     name = "vllm"
 
+    # -- continuation --
+
+    def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
+        """vLLM renders a final assistant message open for more with ``continue_final_message``
+        (and no generation prompt: it refuses both at once); the stream then carries only the
+        new text (vllm/entrypoints/openai/chat_completion/protocol.py, ChatCompletionRequest)."""
+        return {"continue_final_message": True, "add_generation_prompt": False}
+
     # -- launch --
 
     def environment(self, device: str) -> str:

@@ -591,6 +591,8 @@ class Gateway:
             }
             if ex.structured is not None:
                 entry["structured"] = ex.error or ex.structured.how
+            if ex.continuations is not None:
+                entry["continuations"] = ex.continuations
             self.request_log.write(entry, self.loop)
 
 

@@ -159,6 +159,13 @@ class Metrics:
             ["route", "engine", "reason"],
             registry=r,
         )
+        self.stream_continuations = Counter(
+            "kiban_stream_continuations",
+            "Broken streams continued on another engine, by outcome (continued, broken, "
+            "failed, unavailable)",
+            ["route", "from_engine", "to_engine", "outcome"],
+            registry=r,
+        )
         self.engine_up = Gauge(
             "kiban_engine_up",
             "1 when the engine's health check passes",

@@ -7,8 +7,9 @@ the same engine again, the next one, or the client, bounded by the route's
 attempts and retry budget. Every streamed event is parsed before it is relayed
 (kiban/gateway/sse.py). A stream whose every choice finished is complete, with or
 without the engine's ``[DONE]``; one that breaks after the first event ends in
-:meth:`Proxy._stream_broke`, with an OpenAI-shaped error event, never with a silent
-``[DONE]``.
+:meth:`Proxy._stream_broke`: it goes on on another engine where it can
+(:mod:`kiban.gateway.continuation`), otherwise it ends with an OpenAI-shaped error
+event, never with a silent ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import orjson
 
 from kiban.gateway.asgi import Send, send_response, start_response
+from kiban.gateway.continuation import Continuer, StreamRecord, record_for
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
@@ -84,6 +86,7 @@ class Exchange:
     error: str | None = None
     structured: StructuredRequest | None = None  # set only when a constraint applies
     drop_usage: bool = False  # kiban asked the engine for the stream's usage, not the client
+    continuations: list[dict[str, Any]] | None = None  # broken streams continued (continuation.py)
 
 
 class Proxy:
@@ -92,6 +95,7 @@ class Proxy:
     def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.metrics = metrics
         self.loop = loop
+        self.continuer = Continuer(metrics, loop, self._upstream_headers)
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
         candidates = route.candidates(needs_images)
@@ -437,14 +441,16 @@ class Proxy:
         ex.committed = True
         held = ex.structured.start_stream() if ex.structured is not None else None
         dropper = UsageEventDropper() if ex.drop_usage else None
+        record = record_for(ex, route)  # None for structured output: never both
+        feeder = held or record
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
         try:
             while True:
                 if dropper is not None:  # events come whole, so the dropper holds nothing back
                     out = dropper.feed(out)
-                if held is not None:
-                    out = held.feed(out)
+                if feeder is not None:
+                    out = feeder.feed(out)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if events.error is not None:
@@ -456,6 +462,7 @@ class Proxy:
                         events,
                         Failure("broken", f"engine {ex.engine!r} reported an error: {message}"),
                         "upstream_stream_error",
+                        record,
                     )
                 chunk = await resp.next_chunk()
                 if not chunk:
@@ -466,18 +473,20 @@ class Proxy:
         except UpstreamError as exc:
             failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}")
             return await self._stream_broke(
-                ex, send, route, events, failure, "upstream_stream_broken"
+                ex, send, route, events, failure, "upstream_stream_broken", record
             )
         except MalformedEvent as err:
             failure = Failure("malformed", f"engine {ex.engine!r} sent a malformed event: {err}")
             return await self._stream_broke(
-                ex, send, route, events, failure, "upstream_stream_malformed"
+                ex, send, route, events, failure, "upstream_stream_malformed", record
             )
         except Deadline as deadline:
             timeouts = route.config.timeouts
             failure = Failure("timeout", _timeout_message(ex.engine or "", deadline.what, timeouts))
             code = "upstream_idle_timeout" if deadline.what == "idle" else "upstream_timeout"
-            return await self._stream_broke(ex, send, route, events, failure, code)
+            # a stalled engine's answer goes on elsewhere; one whose total time ran out does not
+            goes_on = record if deadline.what == "idle" else None
+            return await self._stream_broke(ex, send, route, events, failure, code, goes_on)
         ex.chunks = events.events
         if ex.chunks > first_events:
             ex.itl_s = (last_at - first_at) / (ex.chunks - first_events)
@@ -489,7 +498,7 @@ class Proxy:
                 "(no finish_reason and no [DONE])",
             )
             return await self._stream_broke(
-                ex, send, route, events, failure, "upstream_stream_incomplete"
+                ex, send, route, events, failure, "upstream_stream_incomplete", record
             )
         if held is not None:
             return await self._end_structured_stream(ex, send, route)
@@ -525,15 +534,23 @@ class Proxy:
         events: EventStream,
         failure: Failure,
         code: str,
+        record: StreamRecord | None = None,
     ) -> Failure:
         """A stream that reached the client broke: the engine dropped, went silent, sent a
         malformed event or an error, or stopped before every choice finished.
 
-        The one place where such a stream ends: the client gets an OpenAI-shaped error
-        event (never a silent ``[DONE]``), and the attempt counts as a failure.
+        The one place where such a stream ends. With a *record* (the request may be
+        continued) another engine of the route finishes the answer in the same stream
+        (continuation.py); otherwise, or when none can, the client gets an OpenAI-shaped
+        error event (never a silent ``[DONE]``). The broken attempt counts as a failure.
         """
         ex.chunks = events.events
         ex.usage = events.usage
+        if record is not None:
+            why = await self.continuer.resume(ex, route, record, send, ex.engine or "")
+            if why is None:
+                return failure
+            failure.message = f"{failure.message}; not continued: {why}"
         ex.error = code
         body = error_event(failure.message, "upstream_error", code)
         await send({"type": "http.response.body", "body": body, "more_body": False})

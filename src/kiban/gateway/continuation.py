@@ -1,0 +1,424 @@
+"""Continuing a broken stream on another engine of the route.
+
+When the engine of a chat stream dies or stalls after its first tokens reached
+the client, the client still holds a good beginning. Instead of ending the
+stream with an error event, kiban asks another engine of the route for the rest:
+the same conversation with the text already streamed as the start of the
+assistant's reply (each engine kind says how it continues such a prefix:
+``EngineKind.continuation_fields``), ``max_tokens`` and ``min_tokens`` less the
+tokens already sent. The new engine's events go into the same client stream
+with the first stream's ``id``, ``created`` and ``model``, without its opening
+role-only delta, followed by one ``[DONE]``; the usage it reports is summed
+with what the broken engine had sent.
+
+Off (the stream ends with the error event) for anything a prefix cannot carry:
+tool calls, structured output, ``n`` > 1, logprobs, a client's own assistant
+prefill, and routes with ``continue_streams: false``.
+
+Tokens sent are counted as the content events (the opening role-only one aside):
+vLLM 0.32 streams one event per token, an empty one where a token's text is not
+complete yet (vllm/entrypoints/openai/chat_completion/serving.py); llama.cpp holds
+such a token back and sends it with the next. The
+client's prompt tokens are the continuing engine's prompt tokens less that count
+(its prompt holds the prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from kiban.gateway.upstream_http import Deadline, UpstreamError
+
+if TYPE_CHECKING:
+    from kiban.gateway.asgi import Send
+    from kiban.gateway.metrics import Metrics
+    from kiban.gateway.proxy import Exchange
+    from kiban.gateway.routing import Route, Target
+    from kiban.gateway.upstream_http import Exchange as EngineResponse
+
+#: request fields whose answer a text prefix cannot carry on
+_OFF_FIELDS = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "json_schema",
+    "grammar",
+    "regex",
+    "ebnf",
+    "logprobs",
+    "top_logprobs",
+    "continue_final_message",
+    "echo",
+)
+_DONE = b"data: [DONE]\n\n"
+
+
+def record_for(ex: Exchange, route: Route) -> StreamRecord | None:
+    """A record of the stream when it may be continued if its engine breaks, else None."""
+    if not route.config.continue_streams or len(route.targets) < 2:
+        return None
+    if ex.endpoint != "chat" or ex.structured is not None or not continuable(ex.payload):
+        return None
+    return StreamRecord()
+
+
+def continuable(payload: dict[str, Any]) -> bool:
+    """Whether a chat request's answer can be continued from a text prefix."""
+    for name in _OFF_FIELDS:
+        value = payload.get(name)
+        unset = value is None or value is False or value == []
+        if not unset and not (name == "response_format" and value == {"type": "text"}):
+            return False
+    n = payload.get("n")
+    if n is not None and n != 1:
+        return False
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return False
+    return messages[-1].get("role") != "assistant"
+
+
+class StreamRecord:
+    """What a stream has sent to the client, kept so that another engine can go on from it.
+
+    ``feed`` passes complete events only and holds back the rest, so a break never
+    leaves half an event at the client. The text is read from the sent bytes only
+    when a break happens: relaying costs no JSON parsing.
+    """
+
+    __slots__ = (
+        "_parsed_upto",
+        "_sent",
+        "created",
+        "finished",
+        "id",
+        "model",
+        "pending",
+        "text",
+        "tokens",
+    )
+
+    def __init__(self) -> None:
+        self._sent = bytearray()
+        self._parsed_upto = 0
+        self.pending = b""
+        self.text = ""
+        self.tokens = 0
+        self.finished = False  # an event carried a finish_reason: nothing is left to continue
+        self.id: Any = None
+        self.created: Any = None
+        self.model: Any = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events of ``pending + chunk``; the rest waits for the next chunk."""
+        out, self.pending = whole_events(self.pending, chunk)
+        self._sent += out
+        return out
+
+    def read_sent(self) -> None:
+        """Take the text, token count and stream identity from the events sent so far."""
+        sent = bytes(self._sent[self._parsed_upto :])
+        self._parsed_upto = len(self._sent)
+        for event in sent.split(b"\n\n"):
+            obj = _event_json(event)
+            if obj is not None:
+                self.note(obj)
+
+    def note(self, obj: dict[str, Any]) -> None:
+        """Count one event that reached the client."""
+        if self.id is None:
+            self.id, self.created, self.model = obj.get("id"), obj.get("created"), obj.get("model")
+        choices = obj.get("choices")
+        if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"):
+            self.finished = True
+        delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str):
+            self.text += content
+            if content or "role" not in delta:  # not the opening role-only event
+                self.tokens += 1
+
+
+def whole_events(pending: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """``(complete events, the rest)`` of what came before (*pending*) and *chunk*."""
+    data = pending + chunk if pending else chunk
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return b"", data
+    return data[: end + 2], data[end + 2 :]
+
+
+class Continuer:
+    """Finds an engine to go on with a broken stream and splices its events in."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+        headers_for: Callable[[Exchange, Target], bytes],
+    ) -> None:
+        self.metrics = metrics
+        self.loop = loop
+        self.headers_for = headers_for
+
+    async def resume(
+        self, ex: Exchange, route: Route, record: StreamRecord, send: Send, broken: str
+    ) -> str | None:
+        """Finish *ex*'s stream on another engine of *route* than *broken*.
+
+        Returns None once the client has the whole answer and ``[DONE]``; otherwise
+        why no engine could finish it (the caller then ends the stream with its error
+        event).
+        """
+        record.read_sent()
+        left = _tokens_left(ex.payload, record)
+        if record.finished or (left is not None and left <= 0):
+            self._count(ex, route, broken, "none", record, "failed")
+            return "the answer had ended already"
+        tried = {broken}
+        reasons: list[str] = []
+        while True:
+            target = self._pick(route, tried)
+            if target is None:
+                outcome = "unavailable" if not reasons else "failed"
+                self._count(ex, route, broken, "none", record, outcome)
+                reasons.append(f"no other engine of model {route.name!r} can continue it")
+                return "; ".join(reasons)
+            upstream = target.upstream
+            tried.add(upstream.name)
+            before = record.tokens
+            upstream.breaker.on_attempt()
+            ex.attempts += 1
+            try:
+                why = await self._relay(ex, route, target, record, send)
+            finally:
+                upstream.release()
+            if why is None:
+                upstream.breaker.on_success()
+                self._count(ex, route, broken, upstream.name, record, "continued", before)
+                return None
+            if isinstance(why, _Refused):  # it works, but would not take this request
+                upstream.breaker.on_success()
+            else:
+                upstream.breaker.on_failure(time.monotonic())
+                self.metrics.upstream_failures.labels(route.name, upstream.name, "broken").inc()
+            reasons.append(why)
+            if record.tokens > before:  # it sent some text: another engine goes on from there
+                self._count(ex, route, broken, upstream.name, record, "broken", before)
+                broken = upstream.name
+
+    def _pick(self, route: Route, tried: set[str]) -> Target | None:
+        for target in route.candidates():
+            upstream = target.upstream
+            if upstream.name in tried:
+                continue
+            if upstream.kind.continuation_fields(upstream.config) is None:
+                continue
+            if upstream.try_acquire():
+                return target
+        return None
+
+    def _count(
+        self,
+        ex: Exchange,
+        route: Route,
+        from_engine: str,
+        to_engine: str,
+        record: StreamRecord,
+        outcome: str,
+        continued_at: int | None = None,
+    ) -> None:
+        self.metrics.stream_continuations.labels(route.name, from_engine, to_engine, outcome).inc()
+        entry = {
+            "from": from_engine,
+            "to": to_engine,
+            "continued_at": record.tokens if continued_at is None else continued_at,
+            "outcome": outcome,
+        }
+        ex.continuations = [*(ex.continuations or ()), entry]
+
+    async def _relay(
+        self, ex: Exchange, route: Route, target: Target, record: StreamRecord, send: Send
+    ) -> str | None:
+        """One continuation attempt on *target*; None when the stream ended with [DONE]."""
+        upstream = target.upstream
+        assert upstream.http is not None
+        timeouts = route.config.timeouts
+        body = continuation_body(ex.payload, target, record)
+        now = self.loop.time()
+        try:
+            resp = await upstream.http.request(
+                b"POST",
+                upstream.kind.path_bytes("chat"),
+                self.headers_for(ex, target),
+                orjson.dumps(body),
+                connect_timeout=timeouts.connect_s,
+                first_byte_at=now + timeouts.ttft_s,
+                total_at=now + timeouts.total_s,
+            )
+        except (UpstreamError, Deadline) as exc:
+            return f"engine {upstream.name!r} could not continue it: {_describe(exc)}"
+        try:
+            if resp.status >= 400:
+                raw = await resp.read()
+                text = raw[:300].decode("utf-8", "replace")
+                why = f"engine {upstream.name!r} answered {resp.status}: {text}"
+                return why if resp.status >= 500 or resp.status == 429 else _Refused(why)
+            return await self._splice(ex, resp, record, send, upstream.name, idle_s=timeouts.idle_s)
+        except (UpstreamError, Deadline) as exc:
+            return f"engine {upstream.name!r} broke while continuing it: {_describe(exc)}"
+        finally:
+            resp.finish()
+
+    async def _splice(
+        self,
+        ex: Exchange,
+        resp: EngineResponse,
+        record: StreamRecord,
+        send: Send,
+        engine: str,
+        idle_s: float | None,
+    ) -> str | None:
+        """Relay the continuing engine's events as part of the client's stream."""
+        # the client's own choice: kiban asks every engine for usage (stream_usage.py)
+        wants_usage = _wants_usage(ex.payload) and not ex.drop_usage
+        sent_before = record.tokens
+        pending = b""
+        usage: dict[str, Any] | None = None
+        first = True
+        while chunk := await resp.next_chunk():
+            if first:
+                resp.cancel_deadline("first byte")
+                if idle_s:
+                    resp.watch_idle(idle_s)
+                first = False
+            complete, pending = whole_events(pending, chunk)
+            events = complete.split(b"\n\n")[:-1]
+            out: list[bytes] = []
+            for event in events:
+                if event.strip() == b"data: [DONE]":
+                    ex.usage = _summed(usage, sent_before)
+                    if wants_usage and ex.usage is not None:
+                        out.append(_sse({**_identity(record), "choices": [], "usage": ex.usage}))
+                    out.append(_DONE)
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(out), "more_body": False}
+                    )
+                    resp.abort()  # not read to its end (reading may be paused): not reusable
+                    return None
+                obj = _event_json(event)
+                if obj is None:
+                    continue  # a comment or keep-alive line
+                if "error" in obj:
+                    return f"engine {engine!r} sent an error mid-stream: {obj['error']}"
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                if not obj.get("choices"):
+                    continue  # the usage event: the summed one goes out before [DONE]
+                if record.tokens == sent_before and _role_only(obj):
+                    continue
+                obj.update(_identity(record))
+                if "usage" in obj:
+                    obj["usage"] = _summed(obj["usage"], sent_before) if wants_usage else None
+                record.note(obj)
+                ex.chunks += 1
+                out.append(_sse(obj))
+            if out:
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        return f"engine {engine!r} ended the continued stream without [DONE]"
+
+
+class _Refused(str):
+    """Why a continuation failed, when the engine answered with a 4xx (not its fault)."""
+
+
+def continuation_body(
+    payload: dict[str, Any], target: Target, record: StreamRecord
+) -> dict[str, Any]:
+    """The request that asks *target* for the rest of the answer."""
+    kind, config = target.upstream.kind, target.upstream.config
+    fields = kind.continuation_fields(config)
+    assert fields is not None
+    body = {**payload, **fields, "model": target.model}
+    body["messages"] = [*payload["messages"], {"role": "assistant", "content": record.text}]
+    for name in ("max_tokens", "max_completion_tokens"):
+        limit = payload.get(name)
+        if isinstance(limit, int):
+            body[name] = max(1, limit - record.tokens)
+    min_tokens = payload.get("min_tokens")
+    if isinstance(min_tokens, int):
+        body["min_tokens"] = max(0, min_tokens - record.tokens)
+    body["stream"] = True
+    body["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    return body
+
+
+def _tokens_left(payload: dict[str, Any], record: StreamRecord) -> int | None:
+    limits = [payload.get(n) for n in ("max_tokens", "max_completion_tokens")]
+    given = [limit for limit in limits if isinstance(limit, int)]
+    return min(given) - record.tokens if given else None
+
+
+def _wants_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def _summed(usage: dict[str, Any] | None, sent_before: int) -> dict[str, Any] | None:
+    """The client's usage: the continuing engine's, plus the tokens the broken one sent."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = max(0, int(usage.get("prompt_tokens") or 0) - sent_before)
+    completion = int(usage.get("completion_tokens") or 0) + sent_before
+    total = prompt + completion
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def _identity(record: StreamRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "chat.completion.chunk",
+        "created": record.created,
+        "model": record.model,
+    }
+
+
+def _role_only(obj: dict[str, Any]) -> bool:
+    """The opening event of a stream: a role and no content (vLLM ``""``, llama.cpp null)."""
+    choices = obj["choices"]
+    if len(choices) != 1 or not isinstance(choices[0], dict) or choices[0].get("finish_reason"):
+        return False
+    delta = choices[0].get("delta") or {}
+    return all(key == "role" or not value for key, value in delta.items())
+
+
+def _event_json(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one ``data:`` event (None for [DONE], comments and anything else)."""
+    event = event.strip()
+    if not event.startswith(b"data:"):
+        return None
+    try:
+        obj = orjson.loads(event[5:])
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
