@@ -105,7 +105,7 @@ class Proxy:
         self.loop = loop
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
-        candidates = route.candidates(needs_images)
+        candidates = route.candidates(needs_images, ex)
         retries = route.config.retries
         structured = ex.structured
         if structured is not None:
