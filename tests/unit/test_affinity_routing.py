@@ -103,7 +103,9 @@ def test_the_longest_matching_prefix_wins() -> None:
     other = next(n for n in ENGINES if n != first)
     strategy = route.request_order
     extended = _chat([*longer, {"role": "assistant", "content": "a " * 2000}])
-    strategy._record(prefix_keys(extended.body, prompt_start(extended.body)), other)
+    strategy._record(
+        prefix_keys(extended.body, prompt_start(extended.body)), 1 << ENGINES.index(other)
+    )
     assert (
         _pick(route, _chat([*extended.payload["messages"], {"role": "user", "content": "?"}]))
         == other
@@ -134,8 +136,7 @@ def test_guard_spreads_a_hot_prefix_when_load_is_unbalanced() -> None:
     assert max(load.values()) - min(load.values()) <= 5, load
     # the prefix is recorded on every engine that served it: once balanced, each is a match
     strategy = route.request_order
-    holders = strategy.index[prefix_keys(hot.body, prompt_start(hot.body))[-1]]
-    assert sorted(holders) == list(ENGINES)
+    assert strategy.holders(prefix_keys(hot.body, prompt_start(hot.body))[-1]) == list(ENGINES)
 
 
 def test_only_healthy_closed_engines_below_their_limit_take_a_prefix() -> None:

@@ -61,7 +61,7 @@ def prefix_keys(body: bytes, start: int) -> list[int]:
         if size > length:
             break
         end = start + size
-        h = hash((h, body[prev:end]))
+        h = hash((h, body[prev:end]))  # chained: equal keys mean equal prefixes
         keys.append(h)
         prev = end
     return keys
@@ -72,14 +72,20 @@ def _noop() -> None:
 
 
 class CacheAware:
-    """The cache_aware strategy of one route (one instance per route and process)."""
+    """The cache_aware strategy of one route (one instance per route and process).
+
+    The index maps a prefix key to a bitmask of the route's engines that were
+    sent that prefix (bit *i* for the route's *i*-th target).
+    """
 
     OUTCOMES = ("hit", "miss", "guard", "no_prefix")
 
-    def __init__(self, policy: CacheAwarePolicy, fallback: Order) -> None:
+    def __init__(self, policy: CacheAwarePolicy, targets: list[Target], fallback: Order) -> None:
         self.policy = policy
         self.fallback = fallback
-        self.index: OrderedDict[int, list[str]] = OrderedDict()
+        self._targets = list(targets)
+        self.bits = {id(t): 1 << i for i, t in enumerate(targets)}
+        self.index: OrderedDict[int, int] = OrderedDict()
         self.decided: dict[str, Callable[[], None]] = dict.fromkeys(self.OUTCOMES, _noop)
         self.evicted: Callable[[], None] = _noop
 
@@ -98,45 +104,50 @@ class CacheAware:
         idlest = ordered[0].upstream.outstanding
         if busiest - idlest > policy.balance_abs and busiest > policy.balance_rel * idlest:
             self.decided["guard"]()
-            self._record(keys, ordered[0].upstream.name)
+            self._record(keys, self.bits[id(ordered[0])])
             return ordered
-        chosen = self._longest_match(ordered, keys, len(body) - start)
+        chosen, matched = self._longest_match(ordered, keys, len(body) - start)
         if chosen is None:
             self.decided["miss"]()
-            self._record(keys, ordered[0].upstream.name)
+            self._record(keys, self.bits[id(ordered[0])])
             return ordered
         self.decided["hit"]()
-        self._record(keys, chosen.upstream.name)
+        # the matched prefix and the longer ones; the shorter ones age in the LRU, as they
+        # only serve prompts that part from this one earlier
+        self._record(keys[matched:], self.bits[id(chosen)])
         if chosen is ordered[0]:
             return ordered
         return [chosen, *(t for t in ordered if t is not chosen)]
 
-    def _longest_match(self, ordered: list[Target], keys: list[int], length: int) -> Target | None:
-        """The least-loaded closed-circuit engine holding the longest prefix long enough."""
+    def _longest_match(
+        self, ordered: list[Target], keys: list[int], length: int
+    ) -> tuple[Target | None, int]:
+        """The least-loaded closed-circuit engine holding the longest prefix long enough,
+        and that prefix's position in *keys*."""
         index = self.index
+        bits = self.bits
         need = self.policy.min_match * length
         for i in range(len(keys) - 1, -1, -1):
             if BOUNDARIES[i] < need:
-                return None
+                break
             holders = index.get(keys[i])
             if holders is None:
                 continue
             for target in ordered:  # least outstanding first
-                upstream = target.upstream
-                if upstream.name in holders and upstream.breaker.state is Circuit.CLOSED:
-                    return target
-        return None
+                if holders & bits[id(target)] and target.upstream.breaker.state is Circuit.CLOSED:
+                    return target, i
+        return None, 0
 
-    def _record(self, keys: list[int], engine: str) -> None:
+    def holders(self, key: int) -> list[str]:
+        """Names of the engines recorded for a prefix key (for tests and inspection)."""
+        mask = self.index.get(key, 0)
+        return [t.upstream.name for t in self._targets if mask & self.bits[id(t)]]
+
+    def _record(self, keys: list[int], bit: int) -> None:
         index = self.index
+        pop = index.pop
         for key in keys:
-            holders = index.get(key)
-            if holders is None:
-                index[key] = [engine]
-            else:
-                index.move_to_end(key)
-                if engine not in holders:
-                    holders.append(engine)
+            index[key] = pop(key, 0) | bit  # re-inserted: most recently used
         overflow = len(index) - self.policy.max_prefixes
         for _ in range(overflow):
             index.popitem(last=False)

@@ -101,12 +101,14 @@ def make_order(strategy: str) -> Order:
     return factories[strategy]()
 
 
-def make_request_order(config: RouteConfig, fallback: Order) -> CacheAware | SessionAffinity | None:
+def make_request_order(
+    config: RouteConfig, targets: list[Target], fallback: Order
+) -> CacheAware | SessionAffinity | None:
     """The strategy that reads each request (cache_aware, session); None for the others."""
     if config.strategy == "cache_aware":
-        return CacheAware(config.cache_aware, fallback)
+        return CacheAware(config.cache_aware, targets, fallback)
     if config.strategy == "session":
-        return SessionAffinity(config.session, [t.engine for t in config.engines], fallback)
+        return SessionAffinity(config.session, targets, fallback)
     return None
 
 
@@ -151,7 +153,7 @@ class Route:
         self.targets = targets
         aware = config.strategy in ("cache_aware", "session")
         self.order = make_order("least_outstanding" if aware else config.strategy)
-        self.request_order = make_request_order(config, self.order)
+        self.request_order = make_request_order(config, targets, self.order)
         self.budget = RetryBudget(config.retries.budget_ratio, config.retries.min_retries_per_s)
 
     def candidates(

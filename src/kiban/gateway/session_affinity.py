@@ -59,9 +59,12 @@ class Ring:
                 j += 1
             self.orders.append(tuple(seen))
 
+    def position(self, key: bytes) -> int:
+        """Index of the first point at or after the key's hash, clockwise."""
+        return bisect.bisect_left(self.points, ring_hash(key)) % len(self.points)
+
     def owners(self, key: bytes) -> tuple[str, ...]:
-        i = bisect.bisect_left(self.points, ring_hash(key))
-        return self.orders[i % len(self.orders)]
+        return self.orders[self.position(key)]
 
 
 def _noop() -> None:
@@ -73,10 +76,12 @@ class SessionAffinity:
 
     OUTCOMES = ("sticky", "moved", "no_key")
 
-    def __init__(self, policy: SessionPolicy, engines: list[str], fallback: Order) -> None:
+    def __init__(self, policy: SessionPolicy, targets: list[Target], fallback: Order) -> None:
         self.policy = policy
         self.fallback = fallback
-        self.ring = Ring(engines)
+        self.ring = Ring([t.upstream.name for t in targets])
+        by_name = {t.upstream.name: t for t in targets}
+        self._orders = [tuple(by_name[n] for n in order) for order in self.ring.orders]
         self.header = policy.header.lower().encode("latin-1")
         self.decided: dict[str, Callable[[], None]] = dict.fromkeys(self.OUTCOMES, _noop)
 
