@@ -125,6 +125,9 @@ class GatewayConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    #: read each engine's queue and KV use from its /metrics this often (off when unset)
+    engine_load_interval_s: Annotated[float, Field(ge=0.5)] | None = None
+    kv_avoid_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
 

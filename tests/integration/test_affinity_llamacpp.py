@@ -1,7 +1,8 @@
 """cache_aware and session routing over two real llama-servers.
 
 Conversations keep their engine turn after turn and both engines serve; one
-hot prompt from several workers is split by the balance guard; an engine
+hot prompt from several workers is split by the balance guard; the gateway
+reads the engines' own load from their /metrics; an engine
 killed under session load hands its sessions to the other without a failed
 request.
 """
@@ -19,6 +20,8 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from kiban.engines import ENGINE_KINDS
+from kiban.gateway.engine_load import read_load
 from tests.support.engines import EngineProcess
 from tests.support.gateway import gateway_process
 from tests.support.load import background_load
@@ -41,7 +44,7 @@ def pair(llamacpp_engine_factory, tiny_gguf: Path) -> list[EngineProcess]:
 def gateway(pair, tmp_path_factory: pytest.TempPathFactory):
     targets = [{"engine": name, "model": "tiny"} for name in ENGINES]
     config = {
-        "gateway": {"health_interval_s": 0.5},
+        "gateway": {"health_interval_s": 0.5, "engine_load_interval_s": 1.0},
         "engines": [
             {"name": name, "kind": "llamacpp", "url": e.base_url, "models": ["tiny"],
              "circuit": {"failures": 1, "cooldown_s": 30}}
@@ -119,6 +122,12 @@ def test_guard_splits_one_hot_prompt_over_both_engines(gateway) -> None:
     # without the guard every request would follow the prefix to the one engine that holds it
     assert total >= 20 and min(served[e] for e in ENGINES) >= total * 0.2, served
     assert _decisions(gateway, "cached").get("guard", 0) > guarded_before
+
+
+def test_engine_load_reads_the_real_llamacpp_metrics(pair) -> None:
+    text = httpx.get(f"{pair[0].base_url}/metrics", timeout=10).content
+    load = read_load(text, ENGINE_KINDS["llamacpp"].metric_names)
+    assert load.waiting == 0.0 and load.kv_usage is None  # idle; llama.cpp exports no KV use
 
 
 def test_sessions_move_without_failures_when_their_engine_dies(pair, gateway) -> None:

@@ -30,6 +30,7 @@ from kiban.config import ConfigError, KibanConfig
 from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
+from kiban.gateway.engine_load import LoadScraper
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.http import DISCONNECT_HOOK
@@ -61,7 +62,16 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _JSON = [(b"content-type", b"application/json")]
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 #: gateway settings a reload cannot change in a running process
-_RESTART_ONLY = ("host", "port", "workers", "http", "shared_state", "shutdown_grace_s")
+_RESTART_ONLY = (
+    "host",
+    "port",
+    "workers",
+    "http",
+    "shared_state",
+    "shutdown_grace_s",
+    "engine_load_interval_s",
+    "kv_avoid_ratio",
+)
 
 #: loads the configuration again (a reload): returns it with its keys, or raises ConfigError
 ConfigSource = Callable[[], tuple[KibanConfig, list[ApiKey]]]
@@ -123,6 +133,7 @@ class Gateway:
         self.shared: Any = None  # a RedisState when gateway.shared_state is configured
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
+        self.load: LoadScraper | None = None
         self.created = int(time.time())
         self.worker_pid = os.getpid()
         self.request_log = RequestLog()
@@ -167,6 +178,11 @@ class Gateway:
         )
         await self.health.check_all()
         self.health.start()
+        if gw.engine_load_interval_s:
+            self.load = LoadScraper(
+                upstreams, gw.engine_load_interval_s, gw.health_timeout_s, gw.kv_avoid_ratio
+            )
+            self.load.start()
         if self.config_source is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
@@ -208,6 +224,8 @@ class Gateway:
             self._reloading.cancel()
         if self.health is not None:
             await self.health.stop()
+        if self.load is not None:
+            await self.load.stop()
         if self.shared is not None:
             await self.shared.close()
         for upstream in self.router.upstreams.values():
@@ -294,6 +312,8 @@ class Gateway:
         if self.health is not None:
             self.health.upstreams = list(live.router.upstreams.values())
             self._after_health_checks()
+        if self.load is not None:
+            self.load.upstreams = list(live.router.upstreams.values())
         notes = [
             f"gateway.{key} changed; it applies when the gateway restarts"
             for key in _RESTART_ONLY

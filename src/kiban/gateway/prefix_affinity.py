@@ -22,10 +22,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kiban.config import CacheAwarePolicy
+from kiban.gateway.engine_load import KV_AVOID
 from kiban.gateway.upstreams import Circuit
 
 if TYPE_CHECKING:
     from kiban.gateway.routing import Order, RequestView, Target
+
+
+def load_of(target: Target) -> int:
+    """Requests in flight from this gateway plus the engine's own load penalty, if scraped."""
+    upstream = target.upstream
+    return upstream.outstanding + upstream.load_penalty
+
 
 FIRST_BOUNDARY = 512
 _PROMPT_KEYS = (b'"messages"', b'"prompt"')
@@ -100,8 +108,7 @@ class CacheAware:
             self.decided["no_prefix"]()
             return ordered
         policy = self.policy
-        busiest = ordered[-1].upstream.outstanding
-        idlest = ordered[0].upstream.outstanding
+        busiest, idlest = load_of(ordered[-1]), load_of(ordered[0])
         if busiest - idlest > policy.balance_abs and busiest > policy.balance_rel * idlest:
             self.decided["guard"]()
             self._record(keys, self.bits[id(ordered[0])])
@@ -134,7 +141,10 @@ class CacheAware:
             if holders is None:
                 continue
             for target in ordered:  # least outstanding first
-                if holders & bits[id(target)] and target.upstream.breaker.state is Circuit.CLOSED:
+                if not holders & bits[id(target)]:
+                    continue
+                upstream = target.upstream
+                if upstream.breaker.state is Circuit.CLOSED and upstream.load_penalty < KV_AVOID:
                     return target, i
         return None, 0
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kiban.config import KibanConfig, RouteConfig, resolve_target_model
-from kiban.gateway.prefix_affinity import CacheAware
+from kiban.gateway.prefix_affinity import CacheAware, load_of
 from kiban.gateway.session_affinity import SessionAffinity
 from kiban.gateway.upstreams import Upstream
 
@@ -50,13 +50,13 @@ class _RoundRobin:
 
 
 class _LeastOutstanding:
-    """Fewest requests in flight first; ties broken by rotation."""
+    """Fewest requests in flight first (plus the engine's own load); ties broken by rotation."""
 
     def __init__(self) -> None:
         self._rotate = _RoundRobin()
 
     def __call__(self, targets: list[Target]) -> list[Target]:
-        return sorted(self._rotate(targets), key=lambda t: t.upstream.outstanding)
+        return sorted(self._rotate(targets), key=load_of)
 
 
 class _Weighted:
