@@ -10,13 +10,18 @@ workloads with ``--workers`` concurrent clients:
 - control: as many requests of the same sizes, each with a prompt of its own
   (no shared prefix).
 
+By default each engine caches only what its ``--parallel`` slots hold
+(``--cache-ram 0``), as KV memory bounds a GPU engine's cache: llama.cpp's
+default also keeps up to 8 GiB of prompts in host RAM, which for the tiny
+model holds every conversation of the run on every engine.
+
 Every request streams; TTFT is the time to the first content chunk as the
 client sees it. Prefix-cache hits are the engines' own count: llama.cpp's
 ``usage.prompt_tokens_details.cached_tokens`` of each answer, summed over the
 prompt tokens. Run it under the shared lock:
 
     flock /tmp/kiban-heavy.lock .venv/bin/python bench/routing_engines.py \\
-        [--model tiny|smollm2] [--conversations 8] [--turns 6] [--workers 4] [--json]
+        [--model tiny|smollm2] [--conversations 16] [--turns 6] [--workers 8] [--json]
 """
 
 from __future__ import annotations
@@ -207,7 +212,8 @@ def _llama_servers(work: Path, gguf: Path, args: argparse.Namespace) -> list[tup
         port = free_port()
         argv = [str(binary), "--model", str(gguf), "--alias", "bench", "--host", "127.0.0.1",
                 "--port", str(port), "-c", str(args.ctx), "-np", str(args.parallel),
-                "-ngl", "0", "-t", "1", "--metrics"]  # fmt: skip
+                "-ngl", "0", "-t", "1", "--metrics",
+                "--cache-ram", str(args.cache_ram)]  # fmt: skip
         service = Service(f"llama-{i}", argv, work / f"llama-{i}.log", cpus=str(i % 2))
         servers.append((service.start(), f"http://127.0.0.1:{port}"))
     for service, url in servers:
@@ -253,13 +259,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--system-bytes", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--ctx", type=int, default=32768)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=0,
+        help="llama-server's host-RAM prompt cache in MiB (0: only what its slots hold)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -284,7 +296,8 @@ def main() -> None:
         print(json.dumps({"args": vars(args), "rows": rows}))
         return
     print(f"# {args.model} on two llama-servers (1 thread each, -np {args.parallel}), "
-          f"{args.conversations} chats x {args.turns} turns, {args.workers} clients, "
+          f"--cache-ram {args.cache_ram}, {args.conversations} chats x {args.turns} turns, "
+          f"{args.workers} clients, "
           f"{platform.machine()}")  # fmt: skip
     print(_table(rows))
 
