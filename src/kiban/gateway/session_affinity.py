@@ -38,7 +38,7 @@ def ring_hash(data: bytes) -> int:
 
 
 class Ring:
-    """Engines on a hash ring; ``owners(key)`` lists every engine in ring order from the key."""
+    """Engines on a hash ring; ``orders[position(key)]``: every engine in ring order from a key."""
 
     def __init__(self, engines: list[str]) -> None:
         points = sorted(
@@ -62,9 +62,6 @@ class Ring:
     def position(self, key: bytes) -> int:
         """Index of the first point at or after the key's hash, clockwise."""
         return bisect.bisect_left(self.points, ring_hash(key)) % len(self.points)
-
-    def owners(self, key: bytes) -> tuple[str, ...]:
-        return self.orders[self.position(key)]
 
 
 def _noop() -> None:
