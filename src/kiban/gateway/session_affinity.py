@@ -101,17 +101,17 @@ class SessionAffinity:
             if key is None:
                 self.decided["no_key"]()
             return self.fallback(targets)
-        by_name = {t.upstream.name: t for t in targets}
+        usable = {id(t) for t in targets}
         in_flight = sum(t.upstream.outstanding for t in targets)
         policy = self.policy
         bound = max(
             math.ceil(policy.load_factor * (in_flight + 1) / len(targets)), policy.min_bound
         )
-        owners = self.ring.owners(key)
-        ordered = [by_name[n] for n in owners if n in by_name]
+        owners = self._orders[self.ring.position(key)]
+        ordered = [t for t in owners if id(t) in usable]
         for i, target in enumerate(ordered):
             if target.upstream.outstanding < bound:
-                if i == 0 and target.upstream.name == owners[0]:
+                if target is owners[0]:
                     self.decided["sticky"]()
                     return ordered
                 self.decided["moved"]()
