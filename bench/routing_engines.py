@@ -10,6 +10,12 @@ workloads with ``--workers`` concurrent clients:
 - control: as many requests of the same sizes, each with a prompt of its own
   (no shared prefix).
 
+``--think-s N`` makes each client pause up to N s after an answer, as a user
+reading it would. Without it the clients are closed loops, and
+``least_outstanding`` itself keeps most chats on one engine: the engine that
+just answered a client is the least loaded when that client's next turn
+arrives.
+
 By default each engine caches only what its ``--parallel`` slots hold
 (``--cache-ram 0``), as KV memory bounds a GPU engine's cache: llama.cpp's
 default also keeps up to 8 GiB of prompts in host RAM, which for the tiny
@@ -156,6 +162,7 @@ async def multi_turn(url: str, args: argparse.Namespace, tag: str) -> Outcome:
                 history.append({"role": "user", "content": f"Turn {turn}: " + _text(rng, 200)})
                 answer = await _one(http, url, history, f"{tag}-{n}", args, out)
                 history.append({"role": "assistant", "content": answer})
+                await asyncio.sleep(rng.uniform(0, args.think_s))  # the user reads, then types
 
     start = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=600)
@@ -186,6 +193,7 @@ async def control(url: str, args: argparse.Namespace, tag: str) -> Outcome:
                 {"role": "user", "content": "Go on."},
             ]
             await _one(http, url, messages, f"{tag}-{rng.random()}", args, out)
+            await asyncio.sleep(rng.uniform(0, args.think_s))
 
     start = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -267,6 +275,9 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=32768)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument(
+        "--think-s", type=float, default=0.0, help="pause after each answer, uniform 0..N s"
+    )
+    parser.add_argument(
         "--cache-ram",
         type=int,
         default=0,
@@ -297,6 +308,7 @@ def main() -> None:
         return
     print(f"# {args.model} on two llama-servers (1 thread each, -np {args.parallel}), "
           f"--cache-ram {args.cache_ram}, {args.conversations} chats x {args.turns} turns, "
+          f"think {args.think_s:g} s, "
           f"{args.workers} clients, "
           f"{platform.machine()}")  # fmt: skip
     print(_table(rows))
