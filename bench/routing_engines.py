@@ -229,7 +229,9 @@ def _llama_servers(work: Path, gguf: Path, args: argparse.Namespace) -> list[tup
     return servers
 
 
-def _gateway(work: Path, strategy: str, engines: list[str]) -> tuple[Service, str]:
+def _gateway(
+    work: Path, strategy: str, engines: list[str], balance_abs: int | None
+) -> tuple[Service, str]:
     port = free_port()
     config = {
         "gateway": {"host": "127.0.0.1", "port": port, "request_log": False},
@@ -239,6 +241,8 @@ def _gateway(work: Path, strategy: str, engines: list[str]) -> tuple[Service, st
         ],
         "routes": [{"model": "bench", "engines": ["e0", "e1"], "strategy": strategy}],
     }
+    if strategy == "cache_aware" and balance_abs is not None:
+        config["routes"][0]["cache_aware"] = {"balance_abs": balance_abs}
     path = work / f"kiban-{strategy}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     argv = [str(Path(sys.executable).with_name("kiban")), "serve", "-c", str(path),
@@ -283,6 +287,9 @@ def main() -> None:
         default=0,
         help="llama-server's host-RAM prompt cache in MiB (0: only what its slots hold)",
     )
+    parser.add_argument(
+        "--balance-abs", type=int, default=None, help="cache_aware's balance_abs (default: its own)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -292,7 +299,7 @@ def main() -> None:
         servers = _llama_servers(work, _gguf(args.model), args)
         try:
             for strategy in args.strategies.split(","):
-                gateway, url = _gateway(work, strategy, [u for _, u in servers])
+                gateway, url = _gateway(work, strategy, [u for _, u in servers], args.balance_abs)
                 try:
                     for name, run in (("multi-turn", multi_turn), ("control", control)):
                         outcome = asyncio.run(run(url, args, f"{strategy}-{name}"))
