@@ -315,7 +315,7 @@ def main() -> None:
         return
     print(f"# {args.model} on two llama-servers (1 thread each, -np {args.parallel}), "
           f"--cache-ram {args.cache_ram}, {args.conversations} chats x {args.turns} turns, "
-          f"think {args.think_s:g} s, "
+          f"think {args.think_s:g} s, cache_aware balance_abs {args.balance_abs or 'default'}, "
           f"{args.workers} clients, "
           f"{platform.machine()}")  # fmt: skip
     print(_table(rows))
