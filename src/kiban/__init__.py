@@ -2,5 +2,5 @@
 
 from kiban.extract import ExtractionError, aextract, extract
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place: pyproject.toml reads it from here
 __all__ = ["ExtractionError", "aextract", "extract"]

@@ -128,8 +128,16 @@ class GatewayConfig(_Strict):
     #: read each engine's queue and KV use from its /metrics this often (off when unset)
     engine_load_interval_s: Annotated[float, Field(ge=0.5)] | None = None
     kv_avoid_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
+    health_failures: Annotated[int, Field(ge=1)] = Field(
+        default=3,
+        description="consecutive failed health checks (timeout or non-200) before an engine "
+        "leaves rotation; a refused connection takes it out at once",
+    )
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 30.0
     request_log: bool = True
+    usage_flush_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=10.0, description="how often usage per key is written to its store"
+    )
 
     @field_validator("shared_state", mode="before")
     @classmethod
@@ -415,6 +423,11 @@ class ObservabilityConfig(_Strict):
     scrape_interval_s: Annotated[float, Field(ge=1, le=300)] = 15.0
     gpu_exporter: Literal["gateway", "standalone", "off"] = "gateway"
     gpu_exporter_port: Annotated[int, Field(ge=1, le=65535)] = 9835
+    metrics_key_file: Path | None = Field(
+        default=None,
+        description="file holding an admin API key, with which the rendered Prometheus "
+        "configuration scrapes the private per-key series from the gateway's /admin/metrics",
+    )
 
     @field_validator("prometheus_url")
     @classmethod
@@ -584,7 +597,8 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
     """Relative paths in the file mean relative to the file (not to the current directory).
 
     ``launch.model`` counts as a path when it starts with ``./`` or ``../`` (otherwise
-    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` always.
+    it may be a hub name such as ``Qwen/Qwen2.5-7B-Instruct``); ``api_keys.file`` and
+    ``observability.metrics_key_file`` always.
     """
     for engine in tree.get("engines") or []:
         launch = engine.get("launch") if isinstance(engine, dict) else None
@@ -598,6 +612,9 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
     )
     if isinstance(keys, dict) and isinstance(keys.get("file"), str):
         keys["file"] = str((base_dir / keys["file"]).resolve())
+    obs = tree.get("observability")
+    if isinstance(obs, dict) and isinstance(obs.get("metrics_key_file"), str):
+        obs["metrics_key_file"] = str((base_dir / obs["metrics_key_file"]).resolve())
 
 
 def parse_config(

@@ -7,6 +7,7 @@ stopped by PID; two `kiban serve` processes share it through
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support.engines import EngineProcess, free_port
-from tests.support.gateway import add_key, fault_upstream, gateway_process
+from tests.support.gateway import KIBAN, add_key, fault_upstream, gateway_process
 from tests.support.reaper import REAPER
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -66,7 +67,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
 
     rpm, tpm = add_key(keys_file, "rpm", "--rpm", "6"), add_key(keys_file, "tpm", "--tpm", "30")
-    return keys_file, {"rpm": rpm, "tpm": tpm}
+    return keys_file, {"rpm": rpm, "tpm": tpm, "count": add_key(keys_file, "count")}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def gateways(redis_url, upstreams, keys, tmp_path_factory: pytest.TempPathFactor
             "api_keys": {"file": str(keys[0])},
             "shared_state": {"url": redis_url, "prefix": f"kiban-test-{free_port()}"},
             "health_interval_s": 600,
+            "usage_flush_s": 0.5,
         },
         "engines": [
             {
@@ -106,6 +108,24 @@ def _chat(gw: EngineProcess, key: str) -> httpx.Response:
         headers={"Authorization": f"Bearer {key}"},
         timeout=30,
     )
+
+
+def test_usage_per_key_adds_up_across_replicas(gateways, keys) -> None:
+    """Both replicas write into the same Redis rows; `kiban keys usage` reads them back."""
+    for i in range(4):
+        assert _chat(gateways[i % 2], keys[1]["count"]).status_code == 200
+    config = next(gateways[0].log_path.parent.glob("r0.yaml"))
+    argv = [str(KIBAN), "keys", "usage", "count", "-c", str(config), "--since", "1h", "--json"]
+    deadline = time.monotonic() + 20
+    while True:
+        rows = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+        if sum(r["requests"] for r in rows) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sum(r["requests"] for r in rows) == 4
+    assert sum(r["prompt_tokens"] for r in rows) == 4 * 3  # the upstream's usage: 3 and 2
+    assert sum(r["completion_tokens"] for r in rows) == 4 * 2
+    assert {r["key"] for r in rows} == {"count"}
 
 
 def test_request_limit_enforced_across_replicas(gateways, keys) -> None:

@@ -38,6 +38,8 @@ MAX_VLLM_SERVERS = 2
 VLLM_RESTART_MEASURED_S = 77.0
 VLLM_RESTART_TIMEOUT_S = 180.0
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+#: vLLM CPU's OpenMP binding: the cores a server's compute threads run on
+VLLM_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def free_port() -> int:
@@ -94,6 +96,8 @@ class EngineProcess:
                 f"{self.name}: {len(running)} vLLM servers of this test session run already "
                 f"(PIDs {running}); at most {MAX_VLLM_SERVERS} may run at once: stop one first"
             )
+        if self.is_vllm and VLLM_CPU_BIND not in self.env:
+            self.env[VLLM_CPU_BIND] = str(_free_core(running))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._launched_at = time.monotonic()
         with self.log_path.open("ab") as log:
@@ -241,6 +245,28 @@ def stop_all(engines: list[EngineProcess]) -> None:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+def _free_core(vllm_pids: list[int]) -> int:
+    """The first CPU core that none of the given vLLM servers is bound to.
+
+    vLLM's CPU backend binds its OpenMP threads to core 0 of every server by default
+    ("core ids=[0], reserved_cpus=[1]" in each log), so two servers of a test share one
+    core while the other idles, and a restarting server starves beside a busy one.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    taken = {_environ_of(pid).get(VLLM_CPU_BIND) for pid in vllm_pids}
+    return next((c for c in cores if str(c) not in taken), cores[0])
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    """The environment a process started with ({} when it is gone or not ours)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def vllm_servers_in_session() -> list[int]:

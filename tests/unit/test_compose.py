@@ -310,3 +310,25 @@ def test_cli_writes_the_project_and_names_what_it_needs(tmp_path):
     assert result.exit_code == 1
     assert "--gpu / --gpu-memory" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_metrics_key_is_mounted_into_prometheus(tmp_path, tiny_gguf):
+    """observability.metrics_key_file: Prometheus reads /admin/metrics with it, in the project."""
+    (tmp_path / "prometheus.key").write_text("sk-kiban-admin\n")
+    text = "observability: {metrics_key_file: prometheus.key}\n" + FULL
+    _, _, project, document = _render(write_config(tmp_path, text, tiny_gguf))
+    assert compose_errors(document) == []
+    mounts = document["services"]["prometheus"]["volumes"]
+    assert {
+        "type": "bind",
+        "source": str(tmp_path / "prometheus.key"),
+        "target": "/etc/prometheus-keys/metrics.key",
+        "read_only": True,
+    } in mounts
+    prom = project.root / "observability" / "prometheus" / "prometheus.yml"
+    jobs = {j["job_name"]: j for j in yaml.safe_load(prom.read_text())["scrape_configs"]}
+    keys_job = jobs["kiban-gateway-keys"]
+    assert keys_job["static_configs"][0]["targets"] == ["gateway:8080"]
+    assert keys_job["authorization"]["credentials_file"] == "/etc/prometheus-keys/metrics.key"
+    gateway_tree, _ = _gateway_config(project)
+    assert gateway_tree["observability"]["metrics_key_file"] is None

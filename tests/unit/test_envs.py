@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,73 @@ def test_every_launchable_engine_names_a_pinned_environment() -> None:
             steps = [a for step in envs.ENGINE_ENVS[name].steps for a in step.argv]
             installs = [a for a in steps if a.startswith(("vllm", "lmdeploy", "sglang"))]
             assert all("==" in a for a in installs), installs
+
+
+def test_interrupted_step_ends_everything_it_started(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build interrupted mid-step (Ctrl-C, a test's timeout) leaves no child building on."""
+    pid_file = home / "child.pid"
+    # the step starts a grandchild that would outlive it, prints a line, then hangs
+    spawn = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); "
+        "time.sleep(120)"
+    )
+    _register(monkeypatch, Step("hangs", ("{python}", "-c", spawn), progress=r"(started)"))
+
+    def interrupt(message: str) -> None:
+        if message.endswith("started"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ensure_engine_env("toy", progress=interrupt)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(grandchild)
+    if alive:
+        os.kill(grandchild, signal.SIGKILL)
+    assert not alive, "the step's child outlived the interrupted build"
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_cli_builds_lists_and_refuses_unknown(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from kiban.cli import app
+
+    _register(monkeypatch, TOUCH)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["envs", "list"])
+    assert listed.exit_code == 0 and re.search(r"^toy\s+missing\s", listed.stdout, re.M)
+    built = runner.invoke(app, ["envs", "build", "toy"])
+    assert built.exit_code == 0, built.output
+    assert built.stdout.strip().endswith(str(home / "envs" / "toy"))
+    assert re.search(r"^toy\s+current\s", runner.invoke(app, ["envs", "list"]).stdout, re.M)
+    unknown = runner.invoke(app, ["envs", "build", "toy", "nope"])
+    assert unknown.exit_code == 2 and "unknown environment 'nope'" in unknown.output
+    assert _runs(home / "envs" / "toy") == 1  # nothing rebuilt, nothing built for a bad list
+
+
+def test_cli_build_failure_exits_1_with_the_step(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from kiban.cli import app
+
+    _register(monkeypatch, FAIL)
+    result = CliRunner().invoke(app, ["envs", "build", "toy"])
+    assert result.exit_code == 1
+    assert "pip install broken==1.0" in result.output and "ERROR: no broken" in result.output

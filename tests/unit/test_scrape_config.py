@@ -15,6 +15,7 @@ from kiban.engines import ENGINE_KINDS
 from kiban.observability.scrape import (
     GATEWAY_JOB,
     GPU_JOB,
+    KEYS_JOB,
     engine_recording_rules,
     rate_window,
     scrape_configs,
@@ -157,3 +158,31 @@ def test_dashboards_are_valid_grafana_json() -> None:
                 used = set(re.findall(r"\$\{?(\w+)", target["expr"]))
                 unknown = {v for v in used if not v.startswith("__") and v not in names}
                 assert not unknown, (panel["title"], unknown)
+
+
+def test_per_key_series_are_scraped_with_the_metrics_key_only(tmp_path: Path) -> None:
+    """Without a metrics key no job reads /admin/metrics; with one, Prometheus accepts it."""
+    assert KEYS_JOB not in _jobs()
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("sk-kiban-admin\n")
+    raw = {**CONFIG, "observability": {"metrics_key_file": "admin.key"}}
+    cfg_path = tmp_path / "kiban.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "obs"
+    result = CliRunner().invoke(
+        app, ["observability", "render", "-c", str(cfg_path), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    prom = out / "prometheus" / "prometheus.yml"
+    jobs = {j["job_name"]: j for j in yaml.safe_load(prom.read_text())["scrape_configs"]}
+    assert jobs[KEYS_JOB]["metrics_path"] == "/admin/metrics"
+    assert jobs[KEYS_JOB]["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": str(key_file.resolve()),
+    }
+    assert jobs[KEYS_JOB]["static_configs"] == jobs[GATEWAY_JOB]["static_configs"]
+    assert (
+        jobs[GATEWAY_JOB]["metrics_path"] == "/metrics" and "authorization" not in jobs[GATEWAY_JOB]
+    )
+    check = promtool("check", "config", str(prom))
+    assert check.returncode == 0, check.stdout + check.stderr

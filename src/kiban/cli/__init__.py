@@ -10,6 +10,7 @@ from kiban.cli import (  # noqa: F401  (importing a module registers its command
     containers,
     doctor,
     engines,
+    envs,
     keys,
     models,
     observability,

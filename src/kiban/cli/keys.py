@@ -8,6 +8,7 @@ keys in it are hashed). Changes apply to a running gateway on `kiban reload`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import secrets
 from pathlib import Path
@@ -74,6 +75,9 @@ def add(
     ] = None,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.", min=1)] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute.", min=1)] = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="May open the console and read usage per key.")
+    ] = False,
     config: ConfigOpt = Path("kiban.yaml"),
     file: FileOpt = None,
 ) -> None:
@@ -94,6 +98,8 @@ def add(
         entry["requests_per_minute"] = rpm
     if tpm:
         entry["tokens_per_minute"] = tpm
+    if admin:
+        entry["admin"] = True
     entry["created"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         KeyEntry.model_validate(entry)
@@ -109,12 +115,13 @@ def list_keys(config: ConfigOpt = Path("kiban.yaml"), file: FileOpt = None) -> N
     """The keys of the file: name, digest prefix, models, limits."""
     path = _keys_path(config, file)
     table = Table(title=str(path), title_justify="left")
-    for column in ("name", "sha256", "models", "requests/min", "tokens/min", "created"):
+    for column in ("name", "sha256", "admin", "models", "requests/min", "tokens/min", "created"):
         table.add_column(column)
     for e in _read(path):
         table.add_row(
             e["name"],
             e["sha256"][:12] + "…",
+            "yes" if e.get("admin") else "",
             ", ".join(e["models"]) if "models" in e else "all",
             str(e.get("requests_per_minute", "default")),
             str(e.get("tokens_per_minute", "default")),
@@ -137,3 +144,56 @@ def revoke(
         raise fail(f"no key named {name!r} in {path}")
     _write(path, kept)
     console.print(f"revoked {name!r}; run `kiban reload` to apply it to a running gateway")
+
+
+@keys_app.command("usage")
+def usage(
+    name: Annotated[str | None, typer.Argument(help="One key's name (default: every key).")] = None,
+    since: Annotated[str, typer.Option(help="How far back: 90m, 12h, 7d, 2w.")] = "7d",
+    as_json: Annotated[bool, typer.Option("--json", help="One row per key and hour.")] = False,
+    config: ConfigOpt = Path("kiban.yaml"),
+    file: FileOpt = None,
+) -> None:
+    """Requests and tokens per key, as the gateway stored them (SQLite, or Redis)."""
+    import asyncio
+    import json
+    import time
+
+    from kiban.gateway.usage_store import totals
+    from kiban.observability.report import parse_period
+
+    try:
+        start = time.time() - parse_period(since)
+    except ValueError as err:
+        raise fail(f"--since: {err}") from None
+    rows = asyncio.run(_usage_rows(config, file, start, name))
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    table = Table(title=f"usage since {since} ago", title_justify="left")
+    for column in ("key", "requests", "prompt tokens", "completion tokens"):
+        table.add_column(column, justify="left" if column == "key" else "right")
+    for key, (requests, prompt, completion) in sorted(totals(rows).items()):
+        table.add_row(key, f"{requests:,}", f"{prompt:,}", f"{completion:,}")
+    out.print(table)
+
+
+async def _usage_rows(config: Path, file: Path | None, since: float, name: str | None) -> list:
+    """The stored rows: from Redis when kiban.yaml sets gateway.shared_state, else SQLite."""
+    from kiban.gateway.usage_store import SqliteUsage, usage_path
+
+    cfg = load_or_exit(config) if file is None or config.exists() else None
+    shared = cfg.gateway.shared_state if cfg is not None else None
+    if shared is None:
+        return SqliteUsage(usage_path(_keys_path(config, file))).rows(since, name)
+    import redis.asyncio as aioredis
+
+    from kiban.gateway.usage_store import RedisUsageStore
+
+    client = aioredis.Redis.from_url(shared.url, socket_timeout=shared.timeout_s)
+    try:
+        return await RedisUsageStore(client, shared.prefix).rows(since, name)
+    except Exception as err:
+        raise fail(f"gateway.shared_state: cannot read usage from {shared.url}: {err}") from None
+    finally:
+        await client.aclose()

@@ -103,6 +103,10 @@ def report_cmd(
         float | None, typer.Option(help="End of the period, Unix time (default: now).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    html_out: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write one self-contained HTML page with charts."),
+    ] = None,
 ) -> None:
     """Per GPU over a period: VRAM and KV-cache pressure, queueing, tokens/s, errors."""
     from rich.console import Console
@@ -130,6 +134,15 @@ def report_cmd(
         report = build_report(Prometheus(prometheus), seconds, end, resolution_s)
     except ReportError as err:
         raise fail(str(err)) from None
+    if html_out is not None:
+        from kiban.observability.report_html import collect_series, render_html
+
+        try:
+            series = collect_series(Prometheus(prometheus), report, resolution_s)
+        except ReportError as err:
+            raise fail(str(err)) from None
+        html_out.write_text(render_html(report, series), encoding="utf-8")
+        typer.echo(f"wrote {html_out}", err=True)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:

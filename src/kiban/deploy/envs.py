@@ -32,12 +32,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -336,23 +337,46 @@ def _run(spec: EnvSpec, step: Step, root: Path, say: Progress) -> None:
     with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n$ {' '.join(argv)}\n")
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own group: a build's compilers go with it
         )
         assert proc.stdout is not None
         shown = None
-        for line in proc.stdout:
-            fh.write(line)
-            tail.append(line.rstrip("\n"))
-            match = re.search(step.progress, line) if step.progress else None
-            if match and match.group(1) != shown:
-                shown = match.group(1)
-                say(f"{spec.name}: {step.label}: {shown}")
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                tail.append(line.rstrip("\n"))
+                match = re.search(step.progress, line) if step.progress else None
+                if match and match.group(1) != shown:
+                    shown = match.group(1)
+                    say(f"{spec.name}: {step.label}: {shown}")
+            code = proc.wait()
+        except BaseException:
+            # interrupted (Ctrl-C, a test's timeout): end the step and all it started, so that
+            # no orphaned build writes into the environment while the next attempt runs
+            _end_group(proc)
+            raise
     if code not in step.ok_codes:
         raise EnvInstallError(
             f"{spec.name}: step '{step.label}' failed with exit code {code} "
             f"(full log: {log})\n--- last {len(tail)} lines ---\n" + "\n".join(tail)
         )
+
+
+def _end_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM a step's process group, SIGKILL it after 10 s, and reap the step."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _smoke_test(spec: EnvSpec, env: EngineEnv, say: Progress) -> None:

@@ -2,7 +2,8 @@
 
 No web framework sits on the hot path: the routes are a handful of exact
 paths, and a request body is parsed once (orjson) for what routing needs and
-forwarded as the same bytes unless the engine knows the model by another name.
+forwarded as the same bytes unless the engine knows the model by another name
+(or, on a stream, with ``include_usage`` spliced in: :mod:`kiban.gateway.stream_usage`).
 
 Everything a configuration decides (routes, engines, keys) lives in one
 :class:`Live` object that a request reads once; a reload builds a new one
@@ -30,6 +31,8 @@ from kiban.config import ConfigError, KibanConfig
 from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
+from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
+from kiban.gateway.console import Console
 from kiban.gateway.engine_load import LoadScraper
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
@@ -46,7 +49,10 @@ from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
+from kiban.gateway.stream_usage import ask_for_usage
 from kiban.gateway.upstreams import Circuit, Upstream
+from kiban.gateway.usage import Usage
+from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
 from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService, answered_by
 
@@ -71,6 +77,7 @@ _RESTART_ONLY = (
     "shutdown_grace_s",
     "engine_load_interval_s",
     "kv_avoid_ratio",
+    "usage_flush_s",
 )
 
 #: loads the configuration again (a reload): returns it with its keys, or raises ConfigError
@@ -130,6 +137,9 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.prepare(self.live.router.routes)
         self.limits: LimitStore = LocalLimitStore()
+        self.usage = Usage(self.metrics.registry, config.gateway.usage_flush_s)
+        self.usage.metrics.prepare(k.name for k in self.live.keys.keys)
+        self.console = Console(self)
         self.shared: Any = None  # a RedisState when gateway.shared_state is configured
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
@@ -168,12 +178,14 @@ class Gateway:
 
             self.shared = self.limits = RedisState(gw.shared_state, self.metrics)
             await self.shared.start([u.name for u in upstreams], self._remote_circuit)
+        self.usage.start(self._usage_store())
         self._watch_circuits()
         self.health = HealthChecker(
             upstreams,
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
+            gw.health_failures,
             on_checked=self._after_health_checks,
         )
         await self.health.check_all()
@@ -186,6 +198,15 @@ class Gateway:
         if self.config_source is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _usage_store(self) -> UsageStore | None:
+        """Redis with shared state (replicas add up), else SQLite beside the keys file."""
+        if self.shared is not None:
+            from kiban.gateway.usage_store import RedisUsageStore
+
+            return RedisUsageStore(self.shared.redis, self.shared.config.prefix)
+        keys_file = self.config.gateway.api_keys.file
+        return SqliteUsageStore(usage_path(keys_file)) if keys_file is not None else None
 
     def _watch_circuits(self) -> None:
         """A breaker that opens or closes shows in the metrics at once (and in other replicas)."""
@@ -226,6 +247,7 @@ class Gateway:
             await self.health.stop()
         if self.load is not None:
             await self.load.stop()
+        await self.usage.close()
         if self.shared is not None:
             await self.shared.close()
         for upstream in self.router.upstreams.values():
@@ -306,6 +328,7 @@ class Gateway:
             await asyncio.gather(*(self.health.check(u) for u in fresh))
         self.live = live
         self.metrics.prepare(live.router.routes)
+        self.usage.metrics.prepare(k.name for k in live.keys.keys)
         self._watch_circuits()
         if self.shared is not None:
             await self.shared.sync_circuits([u.name for u in fresh])
@@ -360,6 +383,10 @@ class Gateway:
                 if method not in ("GET", "HEAD"):
                     raise _method_not_allowed(method, path, "GET")
                 await self._get(scope, send, path, request_id)
+            elif path.startswith(CONSOLE_PREFIXES):
+                if method not in ("GET", "HEAD"):
+                    raise _method_not_allowed(method, path, "GET")
+                await self.console.handle(scope, send, path, request_id)
             else:
                 raise APIError(404, f"unknown path {path!r}", code="unknown_path")
         except APIError as err:
@@ -456,10 +483,13 @@ class Gateway:
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise APIError(400, "'stream' must be a boolean", param="stream")
+        body_size, drop_usage = len(body), False
+        if stream and endpoint != "embeddings":
+            body, drop_usage = ask_for_usage(payload, body)
         reserved = prompt = 0
         if grant.limited:
             if grant.limits.tokens_per_minute:
-                prompt = prompt_estimate(len(body))
+                prompt = prompt_estimate(body_size)
                 reserved = prompt + completion_cap(payload)
             await self._admit(grant, route, reserved)
         needs_images = endpoint == "chat" and has_images(payload.get("messages"))
@@ -488,6 +518,7 @@ class Gateway:
             stream=bool(stream),
             client_headers=scope["headers"],
             structured=structured,
+            drop_usage=drop_usage,
         )
         in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
@@ -521,6 +552,7 @@ class Gateway:
         finally:
             in_flight.dec()
             self._record(ex, route.name, live)
+            self.usage.record(grant.name, ex, prompt or prompt_estimate(body_size))
             if grant.limits.tokens_per_minute:
                 used = tokens_used(
                     ex.usage, ex.chunks if ex.stream else 0, prompt, ex.status, reserved
@@ -534,6 +566,7 @@ class Gateway:
         if wait <= 0:
             return
         self.metrics.rate_limited(route.name, which)
+        self.usage.rejected(grant.name, which)
         seconds = max(1, math.ceil(wait))
         raise APIError(
             429,
@@ -547,6 +580,7 @@ class Gateway:
     def _record(self, ex: Exchange, route: str, live: Live) -> None:
         elapsed = time.perf_counter() - ex.started
         self.metrics.observe_exchange(route, ex, elapsed)
+        self.console.state.errors.observe(ex, route)
         usage = ex.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if ex.structured is not None:

@@ -36,6 +36,7 @@ class KeyEntry(BaseModel):
     models: list[Annotated[str, Field(min_length=1)]] | None = None
     requests_per_minute: Annotated[int, Field(ge=1)] | None = None
     tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    admin: bool | None = None  # may open the console and read per-key usage
     created: str | None = None
 
     @property
@@ -61,6 +62,7 @@ class ApiKey:
     models: tuple[str, ...] | None = None
     limits: RateLimits | None = None  # None: the gateway's default limits
     source: str = ""  # the configuration key that defines it, for error messages
+    admin: bool = False
 
 
 def digest_of(key: str | bytes) -> bytes:
@@ -95,6 +97,7 @@ def read_keys_file(path: Path) -> tuple[list[ApiKey], list[str]]:
                 models=tuple(entry.models) if entry.models is not None else None,
                 limits=entry.limits if entry.limits.enabled else None,
                 source=f"{where}: keys[{i}]",
+                admin=bool(entry.admin),
             )
         )
     return keys, problems
@@ -160,6 +163,8 @@ class Grant:
     routes: frozenset[str] | None
     limits: RateLimits
     limited: bool
+    name: str = "anonymous"  # the key's name, for usage per key
+    admin: bool = False  # may open the console and read per-key usage
 
 
 class KeyChecker:
@@ -194,7 +199,10 @@ class KeyChecker:
                         resolved.add(route)
                 routes = frozenset(resolved)
             limits = key.limits or defaults
-            self._grants[key.digest] = Grant(key.digest.hex()[:16], routes, limits, limits.enabled)
+            self._grants[key.digest] = Grant(
+                key.digest.hex()[:16], routes, limits, limits.enabled, key.name, key.admin
+            )
+        self.keys = list(keys)
         if problems:
             raise ConfigError(problems, "API keys")
 

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.upstream_http import UpstreamError
+from kiban.gateway.upstream_http import ConnectFailed, ConnectTimeout, UpstreamError
 from kiban.gateway.upstreams import Upstream
 
 log = logging.getLogger("kiban.health")
@@ -23,12 +23,14 @@ class HealthChecker:
         metrics: Metrics,
         interval_s: float,
         timeout_s: float,
+        failures: int = 1,
         on_checked: Callable[[], None] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.failures = failures
         self.on_checked = on_checked
         self._task: asyncio.Task[None] | None = None
 
@@ -50,16 +52,27 @@ class HealthChecker:
             finally:
                 resp.finish()
             ok, error = resp.status == 200, None if resp.status == 200 else f"HTTP {resp.status}"
+            refused = False
         except (UpstreamError, TimeoutError) as exc:
             ok, error = False, str(exc) or type(exc).__name__
-        if ok != upstream.healthy:
+            refused = isinstance(exc, ConnectFailed) and not isinstance(exc, ConnectTimeout)
+        was_healthy = upstream.healthy
+        upstream.on_health(ok, error, misses_allowed=self.failures - 1, refused=refused)
+        if upstream.healthy != was_healthy:
             log.warning(
                 "engine %s is %s%s",
                 upstream.name,
                 "healthy" if ok else "unhealthy",
                 f" ({error})" if error else "",
             )
-        upstream.on_health(ok, error)
+        elif not ok:
+            log.info(
+                "engine %s failed a health check (%d in a row; out after %d): %s",
+                upstream.name,
+                upstream.health_misses,
+                self.failures,
+                error,
+            )
         self.metrics.engine_health(upstream)
         return ok
 

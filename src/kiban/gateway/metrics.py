@@ -338,16 +338,37 @@ class Metrics:
         if not self.multiprocess:
             self.registry.register(collector)
 
-    def render(self) -> bytes:
+    def render(self, view: str = "public") -> bytes:
+        """The exposition: ``public`` (/metrics), ``private`` (per-key series only), ``all``."""
+        sources: list[Any]
         if self.multiprocess:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            for collector in self._extra_collectors:
-                registry.register(collector)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            sources = [multiprocess.MultiProcessCollector(None), *self._extra_collectors]
+        else:
+            sources = [self.registry]
+        registry = CollectorRegistry()
+        registry.register(_View(sources, view))
+        return generate_latest(registry)
 
     def close(self) -> None:
         """Tell the multiprocess files that this worker is gone (its live gauges leave)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())
+
+
+#: metric families that carry API key names: never on the public /metrics
+PRIVATE_PREFIX = "kiban_key_"
+
+
+class _View(Collector):
+    """The families of *sources* that belong on one view (public, private or all)."""
+
+    def __init__(self, sources: list[Any], view: str) -> None:
+        self.sources = sources
+        self.view = view
+
+    def collect(self) -> Iterable[Any]:
+        for source in self.sources:
+            for family in source.collect():
+                private = family.name.startswith(PRIVATE_PREFIX)
+                if self.view == "all" or private == (self.view == "private"):
+                    yield family

@@ -23,6 +23,7 @@ from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
+from kiban.gateway.stream_usage import UsageEventDropper
 from kiban.gateway.upstream_http import ConnectTimeout, Deadline, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
@@ -78,6 +79,7 @@ class Exchange:
     committed: bool = False  # a byte of the response has reached the client
     error: str | None = None
     structured: StructuredRequest | None = None  # set only when a constraint applies
+    drop_usage: bool = False  # kiban asked the engine for the stream's usage, not the client
 
 
 @dataclass(slots=True)
@@ -399,7 +401,9 @@ class Proxy:
         last_at = first_at
         tail = first[-_TAIL_BYTES:]
         held = ex.structured.start_stream() if ex.structured is not None else None
-        out = held.feed(first) if held is not None else first
+        dropper = UsageEventDropper() if ex.drop_usage else None
+        out = dropper.feed(first) if dropper is not None else first
+        out = held.feed(out) if held is not None else out
         await send({"type": "http.response.body", "body": out, "more_body": True})
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
@@ -408,6 +412,10 @@ class Proxy:
                 last_at = time.perf_counter()
                 chunks += sse_events(chunk, tail)
                 tail = (tail + chunk)[-_TAIL_BYTES:]
+                if dropper is not None:
+                    chunk = dropper.feed(chunk)
+                    if not chunk:
+                        continue
                 if held is not None:
                     chunk = held.feed(chunk)
                     if not chunk:
@@ -429,6 +437,9 @@ class Proxy:
         if chunks > first_events:
             ex.itl_s = (last_at - first_at) / (chunks - first_events)
         ex.usage = stream_usage(tail)
+        if dropper is not None and (rest := dropper.rest()):
+            rest = held.feed(rest) if held is not None else rest
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
         if not tail.rstrip().endswith(b"[DONE]"):
             await self._end_stream_with_error(
                 ex,

@@ -103,6 +103,10 @@ class Upstream:
     load_penalty: int = 0
     ewma_latency_s: float = 0.0
     last_health_error: str | None = None
+    #: failed health checks in a row since the last passing one
+    health_misses: int = 0
+    #: whether any health check has run yet (the first one decides at once)
+    health_checked: bool = False
     http: Pool | None = field(default=None, repr=False)  # set when the gateway starts
     #: header lines sent to this engine with every request (content type, its own key)
     request_headers: bytes = b""
@@ -196,12 +200,24 @@ class Upstream:
             a = self._ewma_alpha
             self.ewma_latency_s = a * seconds + (1 - a) * self.ewma_latency_s
 
-    def on_health(self, ok: bool, error: str | None = None) -> None:
+    def on_health(
+        self, ok: bool, error: str | None = None, *, misses_allowed: int = 0, refused: bool = False
+    ) -> None:
         """Result of an active health check.
 
-        A passing check does not close an open circuit: the engine may answer
-        /health and still fail requests. The breaker's own half-open probe,
-        after its cooldown, decides when real traffic returns.
+        A healthy engine leaves rotation after ``misses_allowed + 1`` failed checks in a
+        row, so that one slow answer on a loaded machine does not eject it; a refused
+        connection (nothing listens) and the very first check decide at once. One
+        passing check brings it back. A passing check does not close an open circuit:
+        the engine may answer /health and still fail requests. The breaker's own
+        half-open probe, after its cooldown, decides when real traffic returns.
         """
-        self.healthy = ok
+        first, self.health_checked = not self.health_checked, True
         self.last_health_error = error
+        if ok:
+            self.health_misses = 0
+            self.healthy = True
+            return
+        self.health_misses += 1
+        if first or refused or self.health_misses > misses_allowed:
+            self.healthy = False

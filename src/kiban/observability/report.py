@@ -54,10 +54,20 @@ class Prometheus:
 
     def query(self, promql: str, at: float) -> list[dict[str, Any]]:
         """An instant query: ``[{"metric": {...}, "value": [t, "v"]}, ...]``."""
-        params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
+        return self._get("query", {"query": promql, "time": f"{at:.3f}"}, promql)
+
+    def query_range(
+        self, promql: str, start: float, end: float, step_s: float
+    ) -> list[dict[str, Any]]:
+        """A range query: ``[{"metric": {...}, "values": [[t, "v"], ...]}, ...]``."""
+        params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}"}
+        return self._get("query_range", {**params, "step": f"{step_s:g}s"}, promql)
+
+    def _get(self, api: str, query: dict[str, str], promql: str) -> list[dict[str, Any]]:
+        params = urllib.parse.urlencode(query)
         try:
             with urllib.request.urlopen(
-                f"{self.url}/api/v1/query?{params}", timeout=self.timeout_s
+                f"{self.url}/api/v1/{api}?{params}", timeout=self.timeout_s
             ) as resp:
                 body = json.load(resp)
         except urllib.error.HTTPError as err:

@@ -30,6 +30,8 @@ from kiban.engines import ENGINE_KINDS, EngineKind
 
 GATEWAY_JOB = "kiban-gateway"
 GPU_JOB = "kiban-gpu"
+#: the gateway's private series (usage per key), read with an admin key
+KEYS_JOB = "kiban-gateway-keys"
 ENGINE_JOB_PREFIX = "kiban-engine-"
 ENGINE_LABELS = ("engine", "model", "gpu", "kind")
 ENGINE_RULES_GROUP = "kiban-engines"
@@ -81,6 +83,9 @@ def scrape_configs(
 ) -> list[dict[str, Any]]:
     """One job for the gateway, one for a standalone GPU exporter, one per engine with metrics.
 
+    With ``observability.metrics_key_file`` one more job reads the gateway's
+    private per-key series from ``/admin/metrics`` with that admin key.
+
     *target_host* replaces every target's host (e.g. ``host.docker.internal``
     when Prometheus runs in a container); *gateway_host* and *gpu_exporter_host*
     name those two targets' hosts where each runs apart (a service name in a
@@ -97,6 +102,18 @@ def scrape_configs(
             ],
         }
     ]
+    if obs.metrics_key_file is not None:
+        jobs.append(
+            {
+                "job_name": KEYS_JOB,
+                "metrics_path": "/admin/metrics",
+                "static_configs": jobs[0]["static_configs"],
+                "authorization": {
+                    "type": "Bearer",
+                    "credentials_file": str(obs.metrics_key_file),
+                },
+            }
+        )
     if obs.gpu_exporter == "standalone":
         jobs.append(
             {
