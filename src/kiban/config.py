@@ -31,7 +31,15 @@ from pydantic import (
 from kiban.engines import ENGINE_KINDS
 from kiban.structured.validator import CompiledSchema, SchemaError
 
-Strategy = Literal["priority", "round_robin", "least_outstanding", "weighted", "ewma_latency"]
+Strategy = Literal[
+    "priority",
+    "round_robin",
+    "least_outstanding",
+    "weighted",
+    "ewma_latency",
+    "cache_aware",
+    "session",
+]
 
 _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -117,6 +125,9 @@ class GatewayConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     health_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    #: read each engine's queue and KV use from its /metrics this often (off when unset)
+    engine_load_interval_s: Annotated[float, Field(ge=0.5)] | None = None
+    kv_avoid_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
     health_failures: Annotated[int, Field(ge=1)] = Field(
         default=3,
         description="consecutive failed health checks (timeout or non-200) before an engine "
@@ -405,6 +416,24 @@ class StructuredPolicy(_Strict):
         raise ValueError("expected 'auto' or a number of tokens of at least 1")
 
 
+class CacheAwarePolicy(_Strict):
+    """``strategy: cache_aware``: prefix index size and the balance guard (docs/routing.md)."""
+
+    min_match: Annotated[float, Field(gt=0, le=1)] = 0.2
+    balance_abs: Annotated[int, Field(ge=0)] = 4
+    balance_rel: Annotated[float, Field(ge=1)] = 1.5
+    max_prefixes: Annotated[int, Field(ge=16, le=10_000_000)] = 32768
+
+
+class SessionPolicy(_Strict):
+    """``strategy: session``: where the session key comes from and the load bound."""
+
+    key: Literal["header", "user", "prompt_cache_key"] = "header"
+    header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "X-Session-ID"
+    load_factor: Annotated[float, Field(ge=1)] = 1.25
+    min_bound: Annotated[int, Field(ge=1)] = 4
+
+
 class RouteConfig(_Strict):
     model: Annotated[str, Field(min_length=1)]
     aliases: list[str] = Field(default_factory=list)
@@ -417,6 +446,8 @@ class RouteConfig(_Strict):
     #: a stream whose engine breaks after tokens reached the client continues on another
     #: engine of the route (gateway/continuation.py); False: it ends with an error event
     continue_streams: bool = True
+    cache_aware: CacheAwarePolicy = Field(default_factory=CacheAwarePolicy)
+    session: SessionPolicy = Field(default_factory=SessionPolicy)
 
     @field_validator("engines", mode="before")
     @classmethod
@@ -583,6 +614,12 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
         seen_gpus.setdefault(gpu.index, i)
     public: dict[str, str] = {}
     for r, route in enumerate(cfg.routes):
+        for policy in ("cache_aware", "session"):
+            if policy in route.model_fields_set and route.strategy != policy:
+                problems.append(
+                    f"routes[{r}].{policy}: settings of strategy {policy!r}, but the route's "
+                    f"strategy is {route.strategy!r}"
+                )
         schema = route.structured.schema_
         if schema is not None:
             try:

@@ -33,6 +33,7 @@ from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_bo
 from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
 from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
 from kiban.gateway.console import Console
+from kiban.gateway.engine_load import LoadScraper
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.http import DISCONNECT_HOOK
@@ -74,6 +75,8 @@ _RESTART_ONLY = (
     "http",
     "shared_state",
     "shutdown_grace_s",
+    "engine_load_interval_s",
+    "kv_avoid_ratio",
     "usage_flush_s",
 )
 
@@ -140,6 +143,7 @@ class Gateway:
         self.shared: Any = None  # a RedisState when gateway.shared_state is configured
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
+        self.load: LoadScraper | None = None
         self.created = int(time.time())
         self.worker_pid = os.getpid()
         self.request_log = RequestLog()
@@ -186,6 +190,11 @@ class Gateway:
         )
         await self.health.check_all()
         self.health.start()
+        if gw.engine_load_interval_s:
+            self.load = LoadScraper(
+                upstreams, gw.engine_load_interval_s, gw.health_timeout_s, gw.kv_avoid_ratio
+            )
+            self.load.start()
         if self.config_source is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.request_reload)
@@ -236,6 +245,8 @@ class Gateway:
             self._reloading.cancel()
         if self.health is not None:
             await self.health.stop()
+        if self.load is not None:
+            await self.load.stop()
         await self.usage.close()
         if self.shared is not None:
             await self.shared.close()
@@ -324,6 +335,8 @@ class Gateway:
         if self.health is not None:
             self.health.upstreams = list(live.router.upstreams.values())
             self._after_health_checks()
+        if self.load is not None:
+            self.load.upstreams = list(live.router.upstreams.values())
         notes = [
             f"gateway.{key} changed; it applies when the gateway restarts"
             for key in _RESTART_ONLY

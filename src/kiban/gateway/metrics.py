@@ -221,6 +221,19 @@ class Metrics:
             ["route", "outcome"],
             registry=r,
         )
+        self.affinity_decisions = Counter(
+            "kiban_route_affinity_decisions",
+            "Choices of the cache_aware and session strategies by outcome (hit, miss, guard, "
+            "no_prefix; sticky, moved, no_key)",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.prefix_evictions = Counter(
+            "kiban_route_prefix_evictions",
+            "Prompt prefixes the cache_aware strategy dropped from its full index",
+            ["route"],
+            registry=r,
+        )
         self.structured_results = Counter(
             "kiban_structured_requests",
             "Structured-output requests by route and how they were answered: enforced, "
@@ -278,6 +291,19 @@ class Metrics:
             self.in_flight_for(route.name)
             for target in route.targets:
                 self.series(route.name, target.upstream.name).requests(200)
+            self._bind_affinity(route)
+
+    def _bind_affinity(self, route: Route) -> None:
+        """Give a cache_aware or session strategy its bound counters (created at zero)."""
+        strategy = route.request_order
+        if strategy is None:
+            return
+        strategy.decided = {
+            outcome: self.affinity_decisions.labels(route.name, outcome).inc
+            for outcome in strategy.OUTCOMES
+        }
+        if hasattr(strategy, "evicted"):
+            strategy.evicted = self.prefix_evictions.labels(route.name).inc
 
     def structured_outcome(self, route: str, outcome: str) -> None:
         """Count one structured-output verification outcome (the structured module's names)."""

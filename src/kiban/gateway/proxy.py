@@ -98,7 +98,7 @@ class Proxy:
         self.continuer = Continuer(metrics, loop, self._upstream_headers)
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
-        candidates = route.candidates(needs_images)
+        candidates = route.candidates(needs_images, ex)
         retries = route.config.retries
         structured = ex.structured
         if structured is not None:

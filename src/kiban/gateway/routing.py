@@ -6,8 +6,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from kiban.config import KibanConfig, RouteConfig, resolve_target_model
+from kiban.gateway.prefix_affinity import CacheAware, load_of
+from kiban.gateway.session_affinity import SessionAffinity
 from kiban.gateway.upstreams import Upstream
 
 
@@ -20,6 +23,14 @@ class Target:
 
 
 Order = Callable[[list[Target]], list[Target]]
+
+
+class RequestView(Protocol):
+    """What a request-aware strategy (cache_aware, session) reads of a request."""
+
+    body: bytes
+    payload: dict[str, Any]
+    client_headers: list[tuple[bytes, bytes]]
 
 
 def _priority(targets: list[Target]) -> list[Target]:
@@ -39,13 +50,13 @@ class _RoundRobin:
 
 
 class _LeastOutstanding:
-    """Fewest requests in flight first; ties broken by rotation."""
+    """Fewest requests in flight first (plus the engine's own load); ties broken by rotation."""
 
     def __init__(self) -> None:
         self._rotate = _RoundRobin()
 
     def __call__(self, targets: list[Target]) -> list[Target]:
-        return sorted(self._rotate(targets), key=lambda t: t.upstream.outstanding)
+        return sorted(self._rotate(targets), key=load_of)
 
 
 class _Weighted:
@@ -90,6 +101,17 @@ def make_order(strategy: str) -> Order:
     return factories[strategy]()
 
 
+def make_request_order(
+    config: RouteConfig, targets: list[Target], fallback: Order
+) -> CacheAware | SessionAffinity | None:
+    """The strategy that reads each request (cache_aware, session); None for the others."""
+    if config.strategy == "cache_aware":
+        return CacheAware(config.cache_aware, targets, fallback)
+    if config.strategy == "session":
+        return SessionAffinity(config.session, targets, fallback)
+    return None
+
+
 @dataclass
 class RetryBudget:
     """Retries may add at most *ratio* of recent traffic (plus a small floor).
@@ -129,10 +151,14 @@ class Route:
         self.config = config
         self.name = config.model
         self.targets = targets
-        self.order = make_order(config.strategy)
+        aware = config.strategy in ("cache_aware", "session")
+        self.order = make_order("least_outstanding" if aware else config.strategy)
+        self.request_order = make_request_order(config, targets, self.order)
         self.budget = RetryBudget(config.retries.budget_ratio, config.retries.min_retries_per_s)
 
-    def candidates(self, needs_images: bool = False) -> list[Target]:
+    def candidates(
+        self, needs_images: bool = False, request: RequestView | None = None
+    ) -> list[Target]:
         """Targets able to take this request now, in the strategy's order."""
         now = time.monotonic()
         usable = [
@@ -140,6 +166,8 @@ class Route:
             for t in self.targets
             if t.upstream.available(now) and (not needs_images or t.upstream.accepts_images)
         ]
+        if self.request_order is not None and request is not None:
+            return self.request_order(usable, request)
         return self.order(usable)
 
     def has_healthy_target(self) -> bool:

@@ -99,6 +99,8 @@ class Upstream:
     structured: StructuredCapability = field(default_factory=StructuredCapability)
     healthy: bool = True
     outstanding: int = 0
+    #: the engine's own load (queue, KV cache), scraped when enabled (gateway/engine_load.py)
+    load_penalty: int = 0
     ewma_latency_s: float = 0.0
     last_health_error: str | None = None
     #: failed health checks in a row since the last passing one
