@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,16 +14,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from kiban.observability.report import Prometheus
 from tests.support.dashboards import empty_panels, panel_queries
-from tests.support.engines import EngineProcess, free_port
-from tests.support.promtool import binary
+from tests.support.engines import EngineProcess
+from tests.support.observed_stack import KIBAN, observed_stack
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
-KIBAN = str(Path(sys.executable).parent / "kiban")
 ENGINE = "vllm-tiny"
 REQUESTS = 30
 CONCURRENCY = 3
@@ -46,66 +43,16 @@ class Stack:
 def stack(vllm_engine_factory, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
     engine = vllm_engine_factory(tiny_model_dir, "tiny")
     root = tmp_path_factory.mktemp("observability")
-    gateway_port, prom_port = free_port(), free_port()
-    config = root / "kiban.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "gateway": {"port": gateway_port, "health_interval_s": 1, "request_log": False},
-                "observability": {
-                    "prometheus_url": f"http://127.0.0.1:{prom_port}",
-                    "scrape_interval_s": 1,
-                },
-                "engines": [
-                    {
-                        "name": ENGINE,
-                        "kind": "vllm",
-                        "url": engine.base_url,
-                        "models": ["tiny"],
-                        "launch": {"model": str(tiny_model_dir), "device": "cpu"},
-                    }
-                ],
-                "routes": [{"model": "tiny", "engines": [ENGINE]}],
-            }
-        )
-    )
-    out = root / "rendered"
-    subprocess.run(
-        [KIBAN, "observability", "render", "-c", str(config), "-o", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    gateway = EngineProcess(
-        name="kiban gateway",
-        argv=[KIBAN, "serve", "-c", str(config)],
-        port=gateway_port,
-        log_path=root / "gateway.log",
-        health_path="/ready",
-    )
-    prometheus = EngineProcess(
-        name="prometheus",
-        argv=[
-            binary("prometheus"),
-            f"--config.file={out / 'prometheus' / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'prometheus-data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        port=prom_port,
-        log_path=root / "prometheus.log",
-        health_path="/-/ready",
-    )
-    gateway.start(timeout=60)
-    try:
-        prometheus.start(timeout=60)
-        try:
-            yield Stack(
-                config, gateway, prometheus, sorted((out / "grafana/dashboards").glob("*.json"))
-            )
-        finally:
-            assert prometheus.stop() == 0, prometheus.log_tail()
-    finally:
-        gateway.stop()
+    described = {
+        "name": ENGINE,
+        "kind": "vllm",
+        "url": engine.base_url,
+        "models": ["tiny"],
+        "launch": {"model": str(tiny_model_dir), "device": "cpu"},
+    }
+    with observed_stack(root, described) as running:
+        dashboards = sorted((running.rendered / "grafana/dashboards").glob("*.json"))
+        yield Stack(running.config, running.gateway, running.prometheus, dashboards)
 
 
 def _wait_for(prom: Prometheus, query: str, timeout_s: float = 30) -> list:

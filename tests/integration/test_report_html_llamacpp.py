@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kiban.observability.report import Prometheus
 from tests.support.browser import headless_chromium
-from tests.support.engines import EngineProcess, free_port
 from tests.support.load import background_load
-from tests.support.promtool import binary
+from tests.support.observed_stack import KIBAN, observed_stack
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
 
-KIBAN = str(Path(sys.executable).parent / "kiban")
 ENGINE = "llama"
 WAIT_S = 30.0
 
@@ -37,65 +33,15 @@ WAIT_S = 30.0
 def stack(llamacpp_engine_factory, tiny_gguf: Path, tmp_path_factory) -> Iterator[tuple]:
     engine = llamacpp_engine_factory(tiny_gguf, "tiny", ctx=2048, parallel=2)
     root = tmp_path_factory.mktemp("report-html")
-    gateway_port, prom_port = free_port(), free_port()
-    config = root / "kiban.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "gateway": {"port": gateway_port, "health_interval_s": 1, "request_log": False},
-                "observability": {
-                    "prometheus_url": f"http://127.0.0.1:{prom_port}",
-                    "scrape_interval_s": 1,
-                    "gpu_exporter": "off",
-                },
-                "engines": [
-                    {
-                        "name": ENGINE,
-                        "kind": "llamacpp",
-                        "url": engine.base_url,
-                        "models": ["tiny"],
-                        "launch": {"model": str(tiny_gguf), "device": "cpu"},
-                    }
-                ],
-                "routes": [{"model": "tiny", "engines": [ENGINE]}],
-            }
-        )
-    )
-    out = root / "rendered"
-    subprocess.run(
-        [KIBAN, "observability", "render", "-c", str(config), "-o", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    gateway = EngineProcess(
-        name="kiban gateway",
-        argv=[KIBAN, "serve", "-c", str(config)],
-        port=gateway_port,
-        log_path=root / "gateway.log",
-        health_path="/ready",
-    )
-    prometheus = EngineProcess(
-        name="prometheus",
-        argv=[
-            binary("prometheus"),
-            f"--config.file={out / 'prometheus' / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'prometheus-data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        port=prom_port,
-        log_path=root / "prometheus.log",
-        health_path="/-/ready",
-    )
-    gateway.start(timeout=60)
-    try:
-        prometheus.start(timeout=60)
-        try:
-            yield config, gateway, Prometheus(prometheus.base_url)
-        finally:
-            assert prometheus.stop() == 0, prometheus.log_tail()
-    finally:
-        gateway.stop()
+    described = {
+        "name": ENGINE,
+        "kind": "llamacpp",
+        "url": engine.base_url,
+        "models": ["tiny"],
+        "launch": {"model": str(tiny_gguf), "device": "cpu"},
+    }
+    with observed_stack(root, described, {"gpu_exporter": "off"}) as running:
+        yield running.config, running.gateway, Prometheus(running.prometheus.base_url)
 
 
 def _wait_for(prom: Prometheus, query: str) -> None:
