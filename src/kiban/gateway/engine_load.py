@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from kiban.engines.base import EngineMetricNames
+from kiban.gateway.periodic import Periodic
 from kiban.gateway.upstream_http import UpstreamError
 from kiban.gateway.upstreams import Upstream
 
@@ -77,7 +78,7 @@ class LoadScraper:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.kv_avoid = kv_avoid
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(interval_s, self.scrape_all)
 
     async def scrape(self, upstream: Upstream) -> EngineLoad | None:
         path = upstream.kind.metrics_path
@@ -114,16 +115,8 @@ class LoadScraper:
     async def scrape_all(self) -> None:
         await asyncio.gather(*(self.scrape(u) for u in self.upstreams))
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.scrape_all()
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from kiban.gateway.metrics import Metrics
+from kiban.gateway.periodic import Periodic
 from kiban.gateway.upstream_http import ConnectFailed, ConnectTimeout, UpstreamError
 from kiban.gateway.upstreams import Upstream
 
@@ -32,7 +32,7 @@ class HealthChecker:
         self.timeout_s = timeout_s
         self.failures = failures
         self.on_checked = on_checked
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(interval_s, self.check_all)
 
     async def check(self, upstream: Upstream) -> bool:
         assert upstream.http is not None
@@ -81,16 +81,8 @@ class HealthChecker:
         if self.on_checked is not None:
             self.on_checked()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.check_all()
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()

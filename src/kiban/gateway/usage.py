@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from kiban.gateway.periodic import Periodic
 from kiban.gateway.usage_store import Batch, UsageRow, UsageStore, hour_of
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class Usage:
         self.store: UsageStore | None = None
         self.flush_s = flush_s
         self._pending: Batch = {}
-        self._task: asyncio.Task[None] | None = None
+        self._flushing = Periodic(self.flush_s, self._flush)
         self._last_logged = 0.0
 
     # -- hot path ----------------------------------------------------------------------------
@@ -158,12 +159,10 @@ class Usage:
 
     def start(self, store: UsageStore | None) -> None:
         self.store = store
-        self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+        self._flushing.start()
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_s)
-            await self.flush()
+    async def _flush(self) -> None:
+        await self.flush()
 
     async def flush(self) -> bool:
         """Write what was counted since the last flush; on failure keep it for the next.
@@ -216,10 +215,7 @@ class Usage:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop flushing, then write what is left (reported if the store cannot take it)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._flushing.stop()
         if self.store is None:
             return
         written = False
