@@ -558,5 +558,8 @@ def test_kill_mid_request_retried_on_other_engine(client: OpenAI, gateway, engin
     log = gateway.wait_for_log("killed-mid-request")
     line = next(ln for ln in log.splitlines() if "killed-mid-request" in ln)
     entry = json.loads(line)
-    # a once more after the failover policy's backoff (refused: it is dead), then b
-    assert entry["attempts"] == 3 and entry["retries"] == ["broken", "connect"]
+    # a once more after the failover policy's backoff (refused: it is dead), then b; unless
+    # a health check (every 0.5 s here) found a refusing connections during that backoff
+    # (~0.25 s) and took it out of rotation first: then straight to b (seen in CI)
+    assert entry["retries"] in (["broken", "connect"], ["broken"]), entry
+    assert entry["attempts"] == 1 + len(entry["retries"]), entry
