@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from kiban.cpulist import parse_cpu_list
 from kiban.engines import ENGINE_KINDS
 from kiban.structured.validator import CompiledSchema, SchemaError
 
@@ -176,6 +177,12 @@ class LaunchConfig(_Strict):
     )
     device: Literal["gpu", "cpu"] = "gpu"
     gpus: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    cpus: str | None = Field(
+        default=None,
+        description="device cpu: the cores the engine's compute threads are bound to, as a "
+        "Linux cpulist ('0-3,8'); by default kiban gives each CPU engine that pins its "
+        "threads (vLLM) cores of its own when several run",
+    )
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     context: Annotated[int, Field(ge=16)] | None = None
     concurrency: Annotated[int, Field(ge=1)] | None = None
@@ -193,6 +200,18 @@ class LaunchConfig(_Strict):
     ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     stop_grace_s: Annotated[float, Field(gt=0)] = 20.0
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpu_list(value)  # ValueError names the part that is not a core list
+        return value
+
+    @property
+    def cpu_cores(self) -> tuple[int, ...]:
+        """``cpus`` as core numbers; empty when not set."""
+        return parse_cpu_list(self.cpus) if self.cpus else ()
 
 
 class GpuPolicy(_Strict):

@@ -139,6 +139,48 @@ def test_cpu_engine_plans_host_memory() -> None:
     assert "--kv-cache-memory-bytes" not in e.flags
 
 
+def test_cpu_engines_that_pin_threads_get_cores_of_their_own(monkeypatch) -> None:
+    """vLLM binds every CPU server to the same cores by itself: kiban splits the host's."""
+    monkeypatch.setattr("kiban.planning.fit.usable_cores", lambda: (0, 1, 2, 3, 4))
+    small = {"model": "qwen2.5-0.5b", "device": "cpu", "context": 2048, "concurrency": 1}
+    a, b, c = plan_of(
+        config(
+            engine("a", "vllm", 1, **small),
+            engine("b", "vllm", 2, **small),
+            engine("c", "llamacpp", 3, **small),
+        )
+    ).engines
+    assert (a.cpus, b.cpus, c.cpus) == ((0, 1, 2), (3, 4), ())
+    assert a.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+    assert b.env["VLLM_CPU_OMP_THREADS_BIND"] == "3-4"
+    assert "--cpu-mask" not in c.flags  # llama.cpp leaves its threads to the OS
+    (alone,) = plan_of(config(engine("a", "vllm", 1, **small))).engines
+    assert alone.cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in alone.env
+
+
+def test_launch_cpus_places_an_engine_and_the_others_split_the_rest(monkeypatch) -> None:
+    monkeypatch.setattr("kiban.planning.fit.usable_cores", lambda: (0, 1, 2, 3))
+    small = {"model": "qwen2.5-0.5b", "device": "cpu", "context": 2048, "concurrency": 1}
+    raw = config(
+        engine("a", "vllm", 1, **small), engine("c", "llamacpp", 3, **small, cpus="0,2")
+    )
+    plan = plan_of(raw)
+    a, c = plan.engines
+    assert a.cpus == (1, 3) and a.env["VLLM_CPU_OMP_THREADS_BIND"] == "1,3"
+    assert c.flags[-6:] == ["--threads", "2", "--cpu-mask", "5", "--cpu-strict", "1"]
+    three = config(*(engine(n, "vllm", i, **small) for i, n in enumerate("xyz", 1)))
+    monkeypatch.setattr("kiban.planning.fit.usable_cores", lambda: (0, 1))
+    crowded = plan_of(three)
+    assert [e.cpus for e in crowded.engines] == [(0,), (1,), (0,)]
+    assert any("share 2 core(s) (0-1)" in w for w in crowded.warnings)
+
+
+def test_launch_cpus_that_are_not_a_core_list_name_key_and_value() -> None:
+    bad = config(engine("a", "llamacpp", 1, model="m", device="cpu", cpus="0-x"))
+    with pytest.raises(ConfigError, match=r"launch\.cpus.*'0-x' is not a core number"):
+        parse_config(bad, env={})
+
+
 def test_gpus_inventory_in_config() -> None:
     raw = config(
         engine("q", "vllm", 1, model="qwen3-4b"),

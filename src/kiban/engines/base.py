@@ -331,6 +331,9 @@ class EngineKind:
     #: True when the engine allocates its cache from a token count (llama.cpp -c), not a
     #: byte budget: the plan then records exactly what that count takes
     kv_sized_by_tokens: ClassVar[bool] = False
+    #: True when the engine, on the CPU, binds its compute threads to fixed cores by itself
+    #: (the same cores for every server): kiban then gives each such engine cores of its own
+    pins_cpu_threads: ClassVar[bool] = False
 
     def kv_formats(
         self, kv_dtype: str, spec: ModelSpec, target: PlanTarget

@@ -302,6 +302,7 @@ class LlamaCpp(EngineKind):
             "--fit",
             "off",
             *split,
+            *_cpu_flags(plan.cpus),
         ]
 
     # -- structured output --
@@ -347,6 +348,15 @@ class LlamaCpp(EngineKind):
         if constraint.kind == "choice":
             return {"grammar": choice_gbnf(constraint.choices)}
         return {"grammar": constraint.grammar}
+
+
+def _cpu_flags(cpus: tuple[int, ...]) -> list[str]:
+    """One thread per given core, bound to those cores (common/arg.cpp: ``--cpu-range`` takes
+    one range; ``--cpu-mask`` any set, as hex; ``--cpu-strict 1`` pins each thread)."""
+    if not cpus:
+        return []
+    mask = sum(1 << core for core in cpus)
+    return ["--threads", str(len(cpus)), "--cpu-mask", f"{mask:x}", "--cpu-strict", "1"]
 
 
 def _device_of(buffers: list[str]) -> str | None:

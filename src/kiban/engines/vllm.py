@@ -6,6 +6,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from kiban.cpulist import format_cpu_list
 from kiban.engines.base import (
     ContainerImage,
     EngineKind,
@@ -158,6 +159,9 @@ class VLLM(EngineKind):
     # vllm/engine/arg_utils.py get_batch_defaults (max_num_batched_tokens / max_num_seqs).
 
     plannable = True
+    # vllm/utils/ompmultiprocessing.py: VLLM_CPU_OMP_THREADS_BIND=auto binds the OpenMP
+    # threads to the first NUMA node's cores less a reserved one, the same for every server
+    pins_cpu_threads = True
     kv_dtypes = (
         "auto",
         "bfloat16",
@@ -277,7 +281,10 @@ class VLLM(EngineKind):
     def plan_env(self, plan):
         if plan.on_gpu:
             return {}
-        return {"VLLM_CPU_KVCACHE_SPACE": str(plan.kv_cache_bytes // GiB)}
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(plan.kv_cache_bytes // GiB)}
+        if plan.cpus:  # one rank: one core list (ompmultiprocessing.py splits on "|")
+            env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpu_list(plan.cpus)
+        return env
 
     # -- structured output --
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiban.config import EngineConfig, KibanConfig
+from kiban.cpulist import split_cores, usable_cores
 from kiban.engines import ENGINE_KINDS, EngineKind
 from kiban.planning.devices import GpuInfo, HostInfo, host_info
 from kiban.planning.hf_config import ModelConfigError
@@ -53,6 +54,7 @@ class _Draft:
     devices: list[str]
     share: int | None = None
     warnings: list[str] | None = None
+    cpus: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -270,6 +272,7 @@ def _finish(
         requested_concurrency=d.launch.concurrency,
         warnings=list(d.warnings or []),
         args=d.target.args,
+        cpus=d.cpus,
     )
     if not fits:  # no flags: they would ask the engine for memory the device does not have
         problems.append(_refusal(d, plan, deficit, others))
@@ -313,6 +316,20 @@ def _refusal(d: _Draft, plan: EnginePlan, deficit: int, others: list[str]) -> st
     )
 
 
+def _place_on_cores(drafts: list[_Draft]) -> list[str]:
+    """Cores for CPU engines: ``launch.cpus`` where set; engines that pin their threads to
+    fixed cores by themselves (vLLM) get cores of their own once several share the host."""
+    on_cpu = [d for d in drafts if not d.target.on_gpu]
+    fixed = {d.name: d.launch.cpu_cores for d in on_cpu if d.launch.cpu_cores}
+    pinning = [d.name for d in on_cpu if d.kind.pins_cpu_threads and d.name not in fixed]
+    if len(pinning) + bool(fixed) < 2:
+        pinning = []  # one engine alone: its own default binding
+    cores, warnings = split_cores([*fixed, *pinning], fixed, usable_cores())
+    for d in on_cpu:
+        d.cpus = cores.get(d.name, ())
+    return warnings
+
+
 def build_plan(cfg: KibanConfig, gpus: list[GpuInfo]) -> Plan:
     """The plan for every engine of *cfg* that has a ``launch`` section."""
     host = host_info()
@@ -336,7 +353,7 @@ def build_plan(cfg: KibanConfig, gpus: list[GpuInfo]) -> Plan:
         for key in d.devices:
             devices[key].shares[d.name] = d.share
     engines: list[EnginePlan] = []
-    warnings: list[str] = []
+    warnings: list[str] = _place_on_cores(drafts)
     for position, d in enumerate(drafts):
         device = devices[d.devices[0]]
         earlier = sum(device.shares[o.name] for o in drafts[:position] if device.key in o.devices)

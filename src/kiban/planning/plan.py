@@ -52,6 +52,8 @@ class EnginePlan:
     warnings: list[str] = field(default_factory=list)
     #: the user's launch.args, for engines whose flags depend on them (lmdeploy --backend)
     args: tuple[str, ...] = ()
+    #: CPU engines: the cores its compute threads are bound to (empty: the engine decides)
+    cpus: tuple[int, ...] = ()
 
     @property
     def on_gpu(self) -> bool:

@@ -10,6 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from kiban.cpulist import format_cpu_list
 from kiban.planning.plan import EnginePlan, Plan
 from kiban.planning.units import KiB, gib, human
 
@@ -81,7 +82,8 @@ def engines_table(plan: Plan) -> Table:
         (
             "on",
             [
-                (",".join(f"gpu{i}" for i in e.gpus) if e.on_gpu else "cpu") + f" {e.device_name}"
+                (",".join(f"gpu{i}" for i in e.gpus) if e.on_gpu else _cpu_place(e))
+                + f" {e.device_name}"
                 for e in plan.engines
             ],
         ),
@@ -127,3 +129,8 @@ def plan_renderable(plan: Plan) -> Group:
 
 def print_plan(plan: Plan, console: Console) -> None:
     console.print(plan_renderable(plan))
+
+
+def _cpu_place(e: EnginePlan) -> str:
+    """``cpu`` or ``cpu 0-3`` where the plan binds the engine to cores."""
+    return f"cpu {format_cpu_list(e.cpus)}" if e.cpus else "cpu"
