@@ -161,9 +161,7 @@ def test_cpu_engines_that_pin_threads_get_cores_of_their_own(monkeypatch) -> Non
 def test_launch_cpus_places_an_engine_and_the_others_split_the_rest(monkeypatch) -> None:
     monkeypatch.setattr("kiban.planning.fit.usable_cores", lambda: (0, 1, 2, 3))
     small = {"model": "qwen2.5-0.5b", "device": "cpu", "context": 2048, "concurrency": 1}
-    raw = config(
-        engine("a", "vllm", 1, **small), engine("c", "llamacpp", 3, **small, cpus="0,2")
-    )
+    raw = config(engine("a", "vllm", 1, **small), engine("c", "llamacpp", 3, **small, cpus="0,2"))
     plan = plan_of(raw)
     a, c = plan.engines
     assert a.cpus == (1, 3) and a.env["VLLM_CPU_OMP_THREADS_BIND"] == "1,3"
