@@ -11,62 +11,21 @@
 # Carry: .whl (bench/device/kv_accuracy-wheels.txt, downloaded as its header says) and
 # .llamacpp-src (bench/device/pack_llamacpp_source.sh + a tiny GGUF). Details go to
 # /tmp/kiban-device and come back as $OUT/details-<phase>.tar.gz; summaries as
-# $OUT/*.md / *.txt. Exit status: the number of steps that did not do what they exist for.
+# $OUT/summary-<phase>.md and *.md / *.txt. Shared steps: bench/device/lib.sh. Exit
+# status: the number of steps that did not do what they exist for.
 set -uo pipefail
 phase=${1:?usage: session.sh one|two}
 cd "$(dirname "$0")/../.." || exit 1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 KIBAN_HOME=/tmp/kiban-home
 D=/tmp/kiban-device
-OUT=${OUT:-/tmp/kiban-out}
-mkdir -p "$D" "$OUT" "$KIBAN_HOME"
-started=$SECONDS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >"$D/pip.log" 2>&1 || cat "$D/pip.log"
-export PYTHONPATH="$PWD/src:/tmp/site"
-kiban() { python3 -m kiban.cli "$@"; }
-failed=()
-fail_step() { failed+=("$1"); echo "FAILED: $1"; }
+md=$D/summary-$phase.md
+# shellcheck source=bench/device/lib.sh
+source bench/device/lib.sh
+device_env
+: >"$md"
 python3 -c 'import kiban.cli, kiban.gateway.server' || fail_step "kiban imports (carried wheels)"
 tarball=$(ls "$PWD"/.llamacpp-src/*-llama.cpp.tar.gz)
 gguf=$PWD/.llamacpp-src/tiny-qwen2.gguf
-binary=/tmp/kiban-llamacpp-cuda/bin/llama-server
-say() { echo "[$((SECONDS - started))s] $*"; }
-
-pack() {  # and exit with the number of steps not done
-  tar -czf "$OUT/details-$phase.tar.gz" -C "$D" . 2>/dev/null
-  say "packed $(du -sh "$OUT/details-$phase.tar.gz" | cut -f1); steps not done: ${failed[*]:-none}"
-  exit "${#failed[@]}"
-}
-
-wait_build() {  # seconds
-  local until=$((SECONDS + $1))
-  while [[ ! -x $binary ]] && pgrep -f build_llamacpp_cuda >/dev/null && ((SECONDS < until)); do
-    sleep 5
-  done
-  if [[ -x $binary ]]; then say "llama-server CUDA build done"; else
-    say "build not done: $(grep -o '^\[ *[0-9]*%\]' "$D/build.log" 2>/dev/null | tail -n 1)"
-  fi
-}
-
-refuse() {  # name, config file, regex the refusal names: kiban up refuses, starts nothing
-  say "fail-fast: $1"
-  timeout 150 python3 -m kiban.cli up -c "$2" >"$D/refuse.out" 2>&1  # not refused: stopped
-  local code=$?
-  {
-    echo "## $1"
-    echo '```'
-    sed 's/^/    /' "$2"
-    echo '$ kiban up'
-    cat "$D/refuse.out"
-    echo "exit code $code"
-    echo '```'
-  } >>"$D/failfast.md"
-  if [[ $code == 0 ]] || ! grep -Eq "$3" "$D/refuse.out"; then
-    kiban down -c "$2" >/dev/null 2>&1
-    fail_step "fail-fast: $1"
-  fi
-}
+pack() { cp "$md" "$OUT/"; finish "$OUT/details-$phase.tar.gz" "$D" .; }
 
 if [[ $phase == one ]]; then
   say "starting the llama.cpp CUDA build in the background"
@@ -77,40 +36,9 @@ if [[ $phase == one ]]; then
   (cd /tmp && kiban doctor >"$D/doctor.txt" 2>&1; kiban doctor --json >"$D/doctor.json" 2>&1)
   cp "$D/doctor.txt" "$OUT/doctor.txt"
 
-  mkdir -p "$D/configs"
-  cat >"$D/configs/no-such-gpu.yaml" <<EOF
-engines:
-  - {name: qwen, kind: vllm, models: [qwen], launch: {model: Qwen/Qwen2.5-7B-Instruct, gpus: [3], port: 8101}}
-routes: [{model: qwen, engines: [qwen]}]
-EOF
-  refuse "an engine on a GPU this machine does not have" "$D/configs/no-such-gpu.yaml" \
-    "GPU 3.*does not exist"
-  cat >"$D/configs/too-big.yaml" <<EOF
-engines:
-  - name: qwen
-    kind: llamacpp
-    models: [qwen]
-    launch: {model: Qwen/Qwen2.5-7B-Instruct, gpus: [0], port: 8101, context: 32768, concurrency: 16}
-routes: [{model: qwen, engines: [qwen]}]
-EOF
-  say "holding all but 10 GiB of GPU 0 (sized from NVML), then planning what no longer fits"
-  rm -f /tmp/kiban-hold.ready
-  python3 bench/device/hold_gpu_memory.py --gpu 0 --leave-gib 10 --seconds 120 \
-    --ready /tmp/kiban-hold.ready >"$D/hold.out" 2>&1 &
-  hold=$!
-  for _ in $(seq 90); do [[ -f /tmp/kiban-hold.ready ]] || ! kill -0 $hold 2>/dev/null && break; sleep 1; done
-  cat "$D/hold.out" >>"$D/failfast.md"
-  if [[ -f /tmp/kiban-hold.ready ]]; then
-    refuse "a plan that needs more memory than is free (all but 10 GiB held by another process)" \
-      "$D/configs/too-big.yaml" "GPU 0|gpu0"
-  else
-    fail_step "hold GPU 0 memory"
-  fi
-  kill $hold 2>/dev/null; wait $hold 2>/dev/null
-  echo "## the same plan with the GPU free again: it fits" >>"$D/failfast.md"
-  kiban plan -c "$D/configs/too-big.yaml" >>"$D/failfast.md" 2>&1
+  note "# GPU fail-fast on real hardware" ""
+  failfast_on_gpus "$D/configs" 0
   kiban plan model Qwen/Qwen2.5-7B-Instruct >"$D/plan-7b-quick.txt" 2>&1
-  cp "$D/failfast.md" "$OUT/failfast.md"
 
   say "GPU exporter against nvidia-smi"
   OUT=$D python3 bench/device/gpu_exporter_check.py >"$D/gpu_exporter_check.out" 2>&1 ||
@@ -118,7 +46,7 @@ EOF
   cp "$D/gpu_exporter_check.md" "$OUT/" 2>/dev/null
   wait_build $((560 - (SECONDS - started)))
   cp "$D/build.out" "$OUT/build.out"
-  [[ -x $binary ]] || pgrep -f build_llamacpp_cuda >/dev/null || fail_step "llama.cpp CUDA build"
+  [[ -x $binary ]] || building || fail_step "llama.cpp CUDA build"
   pack
 fi
 
@@ -132,15 +60,7 @@ OUT=$D/kv timeout 330 bench/device/kv_accuracy.sh "$binary" >"$D/kv/run.out" 2>&
 cp "$D/kv/kv_accuracy.md" "$OUT/" 2>/dev/null
 
 say "kiban up with the CUDA llama-server: verified on its GPU, and one that is not"
-env_root=$KIBAN_HOME/envs/llamacpp-cuda
-mkdir -p "$env_root/bin"
-cp "$binary" "$env_root/bin/llama-server"
-ln -sf "$(command -v python3)" "$env_root/bin/python"
-python3 -c "
-import json, pathlib
-from kiban.deploy.envs import ENGINE_ENVS, MARKER
-spec = ENGINE_ENVS['llamacpp-cuda']
-pathlib.Path('$env_root', MARKER).write_text(json.dumps({'fingerprint': spec.fingerprint()}))"
+llamacpp_cuda_env
 mkdir -p "$D/up"
 cat >"$D/up/kiban.yaml" <<EOF
 gateway: {port: 8190, health_interval_s: 1}

@@ -1,96 +1,84 @@
 #!/usr/bin/env bash
-# kiban on a machine with two NVIDIA GPUs and no network (the device kind nvidia-h200-x2),
-# in two calls on the same machine (issue 20):
+# kiban on a machine with NVIDIA GPUs and no network (issue 20: the device kind
+# nvidia-h200-x2; on one GPU, nvidia-h200, what one GPU allows), in two calls on the same
+# machine. GPUS, the number of GPUs, comes from nvidia-smi.
 #
 #   bench/device/two_gpus.sh one [WAIT_S]
 #       starts the llama.cpp CUDA build (sm_90, llama-server only, all cores) and the
 #       random-weights GGUF with Qwen2.5-7B's shapes in the background (setsid: they
 #       outlive the call while the machine stays warm), then: nvidia-smi and the GPU
-#       link matrix, kiban doctor, GPU fail-fast on real hardware (a GPU index that does
-#       not exist; a plan that does not fit GPU 1 once all but 10 GiB of it is held),
-#       the GPU exporter against nvidia-smi on both GPUs, and kiban plan for the
-#       configurations of call two. Waits up to WAIT_S (default 0) for the build.
+#       link matrix, kiban doctor, GPU fail-fast on real hardware (GPU index GPUS, which
+#       does not exist; a plan that does not fit the last GPU once all but 10 GiB of it is
+#       held), the GPU exporter against nvidia-smi on every GPU, and kiban plan for the
+#       configurations of call two. Then waits for the build until WAIT_S seconds into
+#       the call (default 0: no wait).
 #   bench/device/two_gpus.sh two
 #       (the next call, within the 30 s the machine stays warm) waits for the build, then:
-#       one llama.cpp engine split over both GPUs (--split-mode layer --tensor-split 1,1
-#       from the plan) against NVML per GPU; two engines, one per GPU, under `kiban up`
-#       behind one least_outstanding route with Prometheus scraping; kiban status and
+#       with two GPUs or more, one llama.cpp engine split over GPUs 0 and 1 (--split-mode
+#       layer --tensor-split 1,1 from the plan) against NVML per GPU (with one GPU this
+#       step is skipped and reported so); two engines e0 and e1 (one per GPU, or both on
+#       GPU 0 with one GPU) under `kiban up` behind one least_outstanding route and one
+#       cache_aware route, with Prometheus scraping; kiban status and
 #       kiban_engine_gpu_verified; the exporter's per-process memory on the right GPU;
 #       requests/s and tokens/s through the gateway with one engine and with two; one
 #       engine killed under load (no failure before streaming, restarted on its GPU);
-#       kiban report over the run.
+#       kiban report over the run; an engine told --device none stopped by the GPU policy.
 #
 # Carry `.whl` (bench/device/kv_accuracy-wheels.txt, downloaded as its header says) and
 # `.llamacpp-src` (bench/device/pack_llamacpp_source.sh output, and prometheus.xz: Debian's
-# prometheus binary, xz-compressed). Results: $OUT/two-gpus-<phase>.md (written as each
-# step ends, so a call cut short still returns them) and $OUT/two-gpus-<phase>.tar.gz
-# (logs, plans, JSON). Exit status: the number of steps that did not do what they exist
-# for (0: all held), capped at 100.
+# prometheus binary, xz-compressed) in the folder that holds src/, deploy/ (which
+# `kiban observability render` reads) and bench/device/.
+# Results: $OUT/two-gpus-<phase>.md (written as each step ends, so a call cut short still
+# returns them) and $OUT/two-gpus-<phase>.tar.gz (logs, plans, JSON). Exit status: the
+# number of steps that did not do what they exist for (0: all held; a step skipped for
+# want of a second GPU does not count), capped at 100. Shared steps: bench/device/lib.sh.
 set -uo pipefail
 phase=${1:?usage: two_gpus.sh one [WAIT_S] | two}
 wait_s=${2:-0}
 cd "$(dirname "$0")/../.." || exit 1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 KIBAN_HOME=/tmp/kiban-home CUDA_DEVICE_ORDER=PCI_BUS_ID
 D=/tmp/kiban-2gpu
-OUT=${OUT:-/tmp/kiban-out}
-mkdir -p "$D/$phase" "$OUT" "$KIBAN_HOME"
 W=$D/$phase
-md=$OUT/two-gpus-$phase.md
-started=$SECONDS
-deadline=${DEADLINE_S:-540}  # seconds into the call after which optional steps are skipped
-failed=()
+md=${OUT:-/tmp/kiban-out}/two-gpus-$phase.md
+# shellcheck source=bench/device/lib.sh
+source bench/device/lib.sh
+device_env
+mkdir -p "$W"
+deadline=${DEADLINE_S:-540} # seconds into the call after which optional steps are skipped
+skipped=()
 : >"$md"
 
-say() { echo "[$((SECONDS - started))s] $*"; }
-note() { printf '%s\n' "$@" >>"$md"; }
-fail_step() { failed+=("$1"); note "" "**FAILED: $1**" ""; say "FAILED: $1"; }
-code_block() { note '```' "$(cat "$1")" '```'; }  # a file's text into the summary
+skip_step() { skipped+=("$1"); note "" "**SKIPPED: $1** ($2)" ""; say "SKIPPED: $1 ($2)"; }
 time_left() { echo $((deadline - (SECONDS - started))); }
 pack() {
-  tar -czf "$OUT/two-gpus-$phase.tar.gz" -C "$D" "$phase" 2>/dev/null
-  note "" "Steps not done: ${#failed[@]}${failed[*]:+ (${failed[*]})}; $((SECONDS - started)) s."
-  say "packed; steps not done: ${#failed[@]} ${failed[*]}"
-  exit $((${#failed[@]} > 100 ? 100 : ${#failed[@]}))
+  [[ ${#skipped[@]} == 0 ]] || note "" "Steps skipped: ${skipped[*]}."
+  finish "$OUT/two-gpus-$phase.tar.gz" "$D" "$phase"
 }
 
-# kiban's dependencies the image lacks (pydantic, orjson, jsonschema-rs, uvicorn, ...)
-if [[ ! -f /tmp/site/.kiban-wheels ]]; then
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$D/pip.log" 2>&1; then
-    touch /tmp/site/.kiban-wheels
-  else
-    cat "$D/pip.log"
-  fi
-fi
-export PYTHONPATH="$PWD/src:/tmp/site"
-kiban() { python3 -m kiban.cli "$@"; }
+GPUS=$(gpu_count)
+g1=$((GPUS >= 2 ? 1 : 0)) # e1's GPU: the second one, or GPU 0 again on a machine with one
 if ! python3 -c 'import kiban.cli, kiban.gateway.server, gguf' 2>"$W/import.err"; then
-  note "# two GPUs, phase $phase" "kiban does not import:"
+  note "# GPUs, phase $phase" "kiban does not import:"
   code_block "$W/import.err"
   fail_step "kiban imports (carried wheels)"
+  pack
+fi
+if ((GPUS < 1)); then
+  fail_step "a GPU visible to nvidia-smi"
   pack
 fi
 
 tarball=$(find "$PWD/.llamacpp-src" -name "*-llama.cpp.tar.gz" 2>/dev/null | head -n 1)
 gguf=$D/qwen2.5-7b-random-q8_0.gguf
-binary=/tmp/kiban-llamacpp-cuda/bin/llama-server
-
-building() { pgrep -f build_llamacpp_cuda.sh >/dev/null; }
-wait_for() {  # seconds, what ("build" or "gguf"): true when it is there
+wait_gguf() { # seconds: true when the GGUF is written
   local until=$((SECONDS + $1))
-  if [[ $2 == build ]]; then
-    while [[ ! -x $binary ]] && building && ((SECONDS < until)); do sleep 3; done
-    [[ -x $binary ]]
-  else
-    while [[ ! -f $D/gguf.done ]] && pgrep -f 'kv_accuracy.py --gguf-only' >/dev/null &&
-      ((SECONDS < until)); do sleep 2; done
-    [[ -f $D/gguf.done ]]
-  fi
+  while [[ ! -f $D/gguf.done ]] && pgrep -f 'kv_accuracy.py --gguf-only' >/dev/null &&
+    ((SECONDS < until)); do sleep 2; done
+  [[ -f $D/gguf.done ]]
 }
 
-config_split() {
-  cat >"$D/split.yaml" <<EOF
+write_configs() { # split.yaml (two GPUs or more) and pair.yaml (e0 on GPU 0, e1 on GPU $g1)
+  if ((GPUS >= 2)); then
+    cat >"$D/split.yaml" <<EOF
 gateway: {port: 8194, health_interval_s: 1, request_log: false}
 engines:
   - name: split
@@ -99,40 +87,31 @@ engines:
     launch: {model: $gguf, gpus: [0, 1], port: 8193, context: 8192, concurrency: 4}
 routes: [{model: qwen, engines: [split]}]
 EOF
+  fi
   cat >"$D/pair.yaml" <<EOF
 gateway: {port: 8190, health_interval_s: 1, request_log: false}
 observability: {prometheus_url: "http://127.0.0.1:9090", scrape_interval_s: 1}
 engines:
-  - name: gpu0
+  - name: e0
     kind: llamacpp
     models: [qwen]
     launch: {model: $gguf, gpus: [0], port: 8191, context: 4096, concurrency: 16,
              restart: {backoff_s: 1}}
-  - name: gpu1
+  - name: e1
     kind: llamacpp
     models: [qwen]
-    launch: {model: $gguf, gpus: [1], port: 8192, context: 4096, concurrency: 16,
+    launch: {model: $gguf, gpus: [$g1], port: 8192, context: 4096, concurrency: 16,
              restart: {backoff_s: 1}}
 routes:
-  - {model: qwen, engines: [gpu0, gpu1], strategy: least_outstanding}
-  - {model: qwen-gpu0, engines: [{engine: gpu0, model: qwen}]}
+  - {model: qwen, engines: [e0, e1], strategy: least_outstanding}
+  - {model: qwen-ca, engines: [e0, e1], strategy: cache_aware}
+  - {model: qwen-e0, engines: [{engine: e0, model: qwen}]}
 EOF
 }
-
-refuse() {  # title, config, what the refusal must name (regex): kiban up refuses, starts nothing
-  say "fail-fast: $1"
-  note "### $1" "" '```yaml' "$(cat "$2")" '```' '$ kiban up'
-  timeout 150 python3 -m kiban.cli up -c "$2" >"$W/refuse.out" 2>&1  # not refused: stopped
-  local code=$?
-  note '```' "$(cat "$W/refuse.out")" "exit code $code" '```'
-  if [[ $code == 0 ]] || ! grep -Eq "$3" "$W/refuse.out"; then
-    kiban down -c "$2" >/dev/null 2>&1
-    fail_step "fail-fast: $1"
-  fi
-}
+configs() { if ((GPUS >= 2)); then echo split pair; else echo pair; fi; }
 
 if [[ $phase == one ]]; then
-  note "# kiban on two GPUs, call one" ""
+  note "# kiban on $GPUS GPU(s), call one" ""
   if [[ -z $tarball ]]; then
     fail_step "llama.cpp sources (.llamacpp-src not carried)"
   elif [[ ! -x $binary ]] && ! building; then
@@ -154,9 +133,8 @@ if [[ $phase == one ]]; then
     nproc
     free -g
   } >"$W/machine.txt" 2>&1
-  note "## The machine" ""
+  note "## The machine ($GPUS GPU(s))" ""
   code_block "$W/machine.txt"
-  [[ $(nvidia-smi -L 2>/dev/null | grep -c '^GPU') -ge 2 ]] || fail_step "two GPUs visible"
 
   say "kiban doctor"
   (cd /tmp && kiban doctor) >"$W/doctor.txt" 2>&1
@@ -164,65 +142,31 @@ if [[ $phase == one ]]; then
   code_block "$W/doctor.txt"
 
   note "## GPU fail-fast on real hardware" ""
-  cat >"$W/no-such-gpu.yaml" <<EOF
-engines:
-  - {name: qwen, kind: llamacpp, models: [qwen], launch: {model: Qwen/Qwen2.5-7B-Instruct, gpus: [2], port: 8101}}
-routes: [{model: qwen, engines: [qwen]}]
-EOF
-  refuse "an engine on GPU 2, which this machine does not have" "$W/no-such-gpu.yaml" \
-    "GPU 2.*does not exist"
-  cat >"$W/too-big.yaml" <<EOF
-engines:
-  - name: qwen
-    kind: llamacpp
-    models: [qwen]
-    launch: {model: Qwen/Qwen2.5-7B-Instruct, gpus: [1], port: 8101, context: 32768, concurrency: 16}
-routes: [{model: qwen, engines: [qwen]}]
-EOF
-  say "holding all but 10 GiB of GPU 1, then starting a plan that needs more"
-  rm -f "$W/hold.ready"
-  python3 bench/device/hold_gpu_memory.py --gpu 1 --leave-gib 10 --seconds 120 \
-    --ready "$W/hold.ready" >"$W/hold.out" 2>&1 &
-  hold=$!
-  for _ in $(seq 90); do [[ -f $W/hold.ready ]] || ! kill -0 "$hold" 2>/dev/null && break; sleep 1; done
-  note "Memory held on GPU 1 by another process (sized from NVML's total):" ""
-  code_block "$W/hold.out"
-  if [[ -f $W/hold.ready ]]; then
-    refuse "a plan that does not fit GPU 1 (all but 10 GiB held by another process)" \
-      "$W/too-big.yaml" "GPU 1|gpu1"
-  else
-    fail_step "hold GPU 1 memory"
-  fi
-  kill "$hold" 2>/dev/null
-  wait "$hold" 2>/dev/null
-  note "The same plan with GPU 1 free again:" ""
-  kiban plan -c "$W/too-big.yaml" >"$W/too-big-free.txt" 2>&1
-  code_block "$W/too-big-free.txt"
+  failfast_on_gpus "$W" $((GPUS - 1))
 
-  say "GPU exporter against nvidia-smi (both GPUs, GPU 0 under load)"
+  say "GPU exporter against nvidia-smi (every GPU, GPU 0 under load)"
   if OUT=$W python3 bench/device/gpu_exporter_check.py --rounds 5 --load-seconds 15 \
     >"$W/gpu_exporter_check.out" 2>&1; then :; else fail_step "GPU exporter = nvidia-smi"; fi
   note "## GPU exporter vs nvidia-smi" ""
   cat "$W/gpu_exporter_check.md" >>"$md" 2>/dev/null || code_block "$W/gpu_exporter_check.out"
 
   say "waiting for the GGUF, then kiban plan for call two's configurations"
-  if wait_for 240 gguf; then
-    config_split
-    cp "$D/split.yaml" "$D/pair.yaml" "$W/"
+  if wait_gguf 240; then
+    write_configs
     note "## kiban plan (NVML GPUs, nothing running)" "" "$(cat "$D/gguf.out")" ""
-    for c in split pair; do
+    for c in $(configs); do
+      cp "$D/$c.yaml" "$W/"
       kiban plan -c "$D/$c.yaml" >"$W/plan-$c.txt" 2>&1 || fail_step "kiban plan $c"
-      kiban plan -c "$D/$c.yaml" --json >"$D/plan-$c.json" 2>&1
-      cp "$D/plan-$c.json" "$W/"
+      kiban plan -c "$D/$c.yaml" --json >"$W/plan-$c.json" 2>&1
       code_block "$W/plan-$c.txt"
     done
   else
     fail_step "random GGUF written"
     code_block "$D/gguf.out"
   fi
-  if ((wait_s > 0)); then
-    say "waiting up to ${wait_s}s for the build"
-    wait_for "$wait_s" build || true
+  if ((wait_s > SECONDS - started)); then
+    say "waiting for the build until ${wait_s}s into the call"
+    wait_build $((wait_s - (SECONDS - started))) || true
   fi
   note "## llama.cpp CUDA build" "" "$(tail -n 5 "$D/build.out" 2>/dev/null)" \
     "$(grep -o '^\[ *[0-9]*/[0-9]*\]' "$D/build.log" 2>/dev/null | tail -n 1)"
@@ -231,58 +175,53 @@ EOF
 fi
 
 # ---------------------------------------------------------------- phase two
-note "# kiban on two GPUs, call two" ""
+note "# kiban on $GPUS GPU(s), call two" ""
 say "waiting for the llama.cpp build and the GGUF"
-wait_for 400 build || { note "$(tail -n 40 "$D/build.out")"; fail_step "llama.cpp CUDA build"; pack; }
-wait_for 120 gguf || { fail_step "random GGUF written"; pack; }
-[[ -f $D/split.yaml ]] || config_split
+wait_build 400 || { note "$(tail -n 40 "$D/build.out")"; fail_step "llama.cpp CUDA build"; pack; }
+wait_gguf 120 || { fail_step "random GGUF written"; pack; }
+[[ -f $D/pair.yaml ]] || write_configs
 note "llama.cpp build: $(grep -E '^build ran' "$D/build.out")" ""
-if ldd "$binary" | grep -q 'not found'; then
-  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
-# the llamacpp-cuda engine environment, as `ensure_engine_env` would have built it
-env_root=$KIBAN_HOME/envs/llamacpp-cuda
-mkdir -p "$env_root/bin"
-cp "$binary" "$env_root/bin/llama-server"
-ln -sf "$(command -v python3)" "$env_root/bin/python"
-python3 -c "
-import json, pathlib
-from kiban.deploy.envs import ENGINE_ENVS, MARKER
-spec = ENGINE_ENVS['llamacpp-cuda']
-pathlib.Path('$env_root', MARKER).write_text(json.dumps({'fingerprint': spec.fingerprint()}))"
+llamacpp_cuda_env
 
-up() {  # config: kiban up -d; true when up
+up() { # config: kiban up -d; true when up
   timeout 420 python3 -m kiban.cli up -c "$1" -d >"$W/up-$(basename "$1" .yaml).txt" 2>&1
 }
 down() { kiban down -c "$1" >>"$W/down.txt" 2>&1; }
 metrics() { curl -s "http://127.0.0.1:$1/metrics" >"$2"; }
 
-say "one engine split over both GPUs"
-note "## One llama.cpp engine over both GPUs (layer split, from the plan)" ""
-kiban plan -c "$D/split.yaml" --json >"$W/plan-split.json" 2>&1
-if up "$D/split.yaml"; then
-  kiban status -c "$D/split.yaml" --no-live >"$W/status-split.txt" 2>&1
-  curl -s http://127.0.0.1:8194/v1/chat/completions -H 'content-type: application/json' \
-    -d '{"model":"qwen","messages":[{"role":"user","content":"hi"}],"max_tokens":16}' \
-    >"$W/split-answer.json"
-  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['usage'])" \
-    "$W/split-answer.json" >>"$W/status-split.txt" 2>&1 || fail_step "split engine answers"
-  python3 bench/device/two_gpus.py memory --config "$D/split.yaml" --engine split \
-    --plan "$W/plan-split.json" >"$W/memory-split.md" 2>&1 || fail_step "split: NVML per GPU within 5%"
-  cat "$W/memory-split.md" >>"$md"
-  code_block "$W/status-split.txt"
+note "## One llama.cpp engine over two GPUs (layer split, from the plan)" ""
+if ((GPUS < 2)); then
+  skip_step "one engine split over two GPUs (--split-mode layer --tensor-split 1,1)" \
+    "needs two GPUs; this machine has $GPUS"
 else
-  fail_step "kiban up: engine split over two GPUs"
-  code_block "$W/up-split.txt"
+  say "one engine split over GPUs 0 and 1"
+  kiban plan -c "$D/split.yaml" --json >"$W/plan-split.json" 2>&1
+  if up "$D/split.yaml"; then
+    kiban status -c "$D/split.yaml" --no-live >"$W/status-split.txt" 2>&1
+    curl -s http://127.0.0.1:8194/v1/chat/completions -H 'content-type: application/json' \
+      -d '{"model":"qwen","messages":[{"role":"user","content":"hi"}],"max_tokens":16}' \
+      >"$W/split-answer.json"
+    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['usage'])" \
+      "$W/split-answer.json" >>"$W/status-split.txt" 2>&1 || fail_step "split engine answers"
+    python3 bench/device/two_gpus.py memory --config "$D/split.yaml" --engine split \
+      --plan "$W/plan-split.json" >"$W/memory-split.md" 2>&1 || fail_step "split: NVML per GPU within 5%"
+    cat "$W/memory-split.md" >>"$md"
+    code_block "$W/status-split.txt"
+  else
+    fail_step "kiban up: engine split over two GPUs"
+    code_block "$W/up-split.txt"
+  fi
+  cp "$D"/.kiban/split/logs/*.log "$W/" 2>/dev/null
+  down "$D/split.yaml"
 fi
-cp "$D"/.kiban/split/logs/*.log "$W/" 2>/dev/null
-down "$D/split.yaml"
 
-say "Prometheus, then two engines, one per GPU, behind one route"
-note "## Two engines, one per GPU, behind one least_outstanding route" ""
-kiban observability render -c "$D/pair.yaml" -o "$D/observability" >"$W/render.txt" 2>&1
+say "Prometheus, then two engines (e0 on GPU 0, e1 on GPU $g1) behind one route"
+note "## Two engines (e0 on GPU 0, e1 on GPU $g1) behind one least_outstanding route" ""
 prom=
-if [[ -f .llamacpp-src/prometheus.xz ]]; then
+if ! kiban observability render -c "$D/pair.yaml" -o "$D/observability" >"$W/render.txt" 2>&1; then
+  code_block "$W/render.txt"
+  fail_step "kiban observability render (deploy/ carried beside src/?)"
+elif [[ -f .llamacpp-src/prometheus.xz ]]; then
   xz -dc .llamacpp-src/prometheus.xz >/tmp/prometheus && chmod +x /tmp/prometheus
   setsid /tmp/prometheus --config.file="$D/observability/prometheus/prometheus.yml" \
     --storage.tsdb.path="$D/prometheus-data" --web.listen-address=127.0.0.1:9090 \
@@ -291,7 +230,10 @@ if [[ -f .llamacpp-src/prometheus.xz ]]; then
 else
   fail_step "prometheus carried (.llamacpp-src/prometheus.xz)"
 fi
+kiban plan -c "$D/pair.yaml" >"$W/plan-pair.txt" 2>&1
 kiban plan -c "$D/pair.yaml" --json >"$W/plan-pair.json" 2>&1
+note '$ kiban plan -c pair.yaml'
+code_block "$W/plan-pair.txt"
 if ! up "$D/pair.yaml"; then
   fail_step "kiban up: two engines"
   code_block "$W/up-pair.txt"
@@ -299,6 +241,7 @@ if ! up "$D/pair.yaml"; then
   pack
 fi
 run_started=$(date +%s)
+note '$ kiban up -c pair.yaml -d'
 code_block "$W/up-pair.txt"
 kiban status -c "$D/pair.yaml" >"$W/status-pair.txt" 2>&1
 kiban status -c "$D/pair.yaml" --json >"$W/status-pair.json" 2>&1
@@ -311,15 +254,25 @@ python3 bench/device/two_gpus.py gpus --config "$D/pair.yaml" --metrics "$W/metr
   >"$W/gpus.md" 2>&1 || fail_step "exporter: each engine's memory on its GPU, verified"
 note "### Processes on GPUs: NVML, the gateway's exporter, the GPU policy" ""
 cat "$W/gpus.md" >>"$md"
-for e in gpu0 gpu1; do
+for e in e0 e1; do
   python3 bench/device/two_gpus.py memory --config "$D/pair.yaml" --engine "$e" \
     --plan "$W/plan-pair.json" >>"$W/memory-pair.md" 2>&1 || fail_step "$e: NVML within 5%"
 done
 cat "$W/memory-pair.md" >>"$md"
 
-bench() {  # name, model, concurrency, seconds
+# prompts: 8 documents of about 300 tokens, 4 questions each, in turn (a prefix to reuse)
+python3 -c "
+import random
+random.seed(20)
+words = 'engine route gateway token cache prefix model slot memory request answer'.split()
+for q in range(4):
+    for d in range(8):
+        doc = ' '.join(random.Random(d).choice(words) for _ in range(300))
+        print(f'Document {d}: {doc} Question {q}: what does document {d} say about item {q}?')
+" >"$W/prompts.txt"
+bench() { # name, model, concurrency, seconds
   timeout $(($4 + 60)) python3 -m kiban.cli bench http://127.0.0.1:8190 -m "$2" --stream \
-    -c "$3" -d "$4" --warmup "$3" --timeout 60 \
+    -c "$3" -d "$4" --warmup "$3" --timeout 60 --prompt-file "$W/prompts.txt" \
     --max-tokens 128 -q --json -o "$W/bench-$1.json" >/dev/null 2>"$W/bench-$1.err"
 }
 bench_row() {
@@ -327,39 +280,59 @@ bench_row() {
 import json, sys
 d = json.load(open(sys.argv[1])); r = d['result']
 print(f\"| {sys.argv[2]} | {d['load']['concurrency']} | {r['requests_per_s']:.2f} | \"
-      f\"{r['output_tokens_per_s']:.0f} | {r['ttft_ms']['p50'] if r.get('ttft_ms') else '-'} | \"
+      f\"{r['output_tokens_per_s']:.0f} | {r['ttft_ms']['p50'] if r.get('ttft_ms') else float('nan'):.0f} | \"
       f\"{r['ok']} | {sum(r['errors'].values())} |\")" "$W/bench-$1.json" "$2" 2>&1
 }
-say "throughput: one engine, then two"
+say "throughput: one engine, then two (least_outstanding, cache_aware)"
 metrics 8190 "$W/metrics-before.txt"
-bench one qwen-gpu0 16 20 || fail_step "bench: one engine"
+bench one qwen-e0 16 20 || fail_step "bench: one engine"
 metrics 8190 "$W/metrics-mid.txt"
-bench two qwen 32 20 || fail_step "bench: two engines"
+bench two qwen 32 20 || fail_step "bench: two engines, least_outstanding"
 metrics 8190 "$W/metrics-after.txt"
-note "### Through the gateway: streaming, 128 tokens each, 20 s after a warm-up" "" \
-  "| engines | clients | requests/s | tokens/s | TTFT p50 ms | ok | failed |" "|---|---|---|---|---|---|---|" \
-  "$(bench_row one 'one (route qwen-gpu0)')" "$(bench_row two 'two (route qwen, least_outstanding)')" ""
+rows=("$(bench_row one 'one (route qwen-e0)')" "$(bench_row two 'two (route qwen, least_outstanding)')")
+printf 'least_outstanding: ' >"$W/served.txt"
 python3 bench/device/two_gpus.py served --before "$W/metrics-mid.txt" \
-  --after "$W/metrics-after.txt" --expect gpu0 gpu1 >"$W/served.txt" 2>&1 ||
+  --after "$W/metrics-after.txt" --expect e0 e1 >>"$W/served.txt" 2>&1 ||
   fail_step "least_outstanding: both engines serve"
-note "$(cat "$W/served.txt")" ""
+if (($(time_left) > 200)); then
+  bench ca qwen-ca 32 20 || fail_step "bench: two engines, cache_aware"
+  metrics 8190 "$W/metrics-ca.txt"
+  rows+=("$(bench_row ca 'two (route qwen-ca, cache_aware)')")
+  printf 'cache_aware: ' >>"$W/served.txt"
+  python3 bench/device/two_gpus.py served --before "$W/metrics-after.txt" \
+    --after "$W/metrics-ca.txt" --expect e0 e1 --min-share 0.1 >>"$W/served.txt" 2>&1 ||
+    fail_step "cache_aware: both engines serve"
+else
+  skip_step "cache_aware bench" "$(time_left) s left of the call's budget"
+fi
+note "### Through the gateway: streaming, 128 tokens each, 20 s after a warm-up" "" \
+  "Prompts: 8 documents of about 300 words, 4 questions each, in turn." "" \
+  "| engines | clients | requests/s | tokens/s | TTFT p50 ms | ok | failed |" \
+  "|---|---|---|---|---|---|---|" "${rows[@]}" "" "$(cat "$W/served.txt")" ""
 
-say "killing gpu1 under load"
-note "### gpu1 killed under load (SIGKILL to llama-server, streaming load on route qwen)" ""
+say "killing e1 under load"
+note "### e1 killed under load (SIGKILL to llama-server, streaming load on route qwen)" ""
 bench kill qwen 16 30 &
 load=$!
 sleep 8
 victim=$(python3 -c "
 import json, sys
-print(next(p['pid'] for p in json.load(open(sys.argv[1]))['processes'] if p['name'] == 'gpu1'))" \
+print(next(p['pid'] for p in json.load(open(sys.argv[1]))['processes'] if p['name'] == 'e1'))" \
   "$W/status-pair.json")
+metrics 8190 "$W/metrics-before-kill.txt"
 kill -9 "$victim" && note "killed PID $victim at $(date +%T)"
+python3 bench/device/two_gpus.py restarted --config "$D/pair.yaml" --engine e1 \
+  --old-pid "$victim" --timeout 150 >"$W/restarted.txt" 2>&1 & # timed from the kill
+restart=$!
 wait "$load"
 python3 bench/device/two_gpus.py kill --bench "$W/bench-kill.json" >"$W/kill.txt" 2>&1 ||
-  fail_step "no failure before streaming while gpu1 died"
-python3 bench/device/two_gpus.py restarted --config "$D/pair.yaml" --engine gpu1 \
-  --old-pid "$victim" --timeout 150 >>"$W/kill.txt" 2>&1 || fail_step "gpu1 restarted on GPU 1"
-note "$(cat "$W/kill.txt")" ""
+  fail_step "no failure before streaming while e1 died"
+wait "$restart" || fail_step "e1 restarted on GPU $g1"
+cat "$W/restarted.txt" >>"$W/kill.txt"
+metrics 8190 "$W/metrics-kill.txt"
+note "$(cat "$W/kill.txt")" "" "The gateway's counters over the kill (retries, failovers, upstream failures):" \
+  '```' "$(diff <(grep -E '^kiban_(retries|failovers|upstream_failures)_total' "$W/metrics-before-kill.txt") \
+    <(grep -E '^kiban_(retries|failovers|upstream_failures)_total' "$W/metrics-kill.txt") | grep '^>')" '```' ""
 kiban status -c "$D/pair.yaml" >"$W/status-after-kill.txt" 2>&1
 metrics 8190 "$W/metrics-after-kill.txt"
 python3 bench/device/two_gpus.py gpus --config "$D/pair.yaml" \
@@ -378,10 +351,10 @@ if [[ -n $prom ]]; then
   kiban report -c "$D/pair.yaml" --period "${span}s" --json >"$W/report.json" 2>&1
   code_block "$W/report.txt"
 fi
+down "$D/pair.yaml"
 
 if (($(time_left) > 40)); then
   say "an engine told to use no GPU although it names GPU 0"
-  down "$D/pair.yaml"
   cat >"$W/cpu.yaml" <<EOF
 gateway: {port: 8196, request_log: false}
 engines:
@@ -389,9 +362,10 @@ engines:
 routes: [{model: qwen, engines: [not-on-gpu]}]
 EOF
   refuse "an engine that names GPU 0 but is told --device none" "$W/cpu.yaml" "not on its GPU"
+else
+  skip_step "--device none stopped by the GPU policy" "$(time_left) s left of the call's budget"
 fi
-down "$D/pair.yaml"
 [[ -n $prom ]] && kill "$prom" 2>/dev/null
 cp "$D"/.kiban/pair/logs/*.log "$W/" 2>/dev/null
-cp "$D"/.kiban/cpu/logs/*.log "$W/" 2>/dev/null
+cp "$W"/.kiban/cpu/logs/*.log "$W/" 2>/dev/null
 pack
