@@ -194,8 +194,7 @@ def plan_gpus() -> None:
     from kiban.planning import catalogue
 
     for key in catalogue.gpu_keys():
-        gpu = catalogue.find_gpu(key)
-        assert gpu is not None  # every key of the catalogue names a GPU
+        gpu = catalogue.gpu_by_key(key)
         approx = " (approximate)" if gpu.approximate else ""
         typer.echo(
             f"{key:10} {gpu.name:28} {gpu.memory_bytes // 1024**2:>7} MiB{approx}  "
