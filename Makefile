@@ -10,6 +10,7 @@ demo:
 lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 # The engine environments are built first, outside pytest: on a fresh machine they take minutes
 # (llama.cpp compiles), longer than any one test may run.

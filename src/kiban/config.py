@@ -677,7 +677,7 @@ def _resolve_paths(tree: dict[str, Any], base_dir: Path) -> None:
     for engine in tree.get("engines") or []:
         launch = engine.get("launch") if isinstance(engine, dict) else None
         model = launch.get("model") if isinstance(launch, dict) else None
-        if isinstance(model, str) and model.startswith(("./", "../")):
+        if isinstance(launch, dict) and isinstance(model, str) and model.startswith(("./", "../")):
             launch["model"] = str((base_dir / model).resolve())
     keys = (
         (tree.get("gateway") or {}).get("api_keys")

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
+    from openai.types.chat import ChatCompletionMessageParam, ParsedChatCompletion
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -36,7 +37,7 @@ class ExtractionError(RuntimeError):
 
 def extract(
     model_type: type[T],
-    messages: Iterable[dict[str, Any]],
+    messages: Iterable[ChatCompletionMessageParam],
     *,
     model: str,
     client: OpenAI | None = None,
@@ -64,7 +65,7 @@ def extract(
 
 async def aextract(
     model_type: type[T],
-    messages: Iterable[dict[str, Any]],
+    messages: Iterable[ChatCompletionMessageParam],
     *,
     model: str,
     client: AsyncOpenAI | None = None,
@@ -92,7 +93,7 @@ def _client_args(base_url: str | None, api_key: str | None) -> dict[str, Any]:
     }
 
 
-def _parsed(completion: Any, model_type: type[T]) -> T:
+def _parsed(completion: ParsedChatCompletion[T], model_type: type[T]) -> T:
     message = completion.choices[0].message
     if message.parsed is None:
         reason = message.refusal or f"finish_reason {completion.choices[0].finish_reason!r}"

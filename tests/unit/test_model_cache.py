@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kiban.models import smollm2
-from kiban.models.cache import ensure_cached, models_root
+from kiban.models.cache import MARKER, ensure_cached, models_root
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,15 @@ def test_built_once_then_reused() -> None:
     assert first == again == models_root() / "m"
     assert calls == ["weights"]
     assert (first / "model.bin").read_text() == "weights"
+
+
+def test_a_marker_that_is_not_an_object_means_rebuild() -> None:
+    calls: list[str] = []
+    folder = ensure_cached("m", "fp1", _writer(calls, "old"))
+    (folder / MARKER).write_text('["fp1"]')  # valid JSON, not what kiban writes
+    ensure_cached("m", "fp1", _writer(calls, "new"))
+    assert calls == ["old", "new"]
+    assert (folder / "model.bin").read_text() == "new"
 
 
 def test_new_fingerprint_replaces_the_folder() -> None:

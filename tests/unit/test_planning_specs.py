@@ -63,6 +63,13 @@ def test_bad_safetensors_header_names_the_file(tmp_path: Path) -> None:
         read_safetensors(tmp_path)
 
 
+def test_safetensors_header_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    header = b"[1, 2]"
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(WeightsError, match="not a JSON object"):
+        read_safetensors(tmp_path)
+
+
 def test_gguf_tensor_infos(tmp_path: Path) -> None:
     path = build_tiny_gguf(tmp_path / "tiny.gguf", spec=SPEC)
     spec = load_spec(str(path))
@@ -143,6 +150,24 @@ def test_mla_and_quantization_config() -> None:
 def test_missing_keys_are_named() -> None:
     with pytest.raises(ModelConfigError, match="num_hidden_layers"):
         shape_fields({"hidden_size": 8})
+
+
+@pytest.mark.parametrize(
+    ("drop", "named"),
+    [("vocab_size", "vocab_size"), ("intermediate_size", "moe_intermediate_size / intermediate")],
+)
+def test_parameter_count_names_a_missing_size(drop: str, named: str) -> None:
+    config = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 1000,
+        "intermediate_size": 128,
+        "num_experts": 4,
+    }
+    del config[drop]
+    with pytest.raises(ModelConfigError, match=named):
+        count_parameters(config)
 
 
 def test_qwen25_7b_parameter_count_is_exact() -> None:

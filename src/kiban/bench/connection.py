@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from time import perf_counter
+from typing import cast
 
 import httptools
 
@@ -131,7 +132,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport is a full Transport; asyncio types it as the base.
+        self.transport = cast(asyncio.Transport, transport)
         self.usable = True
 
     def data_received(self, data: bytes) -> None:

@@ -110,7 +110,7 @@ class Distribution:
     min: float
 
     @classmethod
-    def of(cls, samples: array) -> Distribution | None:
+    def of(cls, samples: array[float]) -> Distribution | None:
         if not samples:
             return None
         values = np.frombuffer(samples, dtype=np.float64 if samples.typecode == "d" else np.float32)

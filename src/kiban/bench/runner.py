@@ -259,7 +259,7 @@ class _Pool:
         if self.slots < self.size:
             self.slots += 1
             return None
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         return await waiter
 

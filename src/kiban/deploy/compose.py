@@ -98,7 +98,7 @@ def render_compose(
     engines = container_engines(cfg, plan, services, raw)
     on_gpu = any(e.device == "gpu" for e in engines)
     exporter = on_gpu and cfg.observability.gpu_exporter != "off"
-    observability = {
+    observability: dict[str, Any] = {
         "gpu_exporter": "standalone" if exporter else "off",
         "prometheus_url": "http://prometheus:9090",
     }
@@ -129,8 +129,9 @@ def render_compose(
         gpu_exporter_host="gpu-exporter",
     )
     secrets = sorted({*env_references(tree), *cfg.gateway.api_keys.env})
-    document = {
-        "name": project or project_name(config_path),
+    name = project or project_name(config_path)
+    document: dict[str, Any] = {
+        "name": name,
         "services": {
             **{e.service: _engine_service(e, engines[:i]) for i, e in enumerate(engines)},
             "gateway": _gateway_service(cfg, secrets, _reaches_host(cfg, urls)),
@@ -146,7 +147,7 @@ def render_compose(
         "run: docker compose up -d --build\n" + dump_yaml(document),
         encoding="utf-8",
     )
-    return ComposeProject(root, compose_file, document["name"], document, engines, secrets)
+    return ComposeProject(root, compose_file, name, document, engines, secrets)
 
 
 def _network_view(

@@ -326,8 +326,11 @@ class _PlainDumper(yaml.SafeDumper):
 
 def dump_yaml(data: Any, *, all_documents: bool = False) -> str:
     """Block-style YAML in the order given, without anchors."""
-    options = {"Dumper": _PlainDumper, "sort_keys": False, "allow_unicode": True, "width": 100}
-    return yaml.dump_all(data, **options) if all_documents else yaml.dump(data, **options)
+    if all_documents:
+        return yaml.dump_all(
+            data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=100
+        )
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, width=100)
 
 
 def dump_config(tree: dict[str, Any], header: str) -> str:

@@ -133,7 +133,7 @@ def docker_info() -> dict[str, Any] | str:
         return "docker info did not answer in 15 s"
     if result.returncode != 0:
         return (result.stderr.strip().splitlines() or ["no output"])[-1]
-    info = json.loads(result.stdout)
+    info: dict[str, Any] = json.loads(result.stdout)
     # the CLI prints the daemon's error inside the JSON when the daemon does not answer
     if not info.get("ServerVersion") and info.get("ServerErrors"):
         return "; ".join(info["ServerErrors"])

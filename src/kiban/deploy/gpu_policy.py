@@ -45,9 +45,9 @@ def preflight(
     try:
         found = {g.index: g for g in nvml.inventory()}
     except nvml.GpuUnavailable as err:
-        names = ", ".join(f"{e.name!r} (GPUs {_ids(e)})" for e in wanted)
+        listed = ", ".join(f"{e.name!r} (GPUs {_ids(e)})" for e in wanted)
         return [
-            f"engines {names} need an NVIDIA GPU, but {err}. "
+            f"engines {listed} need an NVIDIA GPU, but {err}. "
             "To run an engine on the CPU on purpose, set its launch.device: cpu."
         ]
     problems = []

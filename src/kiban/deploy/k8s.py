@@ -203,7 +203,7 @@ class _Builder:
         return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
     @staticmethod
-    def http_probe(path: str, period_s: int, failures: int, timeout_s: int = 5) -> dict:
+    def http_probe(path: str, period_s: int, failures: int, timeout_s: int = 5) -> dict[str, Any]:
         return {
             "httpGet": {"path": path, "port": "http"},
             "periodSeconds": period_s,

@@ -80,7 +80,9 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
         )
 
 
-def stop_group(ident: ProcessId, grace_s: float, child: subprocess.Popen | None = None) -> None:
+def stop_group(
+    ident: ProcessId, grace_s: float, child: subprocess.Popen[bytes] | None = None
+) -> None:
     """SIGTERM the process group led by *ident*, SIGKILL it after *grace_s*; reap *child*."""
     if ident.alive():
         _signal_group(ident.pid, signal.SIGTERM)

@@ -69,7 +69,8 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
     """One GET answered 200."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
+            status: int = resp.status
+            return status == 200
     except (OSError, urllib.error.URLError, ValueError):
         return False
 
@@ -109,8 +110,9 @@ class Supervisor:
                     "on other hosts are for kiban compose / render k8s, or drop the launch section"
                 )
                 continue
+            assert engine.launch is not None  # self.engines are the launched ones
             try:
-                ENGINE_KINDS[engine.kind].environment(engine.launch.device)  # type: ignore[union-attr]
+                ENGINE_KINDS[engine.kind].environment(engine.launch.device)
             except Exception as err:  # LaunchUnsupported: say it for every engine at once
                 problems.append(f"engine {engine.name!r}: {err}")
         gpus_checked = not adopting and gpu_policy.gpu_required(self.cfg)
@@ -355,9 +357,10 @@ class Supervisor:
         if rec.state == "starting":
             before = rec.state
             self._check_starting(m)
-            if rec.state == "failed" and rec.gpu_verified is not False:
+            after: str = m.record.state  # _check_starting moves it on
+            if after == "failed" and rec.gpu_verified is not False:
                 self._on_crash(m, rec.message)  # died or never got healthy: try again
-            if rec.state == "running":
+            if m.record.state == "running":
                 self.say(f"{rec.name} is healthy again (restart {rec.restarts})")
             return rec.state != before
         if rec.state == "restarting" and m.next_restart_at is not None and now >= m.next_restart_at:

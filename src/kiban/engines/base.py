@@ -35,7 +35,8 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
     match = _VERSION.match(text.strip())
     if match is None:
         return None
-    return tuple(int(g or 0) for g in match.groups())  # type: ignore[return-value]
+    major, minor, patch = (int(g or 0) for g in match.groups())
+    return major, minor, patch
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class EngineKind:
 
     def path_bytes(self, endpoint: str) -> bytes:
         """:meth:`path_for` as bytes, for the request line (cached)."""
-        cache = self.__dict__.setdefault("_path_bytes", {})
+        cache: dict[str, bytes] = self.__dict__.setdefault("_path_bytes", {})
         path = cache.get(endpoint)
         if path is None:
             path = cache[endpoint] = self.path_for(endpoint).encode()
@@ -398,7 +399,7 @@ class EngineKind:
         return {}
 
     @staticmethod
-    def _message_of(data: dict, err: object) -> str | None:
+    def _message_of(data: dict[str, Any], err: object) -> str | None:
         for candidate in (err, data.get("message"), data.get("detail")):
             if isinstance(candidate, str) and candidate:
                 return candidate

@@ -28,6 +28,10 @@ from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.kv import KvFormat, KvNeed
+    from kiban.planning.plan import EnginePlan
+    from kiban.planning.specs import ModelSpec
+    from kiban.planning.target import PlanTarget
 
 #: what common/json-schema-to-grammar.cpp turns into grammar (llama.cpp as vendored
 #: in llama-cpp-python 0.3.36). Patterns must be ^...$-anchored, else "accepting any
@@ -202,7 +206,9 @@ class LlamaCpp(EngineKind):
     kv_dtypes = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")
     kv_sized_by_tokens = True
 
-    def kv_formats(self, kv_dtype, spec, target):
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
         names = [
             _LLAMA_ALIASES.get(n.strip().lower(), n.strip().lower()) for n in kv_dtype.split("/")
         ]
@@ -232,15 +238,17 @@ class LlamaCpp(EngineKind):
                 )
         return k, v
 
-    def weights_on_device(self, spec, target):
+    def weights_on_device(self, spec: ModelSpec, target: PlanTarget) -> int:
         if not target.on_gpu:
             return spec.weights_bytes
         return -(-(spec.weights_bytes - spec.embedding_bytes) // target.tp)
 
-    def kv_block_tokens(self, target):
+    def kv_block_tokens(self, target: PlanTarget) -> int:
         return _PAD
 
-    def kv_cache_bytes(self, need, context, concurrency, target):
+    def kv_cache_bytes(
+        self, need: KvNeed, context: int, concurrency: int, target: PlanTarget
+    ) -> int:
         """Bytes for -np *concurrency* slots of *context* tokens (non-unified streams)."""
         per_slot = blocks(context, _PAD) * _PAD
         cells = concurrency * per_slot
@@ -248,16 +256,22 @@ class LlamaCpp(EngineKind):
         sliding = concurrency * window * need.sliding_bytes_per_token
         return cells * need.bytes_per_token + sliding
 
-    def kv_capacity_tokens(self, need, kv_bytes, context, target):
+    def kv_capacity_tokens(
+        self, need: KvNeed, kv_bytes: int, context: int, target: PlanTarget
+    ) -> int:
         per_token = need.bytes_per_token + need.sliding_bytes_per_token
         return kv_bytes // per_token // _PAD * _PAD
 
-    def overhead_bytes(self, spec, target, context, concurrency):
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
         compute = max(logits_bytes(spec, _N_UBATCH) // 2, activation_bytes(spec, _N_UBATCH) * 2)
         context_bytes = NATIVE_CUDA_CONTEXT_BYTES if target.on_gpu else 0
         return context_bytes + compute
 
-    def planning_warnings(self, spec, k, v, target):
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
         warnings = []
         if k.name != v.name and target.on_gpu:
             warnings.append(
@@ -273,7 +287,7 @@ class LlamaCpp(EngineKind):
             warnings.append("sliding-window layers planned with llama.cpp's iSWA cache sizes")
         return warnings
 
-    def plan_flags(self, plan):
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
         """The cache, slots and offload the plan sized; over several GPUs, an even split.
 
         On several GPUs the plan gives each the same share, so the split is pinned to
@@ -388,7 +402,7 @@ _LLAMA_TYPES = {
 _LLAMA_ALIASES = {"auto": "f16", "fp16": "f16", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
-def _flash_attention_off(target) -> bool:
+def _flash_attention_off(target: PlanTarget) -> bool:
     """Whether launch.args switch flash attention off (``-fa off``, ``--flash-attn=0``, ...)."""
     value = target.arg_value("-fa", "--flash-attn")
     return value is not None and value.lower() in {"off", "0", "false"}

@@ -27,6 +27,10 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.kv import KvFormat
+    from kiban.planning.plan import EnginePlan
+    from kiban.planning.specs import ModelSpec
+    from kiban.planning.target import PlanTarget
 
 #: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
 #: dialect below is checked against in tests
@@ -122,7 +126,9 @@ class LMDeploy(EngineKind):
     plannable = True
     kv_dtypes = ("0", "8", "4", "16", "17")
 
-    def kv_formats(self, kv_dtype, spec, target):
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
         policy = _LMDEPLOY_POLICIES.get(kv_dtype.lower())
         if policy is None:
             raise PlanRefusal(
@@ -131,7 +137,7 @@ class LMDeploy(EngineKind):
             )
         if not target.on_gpu:
             raise PlanRefusal("lmdeploy has no CPU backend (cuda, ascend, maca, camb only)")
-        capability = target.gpu.compute_capability
+        capability = target.gpu.compute_capability if target.gpu is not None else None
         if capability is not None and capability < (7, 0):
             raise PlanRefusal(f"lmdeploy needs sm70 or newer; {target.name} is older")
         _check_model(spec)
@@ -181,10 +187,12 @@ class LMDeploy(EngineKind):
         fmt = KvFormat(str(policy), label, policy, 1, 0, 4, True)
         return fmt, fmt
 
-    def kv_block_tokens(self, target):
+    def kv_block_tokens(self, target: PlanTarget) -> int:
         return 64
 
-    def overhead_bytes(self, spec, target, context, concurrency):
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
         """CUDA context, prefill activations and logits; the PyTorch engine also reserves
         (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes before its cache."""
         overhead = (
@@ -196,7 +204,9 @@ class LMDeploy(EngineKind):
             overhead += _pytorch_runtime_reserve(spec, concurrency)
         return overhead
 
-    def planning_warnings(self, spec, k, v, target):
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
         warnings = []
         if k.name == "4" and spec.family in {"qwen2", "qwen3", "minicpmv"}:
             warnings.append(
@@ -219,7 +229,7 @@ class LMDeploy(EngineKind):
         )
         return warnings
 
-    def plan_flags(self, plan):
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
         backend = backend_for(plan.model, plan.args)
         free_after_weights = (
             plan.free_at_start_bytes - plan.weights_bytes - TORCH_CUDA_CONTEXT_BYTES
@@ -337,12 +347,12 @@ TURBOMIND_ARCHS = frozenset(
 )
 
 
-def _pytorch_runtime_reserve(spec, concurrency: int) -> int:
+def _pytorch_runtime_reserve(spec: ModelSpec, concurrency: int) -> int:
     """lmdeploy/pytorch/engine/executor/base.py _get_runtime_size (before halving)."""
     return (_MAX_PREFILL_TOKENS + 2 * concurrency) * spec.vocab_size * 2
 
 
-def backend_for(spec, args: tuple[str, ...] = ()) -> str:
+def backend_for(spec: ModelSpec, args: tuple[str, ...] = ()) -> str:
     """The engine lmdeploy runs the model on: ``--backend`` from launch.args when given
     (e.g. ``pytorch`` where TurboMind is not installed), else ``turbomind`` for the
     architectures TurboMind lists and ``pytorch`` for the rest."""
@@ -355,7 +365,7 @@ def backend_for(spec, args: tuple[str, ...] = ()) -> str:
     return "turbomind" if spec.architecture in TURBOMIND_ARCHS else "pytorch"
 
 
-def _check_model(spec) -> None:
+def _check_model(spec: ModelSpec) -> None:
     """Models lmdeploy refuses whatever the KV setting."""
     if spec.family == "minicpmv" and spec.version not in {"2.5", "2.6"}:
         raise PlanRefusal(

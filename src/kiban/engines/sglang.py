@@ -33,6 +33,10 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.kv import KvFormat
+    from kiban.planning.plan import EnginePlan
+    from kiban.planning.specs import ModelSpec
+    from kiban.planning.target import PlanTarget
 
 #: the SGLang release whose ChatCompletionRequest
 #: (sglang/srt/entrypoints/openai/protocol.py) the dialect is checked against in tests
@@ -117,7 +121,9 @@ class SGLang(EngineKind):
     plannable = True
     kv_dtypes = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2")
 
-    def kv_formats(self, kv_dtype, spec, target):
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
         name = {"fp8": "fp8_e4m3", "bfloat16": "bf16"}.get(kv_dtype, kv_dtype)
         if name not in self.kv_dtypes:
             raise PlanRefusal(
@@ -139,7 +145,9 @@ class SGLang(EngineKind):
         fmt = plain(name, 8, f"{name} (per-tensor scale)", quantized=True)
         return fmt, fmt
 
-    def overhead_bytes(self, spec, target, context, concurrency):
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
         return (
             TORCH_CUDA_CONTEXT_BYTES
             + CUDA_GRAPHS_BYTES
@@ -147,13 +155,15 @@ class SGLang(EngineKind):
             + logits_bytes(spec, min(concurrency, _CHUNKED_PREFILL))
         )
 
-    def planning_warnings(self, spec, k, v, target):
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
         return [
             "SGLang sizes its pool from the memory free when it starts "
             "(--mem-fraction-static): start it after the engines listed before it on the GPU"
         ]
 
-    def plan_flags(self, plan):
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
         before_load = plan.free_at_start_bytes - TORCH_CUDA_CONTEXT_BYTES
         static = (plan.weights_bytes + plan.kv_cache_bytes) / before_load if before_load else 1.0
         fraction = min(0.99, math.ceil(static * 1000) / 1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kiban.cpulist import format_cpu_list
@@ -38,6 +39,10 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
+    from kiban.planning.kv import KvFormat, KvNeed
+    from kiban.planning.plan import EnginePlan
+    from kiban.planning.specs import ModelSpec
+    from kiban.planning.target import PlanTarget
 
 #: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
 #: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).
@@ -174,7 +179,9 @@ class VLLM(EngineKind):
         "int4_per_token_head",
     )
 
-    def kv_formats(self, kv_dtype, spec, target):
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
         name = _VLLM_ALIASES.get(kv_dtype, kv_dtype)
         if name not in self.kv_dtypes:
             raise PlanRefusal(
@@ -200,20 +207,22 @@ class VLLM(EngineKind):
         if name.startswith("fp8") and target.on_gpu and target.fp8_capable is False:
             raise PlanRefusal(
                 f"{name} KV cache needs an FP8-capable GPU (Ada sm89, Hopper, Blackwell); "
-                f"{target.name} is sm{''.join(map(str, target.gpu.compute_capability))} "
+                f"{target.name} is sm{''.join(map(str, _capability(target)))} "
                 "(vLLM issue 26431: 'type fp8e4nv not supported in this architecture')",
                 ("auto", "int8_per_token_head"),
             )
         return fmt, fmt
 
-    def kv_block_tokens(self, target):
+    def kv_block_tokens(self, target: PlanTarget) -> int:
         return 16 if target.on_gpu else 128
 
-    def kv_allocation_unit(self, target):
+    def kv_allocation_unit(self, target: PlanTarget) -> int:
         """VLLM_CPU_KVCACHE_SPACE is a whole number of GiB (vllm/platforms/cpu.py)."""
         return 1 if target.on_gpu else GiB
 
-    def kv_capacity_tokens(self, need, kv_bytes, context, target):
+    def kv_capacity_tokens(
+        self, need: KvNeed, kv_bytes: int, context: int, target: PlanTarget
+    ) -> int:
         """What vLLM logs as "KV cache size: N tokens" (get_kv_cache_capacity).
 
         That is max_model_len times the number of whole-length requests the
@@ -227,7 +236,9 @@ class VLLM(EngineKind):
         per_request = self.kv_cache_bytes(need, context, 1, target)
         return int(kv_bytes / per_request * context)
 
-    def overhead_bytes(self, spec, target, context, concurrency):
+    def overhead_bytes(
+        self, spec: ModelSpec, target: PlanTarget, context: int, concurrency: int
+    ) -> int:
         if not target.on_gpu:
             return _VLLM_CPU_PROCESSES_BYTES
         big = target.total_bytes >= 70 * GiB and "a100" not in target.name.lower()
@@ -239,7 +250,9 @@ class VLLM(EngineKind):
             + logits_bytes(spec, min(batched, concurrency))
         )
 
-    def planning_warnings(self, spec, k, v, target):
+    def planning_warnings(
+        self, spec: ModelSpec, k: KvFormat, v: KvFormat, target: PlanTarget
+    ) -> list[str]:
         warnings = []
         if k.name.startswith("fp8") and "per_token_head" not in k.name:
             warnings.append(
@@ -257,7 +270,7 @@ class VLLM(EngineKind):
             )
         return warnings
 
-    def plan_flags(self, plan):
+    def plan_flags(self, plan: EnginePlan) -> list[str]:
         flags = [
             "--max-model-len",
             str(plan.context),
@@ -278,7 +291,7 @@ class VLLM(EngineKind):
                 flags += ["--tensor-parallel-size", str(plan.tp)]
         return flags
 
-    def plan_env(self, plan):
+    def plan_env(self, plan: EnginePlan) -> dict[str, str]:
         if plan.on_gpu:
             return {}
         env = {"VLLM_CPU_KVCACHE_SPACE": str(plan.kv_cache_bytes // GiB)}
@@ -354,14 +367,14 @@ class VLLM(EngineKind):
         on the request, and ``response_format`` for json_object.
         """
         if _uses_current_api(config):
-            value = {
+            builders: dict[str, Callable[[], dict[str, Any]]] = {
                 "json_schema": lambda: {"json": constraint.schema},
                 "json_object": lambda: {"json_object": True},
                 "regex": lambda: {"regex": constraint.pattern},
                 "choice": lambda: {"choice": list(constraint.choices)},
                 "grammar": lambda: {"grammar": constraint.grammar},
-            }[constraint.kind]()
-            return {"structured_outputs": value}
+            }
+            return {"structured_outputs": builders[constraint.kind]()}
         if constraint.kind == "json_object":
             return {"response_format": {"type": "json_object"}}
         return {
@@ -447,7 +460,12 @@ _QWEN2_INT4_TRAP = (
 )
 
 
-def _vllm_dtype(spec, target) -> str:
+def _capability(target: PlanTarget) -> tuple[int, ...]:
+    """The GPU's compute capability, () when unknown or on the CPU."""
+    return (target.gpu.compute_capability or ()) if target.gpu is not None else ()
+
+
+def _vllm_dtype(spec: ModelSpec, target: PlanTarget) -> str:
     """The dtype vLLM runs the model in: ``--dtype`` from launch.args, else "auto".
 
     vllm/config/model.py _resolve_auto_dtype: "auto" downcasts float32 checkpoints
@@ -465,11 +483,11 @@ def _vllm_dtype(spec, target) -> str:
     return spec.dtype
 
 
-def _vllm_dtype_bytes(spec, target) -> int:
+def _vllm_dtype_bytes(spec: ModelSpec, target: PlanTarget) -> int:
     return 4 if _vllm_dtype(spec, target) == "float32" else 2
 
 
-def _check_cpu_kv(name: str, spec, target) -> None:
+def _check_cpu_kv(name: str, spec: ModelSpec, target: PlanTarget) -> None:
     """Refusals of vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py)."""
     if name not in (*_VLLM_CPU_KV, "bfloat16", "float16"):
         raise PlanRefusal(f"vLLM's CPU backend takes no {name} KV cache", _VLLM_CPU_KV)

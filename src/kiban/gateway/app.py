@@ -522,6 +522,7 @@ class Gateway:
         )
         in_flight = self.metrics.in_flight_for(route.name)
         in_flight.inc()
+        assert self.proxy is not None  # set at startup, before the first request
         try:
             work = self.proxy.handle(ex, route, send, needs_images)
             if not await _run_until_disconnect(scope, receive, work):
@@ -606,11 +607,13 @@ class Gateway:
                 entry["structured"] = ex.error or ex.structured.how
             if ex.continuations is not None:
                 entry["continuations"] = ex.continuations
+            assert self.loop is not None  # set at startup
             self.request_log.write(entry, self.loop)
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == wanted:
             return value
     return None
@@ -628,7 +631,7 @@ def _models_allowed(live: Live, grant: Grant) -> list[str]:
     return [
         name
         for name in live.router.public_models
-        if live.router.route_for(name).name in grant.routes  # type: ignore[union-attr]
+        if (route := live.router.route_for(name)) is not None and route.name in grant.routes
     ]
 
 
@@ -721,7 +724,8 @@ def _parse_json(body: bytes) -> dict[str, Any]:
 
 def _client_request_id(scope: Scope) -> str | None:
     """The client's own X-Request-Id, when it is a sane one."""
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"x-request-id" and _REQUEST_ID.match(value):
             return value.decode()
     return None

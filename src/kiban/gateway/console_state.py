@@ -159,8 +159,9 @@ class ConsoleState:
         for before, after in itertools.pairwise(self.samples):
             dt = after.at - before.at
             t.append(after.at)
-            requests.append(max(0.0, after.requests - before.requests))
-            rps.append(requests[-1] / dt)
+            count = max(0.0, after.requests - before.requests)
+            requests.append(count)
+            rps.append(count / dt)
             tps.append(max(0.0, after.completion_tokens - before.completion_tokens) / dt)
             previous = dict(before.ttft_buckets)
             delta = [(b, c - previous.get(b, 0.0)) for b, c in after.ttft_buckets]

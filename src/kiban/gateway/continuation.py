@@ -146,7 +146,7 @@ class StreamRecord:
         content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str):
             self.text += content
-            if content or "role" not in delta:  # not the opening role-only event
+            if content or "role" not in (delta or {}):  # not the opening role-only event
                 self.tokens += 1
 
 

@@ -13,7 +13,7 @@ def error_body(
     extra: dict[str, object] | None = None,
 ) -> bytes:
     """``{"error": {"message", "type", "param", "code", ...extra}}`` as JSON bytes."""
-    error = {"message": message, "type": type_, "param": param, "code": code}
+    error: dict[str, object] = {"message": message, "type": type_, "param": param, "code": code}
     if extra:
         error.update(extra)
     return orjson.dumps({"error": error})

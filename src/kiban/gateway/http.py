@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 import httptools
 import uvicorn
@@ -44,19 +46,25 @@ class _HeadersTooLarge(Exception):
     pass
 
 
+def _scope_dict(scope: object) -> MutableMapping[str, Any]:
+    """A request's scope as the plain dict it is, for kiban's own key (uvicorn types the
+    scope as a TypedDict of the ASGI keys only)."""
+    return cast(MutableMapping[str, Any], scope)
+
+
 class KibanUvicornConfig(uvicorn.Config):
     """uvicorn's Config carrying kiban's client limits to the protocol."""
 
-    def __init__(self, *args: object, client_limits: ClientLimits, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, client_limits: ClientLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.client_limits = client_limits
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol with header limits, header and body timeouts, JSON errors."""
 
-    def __init__(self, config: uvicorn.Config, *args: object, **kwargs: object) -> None:
-        super().__init__(config, *args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
         limits = getattr(config, "client_limits", None) or ClientLimits()
         self._max_headers = limits.max_headers
         self._max_header_bytes = limits.max_header_bytes
@@ -67,8 +75,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_bytes = 0
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream protocol's transport is a full Transport (uvicorn's own signature says so)
+        super().connection_made(cast(asyncio.Transport, transport))
         self.deadline = self.loop.time() + self._header_timeout_s
         self.phase = "headers"
 
@@ -89,7 +98,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope[DISCONNECT_HOOK] = None  # type: ignore[literal-required]
+        _scope_dict(self.scope)[DISCONNECT_HOOK] = None
         self._header_count = 0
         self._header_bytes = 0
         if not self.deadline:
@@ -121,7 +130,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         hook = None
         if cycle is not None and not cycle.response_complete:
-            hook = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[attr-defined]
+            hook = _scope_dict(cycle.scope).get(DISCONNECT_HOOK)
         super().connection_lost(exc)
         if hook is not None:
             hook()  # the app cancels its work at once: no task watching receive() needed
@@ -190,10 +199,12 @@ class KibanServer(uvicorn.Server):
             await asyncio.sleep(every)
             now = loop.time()
             for connection in list(self.server_state.connections):
-                deadline = getattr(connection, "deadline", 0.0)
+                if not isinstance(connection, GuardedHttpToolsProtocol):
+                    continue
+                deadline = connection.deadline
                 if deadline and deadline < now:
                     with contextlib.suppress(Exception):
-                        connection.expire()  # type: ignore[attr-defined]
+                        connection.expire()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:

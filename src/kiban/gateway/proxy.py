@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,7 @@ class Proxy:
             target = await self._wait_in_queue(route, needs_images, structured)
             queued, candidates = target.upstream, [target]
         deadline = self.loop.time() + route.config.timeouts.total_s
+        plan: Iterable[Target]  # failover's order, or the structured attempts'
         if structured is None:
             plan = failover = FailoverPlan(
                 candidates, route.config.failover, retries, deadline, self.loop.time

@@ -136,7 +136,7 @@ def _uvicorn_config(config: KibanConfig, keys: list[ApiKey], log_level: str) -> 
         proxy_headers=False,  # kiban reads no client address: no middleware per request
         server_header=False,
         log_level=log_level,
-        timeout_keep_alive=gw.http.keepalive_timeout_s,  # type: ignore[arg-type]
+        timeout_keep_alive=gw.http.keepalive_timeout_s,
         timeout_graceful_shutdown=math.ceil(gw.shutdown_grace_s),
         client_limits=gw.http,
     )

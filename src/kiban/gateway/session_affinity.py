@@ -90,9 +90,9 @@ class SessionAffinity:
                 if name == header:
                     return value or None
             return None
-        value = request.payload.get(self.policy.key)
-        if isinstance(value, str) and value:
-            return value.encode()
+        field = request.payload.get(self.policy.key)
+        if isinstance(field, str) and field:
+            return field.encode()
         return None
 
     def __call__(self, targets: list[Target], request: RequestView) -> list[Target]:

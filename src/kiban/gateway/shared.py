@@ -221,9 +221,9 @@ class RedisState:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    def _on_message(self, data: object) -> None:
+    def _on_message(self, data: bytes) -> None:
         try:
-            event = orjson.loads(data)  # type: ignore[arg-type]
+            event = orjson.loads(data)
             if event["origin"] == self.origin or self._listener is None:
                 return
             self._listener(event["engine"], Circuit(event["state"]), float(event["cooldown_s"]))

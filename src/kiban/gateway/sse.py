@@ -60,6 +60,7 @@ class EventStream:
         self._pending = data[end + 2 :]
         events = data[:end].split(b"\n\n")
         for n, event in enumerate(events):
+            payload: bytes | None
             if event[:6] == b"data: " and b"\n" not in event:
                 payload = event[6:]
             elif event:

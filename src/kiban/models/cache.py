@@ -37,7 +37,7 @@ def is_current(folder: Path, fingerprint: str) -> bool:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("fingerprint") == fingerprint
+    return isinstance(marker, dict) and marker.get("fingerprint") == fingerprint
 
 
 def ensure_cached(

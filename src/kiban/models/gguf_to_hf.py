@@ -23,11 +23,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from kiban.models.tensor_names import hf_name
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from tokenizers.pre_tokenizers import PreTokenizer
 
 Dtype = Literal["float32", "bfloat16"]
 DTYPES: tuple[Dtype, ...] = ("float32", "bfloat16")
@@ -35,7 +39,7 @@ DTYPES: tuple[Dtype, ...] = ("float32", "bfloat16")
 _MISSING = object()
 
 
-def _digits_then_bytelevel():
+def _digits_then_bytelevel() -> PreTokenizer:
     """llama.cpp's "smollm" split: every digit alone, then the GPT-2 regex."""
     from tokenizers import pre_tokenizers
 
@@ -47,7 +51,7 @@ def _digits_then_bytelevel():
     )
 
 
-def _bytelevel():
+def _bytelevel() -> PreTokenizer:
     """The GPT-2 regex split with byte-level symbols."""
     from tokenizers import pre_tokenizers
 
@@ -56,7 +60,7 @@ def _bytelevel():
 
 #: ``tokenizer.ggml.pre`` -> the HF pre-tokenizer that splits text as llama.cpp does
 #: (llama.cpp ``src/llama-vocab.cpp``: SMOLLM is ``\p{N}`` then the GPT-2 regex)
-PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
+PRE_TOKENIZERS: dict[str, Callable[[], PreTokenizer]] = {
     "smollm": _digits_then_bytelevel,
     "gpt-2": _bytelevel,
 }
@@ -171,7 +175,7 @@ def hf_tensors(model: GgufModel, config: dict[str, Any]) -> dict[str, np.ndarray
     return out
 
 
-def build_tokenizer(model: GgufModel):
+def build_tokenizer(model: GgufModel) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to llama.cpp's for this GGUF (byte-level BPE)."""
     from gguf import TokenType
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
@@ -197,7 +201,7 @@ def build_tokenizer(model: GgufModel):
     return tok
 
 
-def tokenizer_config(model: GgufModel, tok) -> dict[str, Any]:
+def tokenizer_config(model: GgufModel, tok: Tokenizer) -> dict[str, Any]:
     """``tokenizer_config.json``: special tokens, BOS/EOS behaviour and the chat template."""
     tokens: list[str] = model.meta("tokenizer.ggml.tokens")
 

@@ -19,10 +19,15 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kiban.models.tensor_names import gguf_name
+
+if TYPE_CHECKING:
+    from gguf import GGUFWriter
+    from tokenizers import Tokenizer
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -132,7 +137,7 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 def save_bf16_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     """Write float32 arrays as a BF16 safetensors file (numpy has no bfloat16 dtype)."""
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, dict[str, Any]] = {"__metadata__": {"format": "pt"}}
     blobs: list[bytes] = []
     offset = 0
     for name in sorted(tensors):
@@ -184,7 +189,7 @@ def _corpus_lines() -> Iterator[str]:
             return
 
 
-def train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE tokenizer with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -203,7 +208,7 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def _tokenizer_config(spec: TinySpec, tok) -> dict:
+def _tokenizer_config(spec: TinySpec, tok: Tokenizer) -> dict[str, Any]:
     added = {
         str(tok.token_to_id(t)): {
             "content": t,
@@ -234,7 +239,7 @@ def _tokenizer_config(spec: TinySpec, tok) -> dict:
 # ---------------------------------------------------------------- HF directory
 
 
-def _hf_config(spec: TinySpec, tok) -> dict:
+def _hf_config(spec: TinySpec, tok: Tokenizer) -> dict[str, Any]:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -262,7 +267,7 @@ def _hf_config(spec: TinySpec, tok) -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -285,7 +290,7 @@ def build_tiny_model(dest: Path, *, seed: int = 0, spec: TinySpec | None = None)
 # ---------------------------------------------------------------- GGUF file
 
 
-def _vocab_lists(tok) -> tuple[list[str], list[int], list[str]]:
+def _vocab_lists(tok: Tokenizer) -> tuple[list[str], list[int], list[str]]:
     """Tokens in id order, their GGUF token types, and the BPE merges."""
     from gguf import TokenType
 
@@ -299,7 +304,7 @@ def _vocab_lists(tok) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _add_gguf_metadata(writer, spec: TinySpec, tok) -> None:
+def _add_gguf_metadata(writer: GGUFWriter, spec: TinySpec, tok: Tokenizer) -> None:
     writer.add_name("kiban-tiny-qwen2")
     writer.add_context_length(spec.max_position_embeddings)
     writer.add_embedding_length(spec.hidden_size)
@@ -316,9 +321,9 @@ def _add_gguf_metadata(writer, spec: TinySpec, tok) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(tok.token_to_id(PAD_TOKEN))
-    writer.add_eos_token_id(tok.token_to_id(IM_END))
-    writer.add_pad_token_id(tok.token_to_id(PAD_TOKEN))
+    writer.add_bos_token_id(tokens.index(PAD_TOKEN))
+    writer.add_eos_token_id(tokens.index(IM_END))
+    writer.add_pad_token_id(tokens.index(PAD_TOKEN))
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 

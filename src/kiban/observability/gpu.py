@@ -59,15 +59,15 @@ class _Families:
 
     def gauge(self, name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
         family = self.items.get(name)
-        if family is None:
+        if not isinstance(family, GaugeMetricFamily):
             family = self.items[name] = GaugeMetricFamily(name, doc, labels=labels)
-        return family  # type: ignore[return-value]
+        return family
 
     def counter(self, name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
         family = self.items.get(name)
-        if family is None:
+        if not isinstance(family, CounterMetricFamily):
             family = self.items[name] = CounterMetricFamily(name, doc, labels=labels)
-        return family  # type: ignore[return-value]
+        return family
 
 
 Reading = Callable[[Any, Any, str, _Families], None]
@@ -87,10 +87,12 @@ class GpuCollector(Collector):
         self._xid_lock = threading.Lock()
         self._xid_thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.nvml = nvml if nvml is not None else _import_nvml()
-        if isinstance(self.nvml, str):
-            self.unavailable_reason, self.nvml = self.nvml, None
+        found = nvml if nvml is not None else _import_nvml()
+        self.nvml: Any = None  # pynvml, which ships no types (or a test's stand-in)
+        if isinstance(found, str):
+            self.unavailable_reason = found
             return
+        self.nvml = found
         try:
             self.nvml.nvmlInit()
         except self.nvml.NVMLError as err:
@@ -427,7 +429,8 @@ def _import_nvml() -> ModuleType | str:
         import pynvml
     except ImportError:
         return "nvidia-ml-py (pynvml) is not installed"
-    return pynvml
+    module: ModuleType = pynvml
+    return module
 
 
 def _init_failure(n: Any, err: Exception) -> str:

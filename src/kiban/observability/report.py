@@ -81,7 +81,8 @@ class Prometheus:
             raise ReportError(f"cannot reach Prometheus at {self.url}: {reason}") from None
         if body.get("status") != "success":
             raise ReportError(f"Prometheus at {self.url}: {body.get('error', body)}")
-        return body["data"]["result"]
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
 
 
 @dataclass
@@ -285,7 +286,7 @@ def render_table(report: Report) -> Any:
     for column in ("queued", "tokens/s", "tokens/s peak", "requests", "5xx"):
         table.add_column(column, justify="right")
     for g in report.gpus:
-        rows = g.engines or [None]
+        rows: list[EngineFigures | None] = [*g.engines] or [None]
         for i, e in enumerate(rows):
             first = i == 0
             table.add_row(

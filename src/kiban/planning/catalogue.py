@@ -52,7 +52,8 @@ class GpuType:
 
 def _load(name: str) -> dict[str, Any]:
     data = resources.files("kiban.planning").joinpath("data").joinpath(name)
-    return yaml.safe_load(data.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = yaml.safe_load(data.read_text(encoding="utf-8"))
+    return loaded
 
 
 def _key(name: str) -> str:
@@ -122,6 +123,11 @@ def _gpus() -> dict[str, GpuType]:
 def gpu_keys() -> list[str]:
     """Names accepted by ``find_gpu`` (``rtx4090``, ``h100-80``, ...)."""
     return list(_gpus())
+
+
+def gpu_by_key(key: str) -> GpuType:
+    """The GPU of catalogue key *key* (one of :func:`gpu_keys`); KeyError for another."""
+    return _gpus()[key]
 
 
 def find_gpu(name: str) -> GpuType | None:

@@ -17,9 +17,9 @@ start`` (what lmdeploy and SGLang size their fractions from) assumes that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kiban.config import EngineConfig, KibanConfig
+from kiban.config import EngineConfig, KibanConfig, LaunchConfig
 from kiban.cpulist import split_cores, usable_cores
 from kiban.engines import ENGINE_KINDS, EngineKind
 from kiban.planning.devices import GpuInfo, HostInfo, host_info
@@ -52,8 +52,8 @@ class _Draft:
     weights: int
     overhead: int
     devices: list[str]
-    share: int | None = None
-    warnings: list[str] | None = None
+    share: int = 0  # its share of its devices' memory, set once memory is shared out
+    warnings: list[str] = field(default_factory=list)
     cpus: tuple[int, ...] = ()
 
     @property
@@ -61,8 +61,8 @@ class _Draft:
         return self.config.name
 
     @property
-    def launch(self):
-        return self.config.launch
+    def launch(self) -> LaunchConfig:
+        return _launch(self.config)
 
     @property
     def fixed(self) -> int:
@@ -105,8 +105,13 @@ def _devices(cfg: KibanConfig, gpus: list[GpuInfo], host: HostInfo) -> dict[str,
     return out
 
 
+def _launch(engine: EngineConfig) -> LaunchConfig:
+    assert engine.launch is not None  # plan_config drafts launched engines only
+    return engine.launch
+
+
 def _target(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> PlanTarget:
-    launch = engine.launch
+    launch = _launch(engine)
     if launch.device == "cpu":
         return PlanTarget("cpu", host, args=tuple(launch.args))
     missing = [i for i in launch.gpus if i not in gpus]
@@ -125,7 +130,7 @@ def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _D
     kind = ENGINE_KINDS[engine.kind]
     if not kind.plannable:
         raise PlanRefusal(f"kiban does not launch {engine.kind} engines, so it cannot plan one")
-    launch = engine.launch
+    launch = _launch(engine)
     try:
         spec = load_spec(launch.model)
     except (UnknownModelError, ModelConfigError, WeightsError) as err:
@@ -178,6 +183,7 @@ def _size_cache(d: _Draft) -> tuple[int, int, int]:
     unit = kind.kv_allocation_unit(target)
     requested = d.requested_kv()
     if requested is not None:
+        assert launch.context is not None and launch.concurrency is not None  # requested_kv
         return requested, launch.context, launch.concurrency
     budget = _round_down(d.share - d.fixed, unit)
     block = kind.kv_block_tokens(target)
@@ -209,7 +215,7 @@ def _alternatives(d: _Draft, budget: int) -> list[str]:
     """Settings that would fit a KV budget of *budget* bytes (for refusals)."""
     launch, kind, target = d.launch, d.kind, d.target
     context, concurrency = launch.context, launch.concurrency
-    out = []
+    out: list[str] = []
     if budget <= 0:
         return out
     if context:
@@ -270,7 +276,7 @@ def _finish(
         margin_bytes=margin,
         requested_context=d.launch.context,
         requested_concurrency=d.launch.concurrency,
-        warnings=list(d.warnings or []),
+        warnings=list(d.warnings),
         args=d.target.args,
         cpus=d.cpus,
     )

@@ -38,8 +38,9 @@ def is_vision_model(config: dict[str, Any]) -> bool:
 
 def _required(cfg: dict[str, Any], *keys: str) -> int:
     for key in keys:
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
+        value = cfg.get(key)
+        if isinstance(value, int):
+            return value
     raise ModelConfigError(f"config.json has no {' / '.join(keys)}")
 
 

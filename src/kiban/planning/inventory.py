@@ -19,7 +19,11 @@ def gpu_from_inventory(entry: GpuInventory) -> GpuInfo:
     if entry.compute_capability:
         major, minor = entry.compute_capability.split(".")
         capability = (int(major), int(minor))
-    memory = parse_size(entry.memory) if entry.memory is not None else gpu_type.memory_bytes
+    if entry.memory is not None:
+        memory = parse_size(entry.memory)
+    else:
+        assert gpu_type is not None  # validated: a known type where no memory is given
+        memory = gpu_type.memory_bytes
     name = gpu_type.name if gpu_type else f"GPU {entry.index} ({entry.memory})"
     return GpuInfo(entry.index, name, memory, capability, 0, "config")
 

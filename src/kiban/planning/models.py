@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kiban.planning import catalogue
 from kiban.planning.hf_config import ModelConfigError, is_vision_model, shape_fields
 from kiban.planning.params import estimate_weight_bytes
 from kiban.planning.specs import ModelSpec
 from kiban.planning.weights import WeightsError, gguf_totals, read_gguf, read_safetensors
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 _SLIDING_KEYS = ("attention.sliding_window",)
 
@@ -95,7 +99,7 @@ def spec_from_hf_dir(model_dir: Path) -> ModelSpec:
     )
 
 
-def _field(reader, key: str):
+def _field(reader: GGUFReader, key: str) -> Any:
     field = reader.get_field(key)
     return None if field is None else field.contents()
 
@@ -105,7 +109,7 @@ def spec_from_gguf(path: Path) -> ModelSpec:
     reader = read_gguf(path)
     arch = _field(reader, "general.architecture") or "unknown"
 
-    def meta(key: str, default=None):
+    def meta(key: str, default: Any = None) -> Any:
         value = _field(reader, f"{arch}.{key}")
         return default if value is None else value
 

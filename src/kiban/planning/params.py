@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kiban.planning.hf_config import text_config
+from kiban.planning.hf_config import ModelConfigError, text_config
 
 #: bits per weight of GGUF files by ``general.file_type`` name, averaged over a
 #: 7B model's tensors as llama.cpp's ``llama-quantize --help`` table lists them
@@ -84,9 +84,17 @@ def _mlp_params(cfg: dict[str, Any], hidden: int, layer: int) -> int:
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
     if not experts or layer < first_dense:
         return 3 * hidden * int(cfg.get("intermediate_size") or 4 * hidden)
-    moe_inter = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size"))
+    moe_inter = int(_first(cfg, "moe_intermediate_size", "intermediate_size"))
     shared = int(cfg.get("n_shared_experts") or 0)
     return (experts + shared) * 3 * hidden * moe_inter + experts * hidden  # + router
+
+
+def _first(cfg: dict[str, Any], *keys: str) -> Any:
+    """The first of *keys* set in *cfg*; ModelConfigError names them when none is."""
+    for key in keys:
+        if cfg.get(key):
+            return cfg[key]
+    raise ModelConfigError(f"config.json has no {' / '.join(keys)}")
 
 
 def count_parameters(config: dict[str, Any]) -> ParamCount:
@@ -95,7 +103,7 @@ def count_parameters(config: dict[str, Any]) -> ParamCount:
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     layers = int(cfg["num_hidden_layers"])
-    vocab = int(cfg.get("vocab_size") or config.get("vocab_size"))
+    vocab = int(cfg.get("vocab_size") or _first(config, "vocab_size"))
     norms_per_layer = 4 if cfg.get("model_type", "").startswith("gemma") else 2
     linear = other = 0
     for layer in range(layers):

@@ -42,7 +42,7 @@ class KvRow:
 
 def kv_rows(spec: ModelSpec, gpu: GpuInfo | None = None) -> list[KvRow]:
     """Every plannable engine's KV dtypes for *spec* on *gpu* (an H100 when None)."""
-    gpu = gpu or gpu_from_type(0, catalogue.find_gpu("h100-80"), "catalogue")
+    gpu = gpu or gpu_from_type(0, catalogue.gpu_by_key("h100-80"), "catalogue")
     target = PlanTarget("gpu", host_info(), gpu)
     rows = []
     for kind in ENGINE_KINDS.values():
@@ -75,7 +75,7 @@ def capacity(reference: str, gpu_key: str, kind: str, kv_dtype: str) -> tuple[in
         "routes": [{"model": "m", "engines": ["e"]}],
     }
     cfg = parse_config(raw, env={})
-    gpu = gpu_from_type(0, catalogue.find_gpu(gpu_key), "catalogue")
+    gpu = gpu_from_type(0, catalogue.gpu_by_key(gpu_key), "catalogue")
     plan = build_plan(cfg, [gpu])
     if not plan.engines:
         return 0, 0, plan.problems[0] if plan.problems else "not planned"

@@ -14,6 +14,10 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 _VISION_MARKERS = (
     "visual.",
@@ -63,7 +67,7 @@ def _add(totals: dict[str, int], dtypes: dict[str, int], name: str, dtype: str, 
     dtypes[dtype] = dtypes.get(dtype, 0) + size
 
 
-def safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of one safetensors file (reads only its first bytes)."""
     try:
         with path.open("rb") as fh:
@@ -73,11 +77,14 @@ def safetensors_header(path: Path) -> dict:
             (size,) = struct.unpack("<Q", raw)
             if size > _MAX_HEADER:
                 raise WeightsError(f"{path}: not a safetensors file (header of {size} bytes)")
-            return json.loads(fh.read(size))
+            header = json.loads(fh.read(size))
     except OSError as err:
         raise WeightsError(f"{path}: {err.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise WeightsError(f"{path}: safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: safetensors header is not a JSON object")
+    return header
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -107,7 +114,7 @@ def read_safetensors(model_dir: Path) -> WeightTotals | None:
     )
 
 
-def read_gguf(path: Path):
+def read_gguf(path: Path) -> GGUFReader:
     """A ``gguf.GGUFReader`` over *path* (header parsed, tensor data only mapped)."""
     import gguf
 
@@ -117,7 +124,7 @@ def read_gguf(path: Path):
         raise WeightsError(f"{path}: not a readable GGUF file ({err})") from None
 
 
-def gguf_totals(reader) -> WeightTotals:
+def gguf_totals(reader: GGUFReader) -> WeightTotals:
     """Totals over the tensor infos of a GGUF file."""
     totals = {"vision": 0, "embedding": 0, "other": 0}
     dtypes: dict[str, int] = {}
