@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from kiban.api_errors import APIError
 from kiban.config import ConfigError, parse_config
 from kiban.engines import ENGINE_KINDS
-from kiban.gateway.errors import APIError
 from kiban.gateway.routing import Router
 from kiban.structured.features import schema_features
 from kiban.structured.relax import token_budget

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from kiban.gateway.errors import error_body
+from kiban.api_errors import error_body
 from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
 from kiban.planning.specs import ModelSpec
 from kiban.planning.target import PlanRefusal, PlanTarget

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from kiban.api_errors import APIError, error_event
 from kiban.config import ConfigError, KibanConfig
 from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
@@ -34,7 +35,6 @@ from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
 from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
 from kiban.gateway.console import Console
 from kiban.gateway.engine_load import LoadScraper
-from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.http import DISCONNECT_HOOK
 from kiban.gateway.limits import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from kiban.gateway.errors import APIError
+from kiban.api_errors import APIError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

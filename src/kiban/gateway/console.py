@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from kiban.api_errors import APIError
 from kiban.gateway.asgi import Scope, Send, send_response
-from kiban.gateway.errors import APIError
 from kiban.gateway.metrics import Metrics
 
 if TYPE_CHECKING:

@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
+from kiban.api_errors import APIError, error_event
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.continuation import Continuer, StreamRecord, record_for
-from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target

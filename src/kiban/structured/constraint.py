@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
-from kiban.gateway.errors import APIError
+from kiban.api_errors import APIError
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 

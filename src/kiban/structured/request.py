@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from kiban.gateway.errors import APIError
+from kiban.api_errors import APIError
 from kiban.structured.attempts import RELAX_STEPS, AttemptPlan
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import (
