@@ -27,7 +27,7 @@ from kiban.deploy.launch import engine_argv, engine_extra_env
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.base import ContainerImage, ContainerTarget, LaunchUnsupported
 from kiban.observability.scrape import engine_labels
-from kiban.planning.plan import Plan
+from kiban.sizing.plan import Plan
 
 #: where engine images keep the Hugging Face cache (they run as root; the engines' docs
 #: mount the host's cache there)

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from kiban.api_errors import error_body
-from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing.kv import KvFormat, KvNeed, blocks, kv_need
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 _VERSION = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 

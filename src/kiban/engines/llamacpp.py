@@ -19,9 +19,9 @@ from kiban.engines.base import (
     StartupReport,
     choice_gbnf,
 )
-from kiban.planning.kv import KvFormat, blocks, plain
-from kiban.planning.overhead import NATIVE_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.target import PlanRefusal
+from kiban.sizing.kv import KvFormat, blocks, plain
+from kiban.sizing.overhead import NATIVE_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
+from kiban.sizing.target import PlanRefusal
 from kiban.structured.capability import CORE_FEATURES, SILENTLY_SKIPPED, StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure

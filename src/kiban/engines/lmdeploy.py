@@ -14,9 +14,9 @@ from kiban.engines.base import (
     choice_regex,
     openai_response_format,
 )
-from kiban.planning.kv import KvFormat, dtype_format, plain
-from kiban.planning.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.target import PlanRefusal
+from kiban.sizing.kv import KvFormat, dtype_format, plain
+from kiban.sizing.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
+from kiban.sizing.target import PlanRefusal
 from kiban.structured.capability import (
     SILENTLY_SKIPPED,
     XGRAMMAR_FEATURES,

@@ -14,14 +14,14 @@ from kiban.engines.base import (
     choice_regex,
     openai_response_format,
 )
-from kiban.planning.kv import dtype_format, plain
-from kiban.planning.overhead import (
+from kiban.sizing.kv import dtype_format, plain
+from kiban.sizing.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.target import PlanRefusal
+from kiban.sizing.target import PlanRefusal
 from kiban.structured.capability import (
     ALL_KINDS,
     SILENTLY_SKIPPED,

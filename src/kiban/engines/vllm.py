@@ -17,15 +17,15 @@ from kiban.engines.base import (
     StartupReport,
     parse_version,
 )
-from kiban.planning.kv import KvFormat, blocks, plain
-from kiban.planning.overhead import (
+from kiban.sizing.kv import KvFormat, blocks, plain
+from kiban.sizing.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.target import PlanRefusal
-from kiban.planning.units import GiB
+from kiban.sizing.target import PlanRefusal
+from kiban.sizing.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
     GUIDANCE_FEATURES,
