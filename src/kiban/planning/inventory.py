@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kiban import gpus as nvml
 from kiban.sizing import catalogue
 from kiban.sizing.devices import GpuInfo, gpu_from_type
 from kiban.sizing.units import parse_size
@@ -14,8 +15,6 @@ if TYPE_CHECKING:
 
 def discover_gpus() -> list[GpuInfo]:
     """Every GPU NVML sees (empty without the library, a driver or a GPU)."""
-    from kiban.deploy import gpus as nvml
-
     try:
         found = nvml.inventory()
     except nvml.GpuUnavailable:
