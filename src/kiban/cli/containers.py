@@ -161,7 +161,7 @@ def render_k8s_cmd(
 
 
 def _compose_dir(config: Path) -> Path:
-    from kiban.deploy.state import RunDir
+    from kiban.run_state import RunDir
 
     return RunDir(config).root / "compose"
 

@@ -29,7 +29,6 @@ import orjson
 
 from kiban.api_errors import APIError, error_event
 from kiban.config import ConfigError, KibanConfig
-from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
 from kiban.gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
 from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
@@ -53,6 +52,7 @@ from kiban.gateway.stream_usage import ask_for_usage
 from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.gateway.usage import Usage
 from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
+from kiban.run_state import RUN_STATE_ENV, gpu_verdicts
 from kiban.structured.constraint import STRUCTURED_KEYS
 from kiban.structured.request import StructuredService, answered_by
 

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiban.deploy.state import RUN_STATE_ENV
 from kiban.gateway.usage_store import hour_of, totals
 from kiban.observability.snapshot import Samples, scrape, total
+from kiban.run_state import RUN_STATE_ENV
 
 if TYPE_CHECKING:
     from kiban.gateway.app import Gateway

@@ -39,11 +39,11 @@ from pathlib import Path
 import uvicorn
 
 from kiban.config import ConfigError, KibanConfig, load_config
-from kiban.deploy.process import ProcessId
-from kiban.deploy.state import RunDir, write_atomically
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
 from kiban.gateway.http import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
+from kiban.processes import ProcessId
+from kiban.run_state import RunDir, write_atomically
 
 CONFIG_ENV = "KIBAN_CONFIG"
 CONFIG_BASE_ENV = "KIBAN_CONFIG_BASE"
