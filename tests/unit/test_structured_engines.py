@@ -9,9 +9,9 @@ from kiban.api_errors import APIError
 from kiban.config import ConfigError, parse_config
 from kiban.engines import ENGINE_KINDS
 from kiban.gateway.routing import Router
+from kiban.gateway.structured import StructuredService
 from kiban.structured.features import schema_features
 from kiban.structured.relax import token_budget
-from kiban.structured.request import StructuredService
 from kiban.structured.verify import OutputFailure
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}

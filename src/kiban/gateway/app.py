@@ -49,12 +49,12 @@ from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
 from kiban.gateway.stream_usage import ask_for_usage
+from kiban.gateway.structured import StructuredService, answered_by
 from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.gateway.usage import Usage
 from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
 from kiban.run_state import RUN_STATE_ENV, gpu_verdicts
 from kiban.structured.constraint import STRUCTURED_KEYS
-from kiban.structured.request import StructuredService, answered_by
 
 log = logging.getLogger("kiban.gateway")
 

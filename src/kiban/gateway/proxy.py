@@ -31,10 +31,10 @@ from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
 from kiban.gateway.sse import EventStream, MalformedEvent
 from kiban.gateway.stream_usage import UsageEventDropper
+from kiban.gateway.structured import STRUCTURED_HEADER, StructuredRequest
 from kiban.gateway.upstream_http import ConnectTimeout, Deadline, Dropped, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
-from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from kiban.api_errors import APIError
-from kiban.structured.attempts import RELAX_STEPS, AttemptPlan
+from kiban.gateway.structured_attempts import RELAX_STEPS, AttemptPlan
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import (
     STRUCTURED_KEYS,
@@ -128,7 +128,7 @@ class StructuredRequest:
         deadline: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> AttemptPlan:
-        """The attempts in order (see :mod:`kiban.structured.attempts`)."""
+        """The attempts in order (see :mod:`kiban.gateway.structured_attempts`)."""
         self.deadline = deadline
         return AttemptPlan(self, targets, attempts, deadline, clock)
 

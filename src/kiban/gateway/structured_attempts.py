@@ -26,7 +26,7 @@ from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.gateway.routing import Target
-    from kiban.structured.request import StructuredRequest
+    from kiban.gateway.structured import StructuredRequest
 
 #: how many times an engine that refuses the schema is asked again with less of it
 RELAX_STEPS = 2
