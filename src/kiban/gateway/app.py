@@ -153,6 +153,9 @@ class Gateway:
         self._id_counter = itertools.count(1)
         self.config_source: ConfigSource | None = None
         self.on_reload: Callable[[dict[str, Any]], None] | None = None
+        # the console's plan view; the serving process sets the planner's (the hot path imports
+        # no planner)
+        self.plan_view: Callable[[KibanConfig], dict[str, Any]] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
 

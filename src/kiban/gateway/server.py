@@ -42,6 +42,7 @@ from kiban.config import ConfigError, KibanConfig, load_config
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
 from kiban.gateway.http import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
+from kiban.planning.plan import plan_view
 from kiban.processes import ProcessId
 from kiban.run_state import RunDir, write_atomically
 
@@ -90,6 +91,7 @@ def build_app(config: KibanConfig, keys: list[ApiKey]) -> Gateway:
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
     app = Gateway(config, keys)
     app.config_source = lambda: load_serving_config()
+    app.plan_view = plan_view
     reload_dir = os.environ.get(RELOAD_DIR_ENV)
     if reload_dir:
         status = Path(reload_dir) / f"{os.getpid()}.json"
