@@ -11,7 +11,7 @@ from kiban.gateway.continuation import (
     continuation_body,
     whole_events,
 )
-from kiban.gateway.routing import Target
+from kiban.gateway.targets import Target
 from kiban.gateway.upstreams import Upstream
 
 CHAT = [{"role": "user", "content": "hi"}]

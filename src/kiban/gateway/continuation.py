@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from kiban.gateway.asgi import Send
     from kiban.gateway.metrics import Metrics
     from kiban.gateway.proxy import Exchange
-    from kiban.gateway.routing import Route, Target
+    from kiban.gateway.routing import Route
+    from kiban.gateway.targets import Target
     from kiban.gateway.upstream_http import Exchange as EngineResponse
 
 #: request fields whose answer a text prefix cannot carry on

@@ -30,7 +30,7 @@ from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import FailoverPolicy, Retries
-    from kiban.gateway.routing import Target
+    from kiban.gateway.targets import Target
 
 #: failures after which the same engine may be tried again
 SAME_ENGINE_REASONS = frozenset({"connect", "broken", "status"})

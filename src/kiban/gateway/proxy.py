@@ -28,10 +28,11 @@ from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.continuation import Continuer, StreamRecord, record_for
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.routing import Route, Target
+from kiban.gateway.routing import Route
 from kiban.gateway.sse import EventStream, MalformedEvent
 from kiban.gateway.stream_usage import UsageEventDropper
 from kiban.gateway.structured import STRUCTURED_HEADER, StructuredRequest
+from kiban.gateway.targets import Target
 from kiban.gateway.upstream_http import ConnectTimeout, Deadline, Dropped, UpstreamError
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream

@@ -31,7 +31,8 @@ from kiban.structured.verify import OutputFailure, choices_of, verify_content
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig, RouteConfig, StructuredPolicy
-    from kiban.gateway.routing import Route, Target
+    from kiban.gateway.routing import Route
+    from kiban.gateway.targets import Target
 
 #: response header saying how a structured answer was obtained: "enforced" (the engine
 #: enforced the whole constraint), "validated" (kiban checked what the engine could not

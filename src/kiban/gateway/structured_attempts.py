@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
-    from kiban.gateway.routing import Target
     from kiban.gateway.structured import StructuredRequest
+    from kiban.gateway.targets import Target
 
 #: how many times an engine that refuses the schema is asked again with less of it
 RELAX_STEPS = 2
