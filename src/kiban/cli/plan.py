@@ -15,7 +15,7 @@ from kiban.cli.app import ConfigOption, app, fail, load_or_exit
 if TYPE_CHECKING:
     from kiban.config import KibanConfig
     from kiban.planning.quick import KvRow
-    from kiban.planning.specs import ModelSpec
+    from kiban.sizing.specs import ModelSpec
 
 plan_app = typer.Typer(
     help="Plan GPU memory: weights, KV cache per token, context x concurrency, engine flags.",

@@ -28,10 +28,10 @@ from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat, KvNeed
-    from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
+    from kiban.sizing.kv import KvFormat, KvNeed
+    from kiban.sizing.plan import EnginePlan
+    from kiban.sizing.specs import ModelSpec
+    from kiban.sizing.target import PlanTarget
 
 #: what common/json-schema-to-grammar.cpp turns into grammar (llama.cpp as vendored
 #: in llama-cpp-python 0.3.36). Patterns must be ^...$-anchored, else "accepting any

@@ -27,10 +27,10 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat
-    from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
+    from kiban.sizing.kv import KvFormat
+    from kiban.sizing.plan import EnginePlan
+    from kiban.sizing.specs import ModelSpec
+    from kiban.sizing.target import PlanTarget
 
 #: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
 #: dialect below is checked against in tests

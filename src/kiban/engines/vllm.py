@@ -39,10 +39,10 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat, KvNeed
-    from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
+    from kiban.sizing.kv import KvFormat, KvNeed
+    from kiban.sizing.plan import EnginePlan
+    from kiban.sizing.specs import ModelSpec
+    from kiban.sizing.target import PlanTarget
 
 #: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
 #: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).
