@@ -93,7 +93,7 @@ def test_the_continuation_request_for_vllm() -> None:
 
 def test_each_engine_kind_says_how_it_continues() -> None:
     fields = {
-        kind: _target(kind).upstream.kind.continuation_fields(_target(kind).upstream.config)
+        kind: _target(kind).upstream.dialect.continuation_fields(_target(kind).upstream.config)
         for kind in ("vllm", "llamacpp", "sglang", "lmdeploy", "openai")
     }
     assert fields == {
@@ -104,4 +104,4 @@ def test_each_engine_kind_says_how_it_continues() -> None:
         "openai": None,
     }
     legacy = _target("llamacpp", args=["--no-jinja"]).upstream
-    assert legacy.kind.continuation_fields(legacy.config) is None
+    assert legacy.dialect.continuation_fields(legacy.config) is None

@@ -42,20 +42,20 @@ llamacpp:requests_deferred 3
 
 
 def test_vllm_queue_is_summed_and_kv_use_is_the_fullest_core() -> None:
-    load = read_load(_vllm_text((2, 3), (0.5, 0.95)), ENGINE_KINDS["vllm"].metric_names)
+    load = read_load(_vllm_text((2, 3), (0.5, 0.95)), ENGINE_KINDS["vllm"].metrics.names)
     assert (load.waiting, load.kv_usage) == (5.0, 0.95)
     assert load.penalty(0.9) == 5 + KV_AVOID
     assert load.penalty(0.96) == 5
 
 
 def test_llamacpp_deferred_requests_are_its_queue() -> None:
-    load = read_load(LLAMACPP_TEXT, ENGINE_KINDS["llamacpp"].metric_names)
+    load = read_load(LLAMACPP_TEXT, ENGINE_KINDS["llamacpp"].metrics.names)
     assert (load.waiting, load.kv_usage) == (3.0, None)
     assert load.penalty(0.9) == 3
 
 
 def test_no_series_no_load() -> None:
-    load = read_load(b"# nothing here\n", ENGINE_KINDS["sglang"].metric_names)
+    load = read_load(b"# nothing here\n", ENGINE_KINDS["sglang"].metrics.names)
     assert (load.waiting, load.kv_usage, load.penalty(0.9)) == (None, None, 0)
 
 

@@ -183,8 +183,7 @@ class ConsoleState:
         records = _run_state()
         upstreams = list(gw.router.upstreams.values())
         urls = [
-            u.config.url.rstrip("/") + u.kind.metrics_path if u.kind.metrics_path else None
-            for u in upstreams
+            u.config.url.rstrip("/") + u.metrics.path if u.metrics.path else None for u in upstreams
         ]
         scraped = await asyncio.gather(
             *(asyncio.to_thread(scrape, url, _SCRAPE_TIMEOUT_S) for url in urls if url)
@@ -193,7 +192,7 @@ class ConsoleState:
         failures = by_label(samples, "kiban_upstream_failures_total", "engine")
         rows = []
         for upstream, url in zip(upstreams, urls, strict=True):
-            name, names = upstream.name, upstream.kind.metric_names
+            name, names = upstream.name, upstream.metrics.names
             engine_samples = by_url.get(url) if url else None
             record = records.get(name, {})
             started = record.get("started_at")

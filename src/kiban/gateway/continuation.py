@@ -5,7 +5,7 @@ the client, the client still holds a good beginning. Instead of ending the
 stream with an error event, kiban asks another engine of the route for the rest:
 the same conversation with the text already streamed as the start of the
 assistant's reply (each engine kind says how it continues such a prefix:
-``EngineKind.continuation_fields``), ``max_tokens`` and ``min_tokens`` less the
+``Dialect.continuation_fields``), ``max_tokens`` and ``min_tokens`` less the
 tokens already sent. The new engine's events go into the same client stream
 with the first stream's ``id``, ``created`` and ``model``, without its opening
 role-only delta, followed by one ``[DONE]``; the usage it reports is summed
@@ -223,7 +223,7 @@ class Continuer:
             upstream = target.upstream
             if upstream.name in tried:
                 continue
-            if upstream.kind.continuation_fields(upstream.config) is None:
+            if upstream.dialect.continuation_fields(upstream.config) is None:
                 continue
             if upstream.try_acquire():
                 return target
@@ -260,7 +260,7 @@ class Continuer:
         try:
             resp = await upstream.http.request(
                 b"POST",
-                upstream.kind.path_bytes("chat"),
+                upstream.dialect.path_bytes("chat"),
                 self.headers_for(ex, target),
                 orjson.dumps(body),
                 connect_timeout=timeouts.connect_s,
@@ -347,8 +347,7 @@ def continuation_body(
     payload: dict[str, Any], target: Target, record: StreamRecord
 ) -> dict[str, Any]:
     """The request that asks *target* for the rest of the answer."""
-    kind, config = target.upstream.kind, target.upstream.config
-    fields = kind.continuation_fields(config)
+    fields = target.upstream.dialect.continuation_fields(target.upstream.config)
     assert fields is not None
     body = {**payload, **fields, "model": target.model}
     body["messages"] = [*payload["messages"], {"role": "assistant", "content": record.text}]

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from kiban.engines.base import EngineMetricNames
+from kiban.engines.telemetry import EngineMetricNames
 from kiban.gateway.periodic import Periodic
 from kiban.gateway.upstream_http import UpstreamError
 from kiban.gateway.upstreams import Upstream
@@ -81,8 +81,8 @@ class LoadScraper:
         self._periodic = Periodic(interval_s, self.scrape_all)
 
     async def scrape(self, upstream: Upstream) -> EngineLoad | None:
-        path = upstream.kind.metrics_path
-        names = upstream.kind.metric_names
+        path = upstream.metrics.path
+        names = upstream.metrics.names
         if path is None or upstream.http is None:
             return None
         if names.requests_waiting is None and names.kv_cache_usage is None:

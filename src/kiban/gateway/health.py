@@ -36,7 +36,7 @@ class HealthChecker:
 
     async def check(self, upstream: Upstream) -> bool:
         assert upstream.http is not None
-        path = upstream.kind.health_path.encode()
+        path = upstream.dialect.health_path.encode()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             resp = await upstream.http.request(

@@ -253,7 +253,7 @@ class Proxy:
         try:
             resp = await upstream.http.request(
                 b"POST",
-                upstream.kind.path_bytes(ex.endpoint),
+                upstream.dialect.path_bytes(ex.endpoint),
                 self._upstream_headers(ex, target),
                 body,
                 connect_timeout=route.config.timeouts.connect_s,
@@ -301,7 +301,7 @@ class Proxy:
             raw = await resp.read()
         except UpstreamError as exc:
             return Failure("broken", f"engine {target.upstream.name!r} broke: {_describe(exc)}")
-        body = target.upstream.kind.error_to_openai(resp.status, raw)
+        body = target.upstream.dialect.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
         if resp.retry_after:
             headers.append((b"retry-after", resp.retry_after))
@@ -310,8 +310,8 @@ class Proxy:
         if refused is not None:
             return refused
         if ex.structured is not None:
-            kind, message = target.upstream.kind, _error_message(body, error)
-            output = kind.structured_output_error(resp.status, message)
+            dialect, message = target.upstream.dialect, _error_message(body, error)
+            output = dialect.structured_output_error(resp.status, message)
             if output is not None:
                 self.metrics.structured_outcome(route.name, output.kind)
                 return Failure(
@@ -319,7 +319,7 @@ class Proxy:
                     f"engine {target.upstream.name!r}: {output.message}",
                     output=output,
                 )
-            if kind.refuses_constraint(resp.status, message):
+            if dialect.refuses_constraint(resp.status, message):
                 # the engine could not compile or accept the constraint: less of it may do,
                 # or another engine
                 self.metrics.structured_outcome(route.name, "engine_rejected")
@@ -351,7 +351,7 @@ class Proxy:
         policy passes such requests on."""
         upstream = target.upstream
         if route.config.failover.context_length == "off" or not (
-            upstream.kind.refuses_context_length(status, error)
+            upstream.dialect.refuses_context_length(status, error)
         ):
             return None
         message = error.get("message")

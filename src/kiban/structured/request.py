@@ -155,7 +155,7 @@ class StructuredRequest:
         constraint, self.how = self._constraint_for(upstream.name, upstream.structured)
         out = {k: v for k, v in payload.items() if k not in STRUCTURED_KEYS}
         out["model"] = target.model
-        out.update(upstream.kind.structured_fields(constraint, upstream.config))
+        out.update(upstream.dialect.structured_fields(constraint, upstream.config))
         if self.set_max_tokens:
             out["max_tokens"] = _within_context(self.budget, upstream.config)
         if self.seed is not None:
