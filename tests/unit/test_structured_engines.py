@@ -150,7 +150,7 @@ def test_validate_policy_uses_engines_that_only_accept() -> None:
     cfg = config({"name": "e", "kind": "openai"})
     r = Router(cfg).route_for("m")
     req = StructuredService(cfg.routes).prepare({"guided_json": SCHEMA}, r)
-    assert [t.upstream.name for t in req.targets(r, r.targets)] == ["e"]
+    assert [t.engine.name for t in req.targets(r, r.targets)] == ["e"]
     req.body_for({"guided_json": SCHEMA}, r.targets[0])
     assert req.how == "validated"
     # a regex cannot even be expressed to a generic server
@@ -168,7 +168,7 @@ def test_engines_are_ranked_by_what_they_enforce() -> None:
     r = Router(cfg).route_for("m")
     schema = {"type": "object", "properties": {"n": {"type": "number", "minimum": 0}}}
     req = StructuredService(cfg.routes).prepare({"guided_json": schema}, r)
-    assert [t.upstream.name for t in req.targets(r, r.targets)] == ["vllm", "llama", "generic"]
+    assert [t.engine.name for t in req.targets(r, r.targets)] == ["vllm", "llama", "generic"]
 
 
 def test_partial_enforcement_sends_the_relaxed_schema() -> None:
@@ -218,9 +218,9 @@ def walk(req, plan, payload: dict, outcomes: list) -> list[str]:
     tried = []
     for target, (reason, kind) in zip(plan, outcomes, strict=False):
         req.body_for(payload, target)
-        tried.append(target.upstream.name)
+        tried.append(target.engine.name)
         output = failed(kind) if kind else None
-        if not plan.record(target.upstream.name, reason, output):
+        if not plan.record(target.engine.name, reason, output):
             break
     return tried
 
@@ -302,7 +302,7 @@ def test_no_retry_starts_after_the_deadline() -> None:
     _, plan, clock = plan_of({"name": "a", "kind": "vllm"})
     tried = []
     for target in plan:
-        tried.append(target.upstream.name)
+        tried.append(target.engine.name)
         clock[0] = 150.0
         plan.record("a", "invalid_output", failed("schema_violation"))
     assert tried == ["a"]

@@ -14,7 +14,7 @@ from kiban.config import EngineConfig
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.dialect import Dialect
 from kiban.engines.telemetry import EngineMetrics
-from kiban.gateway.upstream_http import Pool
+from kiban.gateway.engine_client import Pool
 from kiban.structured.capability import StructuredCapability
 
 
@@ -86,7 +86,7 @@ class CircuitBreaker:
 
 
 @dataclass
-class Upstream:
+class Engine:
     """One engine as the gateway sees it.
 
     ``outstanding`` counts the request slots taken, at most ``max_concurrency``.
@@ -120,7 +120,7 @@ class Upstream:
     _ewma_alpha: float = field(default=0.3, repr=False)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Upstream:
+    def from_config(cls, config: EngineConfig) -> Engine:
         breaker = CircuitBreaker(config.circuit.failures, config.circuit.cooldown_s)
         kind = ENGINE_KINDS[config.kind]
         headers = b"content-type: application/json\r\naccept-encoding: identity\r\n"
