@@ -37,7 +37,6 @@ from kiban.gateway.engine_load import LoadScraper
 from kiban.gateway.engines import Circuit, Engine
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
-from kiban.gateway.http import DISCONNECT_HOOK
 from kiban.gateway.limits import (
     LimitStore,
     LocalLimitStore,
@@ -50,6 +49,7 @@ from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
+from kiban.gateway.server_protocol import DISCONNECT_HOOK
 from kiban.gateway.stream_usage import ask_for_usage
 from kiban.gateway.usage import Usage
 from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
@@ -655,7 +655,7 @@ async def _run_until_disconnect(scope: Scope, receive: Receive, work: Any) -> bo
     """Run *work*; if the client disconnects first, cancel it (closing the engine request).
 
     Returns False when the client went away, True when *work* finished. Under
-    kiban's own protocol (:mod:`kiban.gateway.http`) the protocol calls back on
+    kiban's own protocol (:mod:`kiban.gateway.server_protocol`) the protocol calls back on
     disconnect; under another ASGI server a task watches ``receive()``.
     """
     if DISCONNECT_HOOK in scope:
