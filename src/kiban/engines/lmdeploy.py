@@ -13,21 +13,14 @@ from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget, LaunchU
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics
 from kiban.planning.kv import KvFormat, dtype_format, plain
 from kiban.planning.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.target import PlanRefusal
-from kiban.structured.capability import (
-    SILENTLY_SKIPPED,
-    XGRAMMAR_FEATURES,
-    XGRAMMAR_FORMATS,
-    StructuredCapability,
-)
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.structured.capability import StructuredCapability, xgrammar
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
 #: dialect below is checked against in tests
@@ -71,14 +64,7 @@ class LMDeployDialect(Dialect):
         TurboMind before it logged the compile error and ran unconstrained.
         """
         kinds = frozenset({"json_schema", "json_object", "regex", "choice"})
-        return StructuredCapability(
-            enforced=kinds,
-            expressible=kinds,
-            features=XGRAMMAR_FEATURES,
-            formats=XGRAMMAR_FORMATS,
-            skipped=SILENTLY_SKIPPED,
-            describes=f"lmdeploy {config.version or PINNED_VERSION} (xgrammar)",
-        )
+        return xgrammar(f"lmdeploy {config.version or PINNED_VERSION} (xgrammar)", kinds)
 
     def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
         if constraint.kind == "regex":

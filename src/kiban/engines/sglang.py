@@ -11,29 +11,24 @@ from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget, LaunchUnsupported
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics
-from kiban.planning.kv import dtype_format, plain
+from kiban.planning.kv import KvFormat, dtype_format, plain
 from kiban.planning.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.target import PlanRefusal
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import (
-    ALL_KINDS,
-    SILENTLY_SKIPPED,
-    XGRAMMAR_FEATURES,
-    XGRAMMAR_FORMATS,
     StructuredCapability,
+    xgrammar,
 )
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: the SGLang release whose ChatCompletionRequest
 #: (sglang/srt/entrypoints/openai/protocol.py) the dialect is checked against in tests
@@ -68,14 +63,7 @@ class SGLangDialect(Dialect):
 
     def structured_capability(self, config: EngineConfig) -> StructuredCapability:
         """The default grammar backend is xgrammar; its whitespace knob is ignored (#8250)."""
-        return StructuredCapability(
-            enforced=ALL_KINDS,
-            expressible=ALL_KINDS,
-            features=XGRAMMAR_FEATURES,
-            formats=XGRAMMAR_FORMATS,
-            skipped=SILENTLY_SKIPPED,
-            describes=f"sglang {config.version or PINNED_VERSION} (xgrammar)",
-        )
+        return xgrammar(f"sglang {config.version or PINNED_VERSION} (xgrammar)")
 
     def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
         """``response_format`` for JSON, top-level ``regex`` / ``ebnf`` otherwise.

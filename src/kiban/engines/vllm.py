@@ -14,14 +14,15 @@ from kiban.engines.kind import EngineKind, EngineOption, parse_version
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics, StartupLog, StartupReport
-from kiban.planning.kv import KvFormat, blocks, plain
+from kiban.planning.kv import KvFormat, KvNeed, blocks, plain
 from kiban.planning.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.target import PlanRefusal
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 from kiban.planning.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
@@ -31,15 +32,13 @@ from kiban.structured.capability import (
     XGRAMMAR_FEATURES,
     XGRAMMAR_FORMATS,
     StructuredCapability,
+    xgrammar,
 )
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat, KvNeed
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
 #: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).
@@ -97,14 +96,7 @@ class VLLMDialect(Dialect):
         version = config.version or "current"
         describes = f"vllm {version} ({backend} backend)"
         if backend == "xgrammar":
-            return StructuredCapability(
-                enforced=ALL_KINDS,
-                expressible=ALL_KINDS,
-                features=XGRAMMAR_FEATURES,
-                formats=XGRAMMAR_FORMATS,
-                skipped=SILENTLY_SKIPPED,
-                describes=describes,
-            )
+            return xgrammar(describes)
         if backend == "guidance":
             return StructuredCapability(
                 enforced=ALL_KINDS,
@@ -317,7 +309,9 @@ class VLLMKv(KvLayout):
 
     capacity_dtypes = ("auto", "fp8")
 
-    def kv_formats(self, kv_dtype, spec, target):
+    def kv_formats(
+        self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
+    ) -> tuple[KvFormat, KvFormat]:
         name = _VLLM_ALIASES.get(kv_dtype, kv_dtype)
         if name not in self.kv_dtypes:
             raise PlanRefusal(
@@ -496,11 +490,6 @@ _QWEN2_INT4_TRAP = (
     "40% -> 0%); "
     "prefer an 8-bit KV cache"
 )
-
-
-def _capability(target: PlanTarget) -> tuple[int, ...]:
-    """The GPU's compute capability, () when unknown or on the CPU."""
-    return (target.gpu.compute_capability or ()) if target.gpu is not None else ()
 
 
 def _vllm_dtype(spec: ModelSpec, target: PlanTarget) -> str:
