@@ -8,9 +8,9 @@ that, hands every chunk over as it arrives, and is all the gateway needs: one
 POST or GET at a time per connection, to a handful of known engines.
 
 A :class:`Pool` per engine keeps idle connections. :meth:`Pool.request` sends a
-request and returns an :class:`Exchange` once the response headers have come;
-the body is then read whole (:meth:`Exchange.read`) or chunk by chunk as the
-engine sends it (:meth:`Exchange.next_chunk`, with back-pressure: reading from
+request and returns an :class:`EngineConnection` once the response headers have come;
+the body is then read whole (:meth:`EngineConnection.read`) or chunk by chunk as the
+engine sends it (:meth:`EngineConnection.next_chunk`, with back-pressure: reading from
 the engine pauses while the client lags). Deadlines are loop timers, not
 ``asyncio.timeout`` blocks, so a request costs no extra task or context.
 """
