@@ -98,6 +98,7 @@ def bench(
     from kiban.bench.runner import LoadRunner, LoadShape
     from kiban.bench.workload import (
         DEFAULT_PROMPT,
+        ENDPOINT_PATHS,
         Destination,
         Workload,
         WorkloadError,
@@ -108,7 +109,7 @@ def bench(
     if endpoint is not None and chosen is None:
         raise fail(f"--endpoint: expected chat or completions (got {endpoint!r})")
     try:
-        target = Destination.from_url(url, endpoint)  # type: ignore[arg-type]
+        target = Destination.from_url(url, chosen)
         headers = tuple(parse_header(h) for h in header or ())
     except WorkloadError as err:
         raise fail(str(err)) from None

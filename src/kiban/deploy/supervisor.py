@@ -112,7 +112,7 @@ class Supervisor:
                 continue
             assert engine.launch is not None  # self.engines are the launched ones
             try:
-                ENGINE_KINDS[engine.kind].launch().environment(engine.launch.device)  # type: ignore[union-attr]
+                ENGINE_KINDS[engine.kind].launch().environment(engine.launch.device)
             except Exception as err:  # LaunchUnsupported: say it for every engine at once
                 problems.append(f"engine {engine.name!r}: {err}")
         gpus_checked = not adopting and gpu_policy.gpu_required(self.cfg)

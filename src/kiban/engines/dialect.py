@@ -34,7 +34,7 @@ class Dialect:
 
     def path_bytes(self, endpoint: str) -> bytes:
         """:meth:`path_for` as bytes, for the request line (cached)."""
-        cache = self.__dict__.setdefault("_path_bytes", {})
+        cache: dict[str, bytes] = self.__dict__.setdefault("_path_bytes", {})
         path = cache.get(endpoint)
         if path is None:
             path = cache[endpoint] = self.path_for(endpoint).encode()
@@ -152,7 +152,7 @@ def _gbnf_literal(text: str) -> str:
     return '"' + escaped.replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
-def _message_of(data: dict, err: object) -> str | None:
+def _message_of(data: dict[str, Any], err: object) -> str | None:
     for candidate in (err, data.get("message"), data.get("detail")):
         if isinstance(candidate, str) and candidate:
             return candidate

@@ -414,12 +414,12 @@ def llamacpp_spec(name: str, extra_cmake_flags: tuple[str, ...] = ()) -> EnvSpec
     unused = tuple(f"--exclude={_LLAMACPP_SOURCE}/{part}" for part in _LLAMACPP_UNUSED)
     requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
     pip_download = ("{python}", "-m", "pip", "download", "{pip_extra}", "--no-deps")
-    pip_download += ("--no-binary", ":all:", "--dest", src)
+    sdist_only = ("--no-binary", ":all:", "--dest", src)
     configure = ("cmake", "-S", f"{src}/{_LLAMACPP_SOURCE}", "-B", build, *LLAMACPP_CMAKE_FLAGS)
     return EnvSpec(
         name=name,
         steps=(
-            Step(f"pip download {requirement} (sdist)", (*pip_download, requirement)),
+            Step(f"pip download {requirement} (sdist)", (*pip_download, *sdist_only, requirement)),
             Step(
                 "unpack vendor/llama.cpp",
                 ("tar", "-xzf", f"{src}/{_LLAMACPP_SDIST}", "-C", src, *unused, _LLAMACPP_SOURCE),

@@ -123,14 +123,14 @@ class VLLMDialect(Dialect):
         on the request, and ``response_format`` for json_object.
         """
         if _uses_current_api(config):
-            value = {
+            builders: dict[str, Callable[[], dict[str, Any]]] = {
                 "json_schema": lambda: {"json": constraint.schema},
                 "json_object": lambda: {"json_object": True},
                 "regex": lambda: {"regex": constraint.pattern},
                 "choice": lambda: {"choice": list(constraint.choices)},
                 "grammar": lambda: {"grammar": constraint.grammar},
-            }[constraint.kind]()
-            return {"structured_outputs": value}
+            }
+            return {"structured_outputs": builders[constraint.kind]()}
         if constraint.kind == "json_object":
             return {"response_format": {"type": "json_object"}}
         return {
@@ -490,6 +490,11 @@ _QWEN2_INT4_TRAP = (
     "40% -> 0%); "
     "prefer an 8-bit KV cache"
 )
+
+
+def _capability(target: PlanTarget) -> tuple[int, ...]:
+    """The GPU's compute capability, () when unknown or on the CPU."""
+    return (target.gpu.compute_capability or ()) if target.gpu is not None else ()
 
 
 def _vllm_dtype(spec: ModelSpec, target: PlanTarget) -> str:
