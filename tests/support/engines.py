@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiban.engines.llamacpp import LlamaCpp
+from kiban.engines.llamacpp import LlamaCppStartupLog
 from kiban.processes import stat_fields
 from tests.support.reaper import REAPER
 
@@ -398,7 +398,7 @@ def llamacpp_server(
         "--fit",
         "off",
         "--metrics",
-        *LlamaCpp.startup_log_args,
+        *LlamaCppStartupLog.args,
         *extra_args,
     ]
     log = log_dir / f"llamacpp-{served_name}-{port}.log"

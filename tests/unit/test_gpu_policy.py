@@ -12,7 +12,7 @@ import pytest
 from kiban import gpus
 from kiban.config import parse_config
 from kiban.deploy import gpu_policy
-from kiban.engines.base import StartupReport
+from kiban.engines.telemetry import StartupReport
 from tests.support.fake_nvml import FakeGpu, fake_nvml
 
 GIB = 1024**3

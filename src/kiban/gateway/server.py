@@ -41,7 +41,7 @@ import uvicorn
 from kiban.config import ConfigError, KibanConfig, load_config
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
-from kiban.gateway.http import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
+from kiban.gateway.server_protocol import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
 from kiban.planning.plan import plan_view
 from kiban.processes import ProcessId
 from kiban.run_state import RunDir, write_atomically

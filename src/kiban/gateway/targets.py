@@ -10,14 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kiban.gateway.upstreams import Upstream
+from kiban.gateway.engines import Engine
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     """An engine of a route and the model name to send it."""
 
-    upstream: Upstream
+    engine: Engine
     model: str
 
 
