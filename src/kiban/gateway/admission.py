@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from kiban.gateway import errors
 from kiban.gateway.asgi import Scope
 from kiban.gateway.auth import Grant
 from kiban.gateway.errors import APIError
@@ -56,24 +57,14 @@ def authorize(live: Live, metrics: Metrics, authorization: bytes | None) -> Gran
     grant = live.keys.grant_for(authorization)
     if grant is None:
         metrics.auth_rejections.inc()
-        raise APIError(
-            401,
-            "missing or invalid API key; send 'Authorization: Bearer <key>'",
-            "authentication_error",
-            code="invalid_api_key",
-        )
+        raise errors.invalid_api_key()
     return grant
 
 
 def check_content_type(content_type: bytes | None) -> None:
     """415 unless the body is declared as JSON (or not declared at all)."""
     if content_type is not None and not _is_json(content_type):
-        raise APIError(
-            415,
-            f"Content-Type {content_type.decode('latin-1')[:100]!r} is not accepted; "
-            "send the body as JSON with 'Content-Type: application/json'",
-            code="unsupported_media_type",
-        )
+        raise errors.unsupported_media_type(content_type)
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -81,9 +72,9 @@ def parse_json(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as err:
-        raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+        raise errors.invalid_json(err) from None
     if not isinstance(payload, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        raise errors.invalid_json()
     return payload
 
 
@@ -91,20 +82,12 @@ def route_for(live: Live, grant: Grant, payload: dict[str, Any]) -> tuple[str, R
     """The requested model and its route, if the key may use it."""
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(
-            400, "'model' is required and must be a string", param="model", code="missing_model"
-        )
+        raise errors.missing_model()
     route = live.router.route_for(model)
     if route is None:
-        available = ", ".join(live.router.public_models)
-        raise APIError(
-            404,
-            f"model {model!r} does not exist; available models: {available}",
-            param="model",
-            code="model_not_found",
-        )
+        raise errors.model_not_found(model, live.router.public_models)
     if grant.routes is not None and route.name not in grant.routes:
-        raise _not_allowed(live, grant, model)
+        raise errors.model_not_allowed(model, models_allowed(live, grant))
     return model, route
 
 
@@ -112,7 +95,7 @@ def stream_flag(payload: dict[str, Any]) -> bool:
     """Whether the client asked for a stream; 400 when ``stream`` is not a boolean."""
     stream = payload.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", param="stream")
+        raise errors.invalid_stream()
     return bool(stream)
 
 
@@ -127,9 +110,7 @@ def structured_for(
     try:
         return live.structured.prepare(payload, route)
     except RecursionError:
-        raise answered_by(
-            APIError(400, "the structured-output constraint is nested too deeply", code="too_deep")
-        ) from None
+        raise answered_by(errors.too_deep()) from None
     except APIError as err:
         raise answered_by(err) from None
 
@@ -156,17 +137,6 @@ def models_allowed(live: Live, grant: Grant) -> list[str]:
         for name in live.router.public_models
         if (route := live.router.route_for(name)) is not None and route.name in grant.routes
     ]
-
-
-def _not_allowed(live: Live, grant: Grant, model: str) -> APIError:
-    allowed = models_allowed(live, grant)
-    return APIError(
-        403,
-        f"this API key may not use model {model!r}; it may use: {', '.join(allowed) or 'none'}",
-        "permission_error",
-        param="model",
-        code="model_not_allowed",
-    )
 
 
 def _is_json(content_type: bytes) -> bool:

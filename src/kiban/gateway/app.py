@@ -28,7 +28,7 @@ from typing import Any
 
 from kiban.config import KibanConfig
 from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
-from kiban.gateway import endpoints
+from kiban.gateway import endpoints, errors
 from kiban.gateway.admission import (
     Admitted,
     auth_and_type,
@@ -47,7 +47,7 @@ from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
 from kiban.gateway.console import Console
 from kiban.gateway.disconnect import end_stream, run_until_disconnect
 from kiban.gateway.engine_load import LoadScraper
-from kiban.gateway.errors import APIError
+from kiban.gateway.errors import APIError, ErrorCode
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.limits import (
     LimitStore,
@@ -215,18 +215,18 @@ class Gateway:
             endpoint = _INFERENCE.get(path)
             if endpoint is not None:
                 if method != "POST":
-                    raise _method_not_allowed(method, path, "POST")
+                    raise errors.method_not_allowed(method, path, "POST")
                 await self.inference(scope, receive, send, endpoint, request_id)
             elif path in endpoints.PATHS:
                 if method not in ("GET", "HEAD"):
-                    raise _method_not_allowed(method, path, "GET")
+                    raise errors.method_not_allowed(method, path, "GET")
                 await endpoints.answer_get(self, scope, send, path, request_id)
             elif path.startswith(CONSOLE_PREFIXES):
                 if method not in ("GET", "HEAD"):
-                    raise _method_not_allowed(method, path, "GET")
+                    raise errors.method_not_allowed(method, path, "GET")
                 await self.console.handle(scope, send, path, request_id)
             else:
-                raise APIError(404, f"unknown path {path!r}", code="unknown_path")
+                raise errors.unknown_path(path)
         except APIError as err:
             headers = [*_JSON, (b"x-request-id", request_id.encode()), *err.headers]
             await send_response(send, err.status, err.body(), headers)
@@ -234,12 +234,7 @@ class Gateway:
             pass
         except Exception:
             log.exception("internal error answering request %s", request_id)
-            error = APIError(
-                500,
-                f"internal error in the gateway (request id {request_id}); see its log",
-                "server_error",
-                code="internal_error",
-            )
+            error = errors.internal_error(request_id)
             headers = [*_JSON, (b"x-request-id", request_id.encode()), (b"connection", b"close")]
             with contextlib.suppress(Exception):  # the response may have started already
                 await send_response(send, 500, error.body(), headers)
@@ -305,13 +300,11 @@ class Gateway:
                 ex.error = "client_disconnected"
         except APIError as err:
             ex.status = err.status
-            ex.error = err.code or err.type
+            ex.error = err.error.label
             if ex.structured is not None:
                 answered_by(err)
-            if err.code == "engines_saturated":
-                self.metrics.rate_limited(route.name, "engine_concurrency")
-            elif err.code == "queue_timeout":
-                self.metrics.rate_limited(route.name, "engine_queue_timeout")
+            if err.error.rate_limit is not None:
+                self.metrics.rate_limited(route.name, err.error.rate_limit)
             raise
         except asyncio.CancelledError:
             # only the server's shutdown deadline cancels a request task
@@ -323,8 +316,8 @@ class Gateway:
             if not ex.committed:
                 raise
             log.exception("internal error relaying request %s", ex.request_id)
-            ex.error = "internal_error"
-            await end_stream(send, "internal error in the gateway", "internal_error")
+            ex.error = ErrorCode.INTERNAL_ERROR.label
+            await end_stream(send, "internal error in the gateway", ErrorCode.INTERNAL_ERROR)
 
     async def settle(self, admitted: Admitted, live: Live) -> None:
         """Metrics, the request log and usage; the key's token budget trued up to what was used."""
@@ -345,14 +338,7 @@ class Gateway:
         self.metrics.rate_limited(route.name, which)
         self.usage.rejected(grant.name, which)
         seconds = max(1, math.ceil(wait))
-        raise APIError(
-            429,
-            f"this API key is over its {which} limit ({getattr(grant.limits, which)}); "
-            f"retry in {seconds} s",
-            "rate_limit_error",
-            code="rate_limit_exceeded",
-            headers=[(b"retry-after", str(seconds).encode())],
-        )
+        raise errors.rate_limit_exceeded(which, getattr(grant.limits, which), seconds)
 
     def _record(self, ex: Exchange, route: str, live: Live) -> None:
         elapsed = time.perf_counter() - ex.started
@@ -372,12 +358,3 @@ def _client_request_id(scope: Scope) -> str | None:
         if name == b"x-request-id" and _REQUEST_ID.match(value):
             return value.decode()
     return None
-
-
-def _method_not_allowed(method: str, path: str, allowed: str) -> APIError:
-    return APIError(
-        405,
-        f"method {method} is not allowed on {path}; use {allowed}",
-        code="method_not_allowed",
-        headers=[(b"allow", allowed.encode())],
-    )
