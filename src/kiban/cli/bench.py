@@ -96,23 +96,13 @@ def bench(
 
     from kiban.bench.report import render, to_json
     from kiban.bench.runner import LoadRunner, LoadShape
-    from kiban.bench.workload import (
-        DEFAULT_PROMPT,
-        ENDPOINT_PATHS,
-        Target,
-        Workload,
-        WorkloadError,
-        parse_header,
-    )
+    from kiban.bench.workload import DEFAULT_PROMPT, ENDPOINT_PATHS, Target, Workload, parse_header
 
     chosen = next((e for e in ENDPOINT_PATHS if e == endpoint), None)
     if endpoint is not None and chosen is None:
         raise fail(f"--endpoint: expected chat or completions (got {endpoint!r})")
-    try:
-        target = Target.from_url(url, chosen)
-        headers = tuple(parse_header(h) for h in header or ())
-    except WorkloadError as err:
-        raise fail(str(err)) from None
+    target = Target.from_url(url, chosen)
+    headers = tuple(parse_header(h) for h in header or ())
     prompts = _prompts(prompt, prompt_file) or (DEFAULT_PROMPT,)
     body = _extra_body(extra_body)
     if requests is None and duration is None:

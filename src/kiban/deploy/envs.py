@@ -46,6 +46,7 @@ from kiban.engines.llamacpp import LLAMA_CPP_COMMIT
 from kiban.engines.lmdeploy import PINNED_VERSION as LMDEPLOY_VERSION
 from kiban.engines.sglang import PINNED_VERSION as SGLANG_VERSION
 from kiban.engines.vllm import PINNED_VERSION as VLLM_VERSION
+from kiban.errors import KibanError
 
 MARKER = ".kiban-env.json"
 LOCAL_WHEELS = Path("/opt/wheels")
@@ -216,8 +217,10 @@ ENGINE_ENVS["llamacpp-cpu"] = llamacpp_spec("llamacpp-cpu")
 ENGINE_ENVS["llamacpp-cuda"] = llamacpp_spec("llamacpp-cuda", LLAMACPP_CUDA_FLAGS)
 
 
-class EnvInstallError(RuntimeError):
+class EnvInstallError(KibanError, RuntimeError):
     """A build step failed; the message names the step and ends with its output tail."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
+from kiban.errors import KibanError
 from kiban.gateway.errors import error_body
 from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
 from kiban.planning.specs import ModelSpec
@@ -49,7 +50,7 @@ class EngineOption:
     help: str = ""
 
 
-class LaunchUnsupported(Exception):
+class LaunchUnsupported(KibanError):
     """kiban cannot start this engine kind (or not on this device); the message says why."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from kiban.errors import KibanError
 from kiban.gateway import errors
 
 Scope = MutableMapping[str, Any]
@@ -13,7 +14,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(KibanError):
     """The client went away before its request body arrived."""
 
 

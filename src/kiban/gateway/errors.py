@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from kiban.errors import KibanError
+
 _INVALID = "invalid_request_error"
 _RATE = "rate_limit_error"
 _OUTPUT = "invalid_response_error"
@@ -120,7 +122,7 @@ def error_event(
     return b"data: " + error_body(message, type_, code=code, extra=extra) + b"\n\n"
 
 
-class APIError(Exception):
+class APIError(KibanError):
     """An error kiban answers itself; build one with the constructors below."""
 
     def __init__(
