@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,7 +17,7 @@ from kiban.errors import KibanError
 class _Commands(TyperGroup):
     """The command group: a :class:`KibanError` from any command is reported here, once."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: Any) -> Any:  # a typer Context (typer vendors its own click)
         try:
             return super().invoke(ctx)
         except KibanError as err:

@@ -101,6 +101,9 @@ class ErrorCode(StrEnum):
     STRUCTURED_OUTPUT_NOT_A_CHOICE = ("structured_output_not_a_choice", 422, _OUTPUT)
 
 
+_BY_CODE: dict[str, ErrorCode] = {code.value: code for code in ErrorCode}
+
+
 def error_body(
     message: str,
     type_: str,
@@ -360,4 +363,4 @@ def invalid_structured_output(
     code: str, message: str, param: str | None, extra: dict[str, object]
 ) -> APIError:
     """The engine's output failed verification; *code* is ``OutputFailure.code``."""
-    return APIError(ErrorCode(code), message, param=param, extra=extra)
+    return APIError(_BY_CODE[code], message, param=param, extra=extra)

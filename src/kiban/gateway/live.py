@@ -120,8 +120,9 @@ class Reloader:
                 log.error("reload rejected: %s: %s", err.source, problem)
             log.error("reload rejected; the previous configuration keeps serving")
             gw.metrics.reloads.labels("rejected").inc()
-            self._report(old, False, err.problems, [])
-            return err.problems
+            problems = list(err.problems)
+            self._report(old, False, problems, [])
+            return problems
         fresh = _swap_engines(old, live)
         if gw.health is not None:
             await asyncio.gather(*(gw.health.check(u) for u in fresh))
