@@ -30,6 +30,7 @@ from pydantic import (
 
 from kiban.cpulist import parse_cpu_list
 from kiban.engines import ENGINE_KINDS
+from kiban.errors import KibanError
 from kiban.structured.validator import CompiledSchema, SchemaError
 
 Strategy = Literal[
@@ -46,13 +47,16 @@ _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(Exception):
+class ConfigError(KibanError):
     """One or more problems in a configuration, each naming its key path."""
 
     def __init__(self, problems: list[str], source: str = "configuration") -> None:
         self.problems = problems
         self.source = source
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def summary(self) -> str:
+        return f"{self.source} is invalid:"
 
 
 class _Strict(BaseModel):

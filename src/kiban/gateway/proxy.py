@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from kiban.gateway import errors
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.continuation import Continuer, StreamRecord, record_for
 from kiban.gateway.engine_client import (
@@ -198,14 +199,11 @@ class Proxy:
         target = min(queueable, key=lambda t: len(t.engine.waiters))
         if not await target.engine.wait_for_slot():
             engine = target.engine
-            raise APIError(
-                429,
-                f"no engine of model {route.name!r} had a free slot within the queue timeout: "
-                f"waited {engine.config.queue_timeout_s:g} s for engine {engine.name!r} "
-                f"(its queue_timeout_s; max_concurrency {engine.config.max_concurrency})",
-                "rate_limit_error",
-                code="queue_timeout",
-                headers=[(b"retry-after", b"1")],
+            raise errors.queue_timeout(
+                route.name,
+                engine.name,
+                engine.config.queue_timeout_s,
+                engine.config.max_concurrency,
             )
         return target
 
@@ -584,20 +582,16 @@ class Proxy:
     @staticmethod
     def _nothing_available(route: Route, needs_images: bool) -> APIError:
         if needs_images and not any(t.engine.accepts_images for t in route.targets):
-            return APIError(
-                400,
-                f"model {route.name!r} has no engine that accepts image inputs; "
-                "send text only or use a vision-language route",
-                param="messages",
-                code="images_not_supported",
-            )
+            return errors.images_not_supported(route.name)
         healthy = [t for t in route.targets if t.engine.healthy]
         if healthy and all(
             t.engine.outstanding >= t.engine.config.max_concurrency for t in healthy
         ):
             return _saturated(route, healthy)
         names = ", ".join(t.engine.name for t in route.targets)
-        return _no_healthy_engine(f"no healthy engine for model {route.name!r} (engines: {names})")
+        return errors.no_healthy_engine(
+            f"no healthy engine for model {route.name!r} (engines: {names})"
+        )
 
     @staticmethod
     def _all_failed(
@@ -605,55 +599,33 @@ class Proxy:
     ) -> APIError:
         last = failures[-1][1]
         summary = "; ".join(f.message for _, f in failures)
+        param = structured.constraint.source if structured else None
         output = next((f for _, f in reversed(failures) if f.reason == "invalid_output"), None)
         if output is not None and output.output is not None:
             attempts = sum(1 for _, f in failures if f.reason == "invalid_output")
-            return APIError(
-                422,
+            return errors.invalid_structured_output(
+                output.output.code,
                 f"no valid structured output after {attempts} attempt(s): {summary}",
-                "invalid_response_error",
-                param=structured.constraint.source if structured else None,
-                code=output.output.code,
-                extra=_output_extra(output.output),
+                param,
+                _output_extra(output.output),
             )
         if all(f.reason == "rejected" for _, f in failures):
-            return APIError(
-                400,
-                summary,
-                param=structured.constraint.source if structured else None,
-                code="structured_output_rejected",
-            )
+            return errors.structured_output_rejected(summary, param)
         if last.reason in ("status", "context_length"):
-            return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
+            return errors.engine_error(last.status, summary, last.headers, last.body)
         if last.reason == "timeout":
-            return APIError(504, summary, "timeout", code="upstream_timeout")
-        return _no_healthy_engine(summary)
-
-
-def _no_healthy_engine(message: str) -> APIError:
-    return APIError(
-        503,
-        message,
-        "service_unavailable",
-        code="no_healthy_engine",
-        headers=[(b"retry-after", b"5")],
-    )
+            return errors.upstream_timeout(summary)
+        return errors.no_healthy_engine(summary)
 
 
 def _saturated(route: Route, targets: list[Target]) -> APIError:
-    busy = "; ".join(
+    busy = [
         f"engine {t.engine.name!r} has {t.engine.outstanding} of max_concurrency "
         f"{t.engine.config.max_concurrency} in flight and {len(t.engine.waiters)} of "
         f"max_queue {t.engine.config.max_queue} waiting"
         for t in targets
-    )
-    return APIError(
-        429,
-        f"every engine of model {route.name!r} is at its concurrency limit: {busy}",
-        "rate_limit_error",
-        code="engines_saturated",
-        headers=[(b"retry-after", b"1")],
-    )
+    ]
+    return errors.engines_saturated(route.name, busy)
 
 
 def _timeout_message(engine: str, what: str, timeouts: Any) -> str:

@@ -17,10 +17,12 @@ from typing import Any
 
 import orjson
 
+from kiban.errors import KibanError
+
 _FIELDS = (b"event:", b"id:", b"retry:", b":")
 
 
-class MalformedEvent(ValueError):
+class MalformedEvent(KibanError, ValueError):
     """An event that is not well-formed SSE carrying a JSON object or ``[DONE]``."""
 
 
