@@ -17,11 +17,8 @@ over the engines rather than piling onto one (sgl-project/sglang#14305).
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
-from itertools import accumulate
-from operator import xor
 from typing import TYPE_CHECKING
 
 from kiban.config import CacheAwarePolicy
@@ -39,6 +36,7 @@ def load_of(target: Target) -> int:
 
 
 FIRST_BOUNDARY = 512
+_PROMPT_KEYS = (b'"messages"', b'"prompt"')
 
 
 def _boundaries(limit: int = 1 << 40) -> tuple[int, ...]:
@@ -52,27 +50,29 @@ def _boundaries(limit: int = 1 << 40) -> tuple[int, ...]:
 BOUNDARIES = _boundaries()
 
 
-#: the prompt's segments between two cuts, from the prompt's first byte
-SEGMENTS = tuple(slice(a, b) for a, b in zip((0, *BOUNDARIES), BOUNDARIES, strict=False))
-
-
 def prompt_start(body: bytes) -> int:
     """Offset of the prompt's key in *body* (messages, else prompt), -1 without one."""
-    at = body.find(b'"messages"')
-    return at if at >= 0 else body.find(b'"prompt"')
+    for key in _PROMPT_KEYS:
+        at = body.find(key)
+        if at >= 0:
+            return at
+    return -1
 
 
 def prefix_keys(body: bytes, start: int) -> list[int]:
-    """Keys of the prompt's prefixes from *start*, shortest first (none under 512 bytes).
-
-    Key *i* is the XOR of the hashes of segments 0..i. Segments have distinct
-    lengths, so no two of one prompt cancel, and equal keys mean equal
-    prefixes but for a 64-bit hash collision (an approximate index: a wrong
-    guess costs a prefill).
-    """
-    prompt = body[start:]
-    cuts = SEGMENTS[: bisect_right(BOUNDARIES, len(prompt))]
-    return list(accumulate(map(hash, map(prompt.__getitem__, cuts)), xor))
+    """Keys of the prompt's prefixes from *start*, shortest first (none under 512 bytes)."""
+    keys: list[int] = []
+    length = len(body) - start
+    h = 0
+    prev = start
+    for size in BOUNDARIES:
+        if size > length:
+            break
+        end = start + size
+        h = hash((h, body[prev:end]))  # chained: equal keys mean equal prefixes
+        keys.append(h)
+        prev = end
+    return keys
 
 
 def _noop() -> None:
