@@ -3,7 +3,7 @@
 Per request: ``Usage.record`` (the key's Prometheus series and its (key, hour)
 cell in memory), in one process and in multiprocess mode (``--workers N``,
 values in mmap files). Per stream: ``ask_for_usage`` (``include_usage``
-spliced into the body) and ``UsageEventDropper.feed`` over a stream's chunks
+spliced into the body) and ``EventStream(drop_usage=True).feed`` over a stream's chunks
 (130 content events, then the usage event and ``[DONE]``). Off the path: one
 flush of *keys* key-hours to a fresh SQLite file.
 
@@ -69,22 +69,22 @@ def _splice(n: int) -> float:
 
 
 def _drop(n: int) -> float:
-    from kiban.gateway.stream_usage import UsageEventDropper
+    from kiban.gateway.sse import EventStream
 
     chunks = [CHUNK] * 130 + [USAGE + DONE]
     streams = max(1, n // 100)
     start = time.process_time_ns()
     for _ in range(streams):
-        dropper = UsageEventDropper()
+        events = EventStream(drop_usage=True)
         for chunk in chunks:
-            dropper.feed(chunk)
+            events.feed(chunk)
     return (time.process_time_ns() - start) / streams
 
 
 def measure(requests: int, repeats: int) -> dict[str, float]:
     results = {"Usage.record, per request": min(_record(requests) for _ in range(repeats))}
     results["ask_for_usage, per stream"] = min(_splice(requests) for _ in range(repeats))
-    results["dropper over 131 chunks, per stream"] = min(_drop(requests) for _ in range(repeats))
+    results["drop_usage over 131 chunks, per stream"] = min(_drop(requests) for _ in range(repeats))
     return {k: round(v, 1) for k, v in results.items()}
 
 

@@ -17,6 +17,7 @@ from kiban.engines.base import (
     EngineMetricNames,
     LaunchTarget,
     StartupReport,
+    TokenCount,
     choice_gbnf,
 )
 from kiban.planning.kv import KvFormat, blocks, plain
@@ -88,6 +89,10 @@ class LlamaCpp(EngineKind):
     """llama-server answers /health with 503 while the model loads, 200 when ready."""
 
     name = "llamacpp"
+    #: llama-server b11312 ignores ``continuous_usage_stats``, but with ``timings_per_token``
+    #: every event carries ``timings.predicted_n``, the tokens generated so far (seen on the
+    #: pinned build: a character of two tokens is one event with predicted_n 2, 4, ...)
+    token_count = TokenCount({"timings_per_token": True}, "timings", "predicted_n")
 
     # -- continuation --
 

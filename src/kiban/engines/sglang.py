@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kiban.engines.base import (
+    CONTINUOUS_USAGE,
     ContainerImage,
     EngineKind,
     EngineMetricNames,
@@ -47,6 +48,9 @@ class SGLang(EngineKind):
     """SGLang serves the OpenAI routes and GET /health."""
 
     name = "sglang"
+    #: SGLang 0.5.23 puts the usage so far on every event for ``continuous_usage_stats``
+    #: (sglang/srt/entrypoints/openai/serving_chat.py, should_include_usage)
+    token_count = CONTINUOUS_USAGE
 
     # -- continuation --
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiban.cpulist import format_cpu_list
 from kiban.engines.base import (
+    CONTINUOUS_USAGE,
     ContainerImage,
     EngineKind,
     EngineMetricNames,
@@ -61,6 +62,10 @@ class VLLM(EngineKind):
     """vLLM answers GET /health with 200 once the engine loop runs."""
 
     name = "vllm"
+    #: with ``include_usage`` and ``continuous_usage_stats`` every event carries the usage so
+    #: far, ``completion_tokens`` counting tokens whose text the event may merge
+    #: (vllm/entrypoints/openai/chat_completion/serving.py, include_continuous_usage)
+    token_count = CONTINUOUS_USAGE
 
     # -- continuation --
 
