@@ -30,13 +30,7 @@ from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.gateway.upstream_http import (
-    ConnectTimeout,
-    Deadline,
-    Dropped,
-    UpstreamError,
-    describe,
-)
+from kiban.gateway.upstream_http import ConnectTimeout, Deadline, Dropped, UpstreamError, describe
 from kiban.gateway.upstream_http import Exchange as EngineResponse
 from kiban.gateway.upstreams import Upstream
 from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
