@@ -39,7 +39,6 @@ class EventStream:
 
     __slots__ = (
         "_count",
-        "_cut",
         "_drop_usage",
         "_pending",
         "_seen",
@@ -65,7 +64,6 @@ class EventStream:
         self._seen: set[int] = set()  # choice indexes seen
         self._count = count
         self._strip = strip and count is not None
-        self._cut = b',"' + count[0].encode() + b'":{' if count is not None else b""
         self._drop_usage = drop_usage
         self.finished: set[int] = set()  # choice indexes with a finish_reason
         self.done = False
@@ -170,7 +168,8 @@ class EventStream:
                     if type(n) is int:
                         self.generated = n
                     if self._strip:
-                        return b"data: " + _without(payload, self._cut, key, obj) + b"\n\n"
+                        del obj[key]  # dumped again: faster than cutting the bytes in Python
+                        return b"data: " + orjson.dumps(obj) + b"\n\n"
         elif self._drop_usage and choices == [] and type(usage) is dict:
             return b""
         return True
@@ -184,22 +183,6 @@ class EventStream:
         """The engine ended the stream: what is left must be nothing but blank lines."""
         if self._pending.strip():
             raise MalformedEvent(f"the stream ended inside an event: {_show(self._pending)}")
-
-
-def _without(payload: bytes, cut: bytes, key: str, obj: dict[str, Any]) -> bytes:
-    """An event's JSON without its member *key* (an object of numbers).
-
-    Cut out of the bytes where it is the last member and holds no object, as vLLM
-    and llama.cpp write their per-event usage and timings (no re-serialisation);
-    otherwise *obj* is dumped again without it. *cut*: ``,"key":{``.
-    """
-    at = payload.rfind(cut)
-    if at > 0 and payload[-2:] == b"}}":
-        inner = payload[at + len(cut) : -2]
-        if b"{" not in inner and b"}" not in inner:
-            return payload[:at] + b"}"
-    del obj[key]
-    return orjson.dumps(obj)
 
 
 def _data_of(event: bytes) -> bytes | None:
