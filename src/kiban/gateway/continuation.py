@@ -433,10 +433,13 @@ def _wants_usage(payload: dict[str, Any]) -> bool:
 
 def _count_of(obj: dict[str, Any], count: tuple[str, str] | None) -> int | None:
     """The engine's count of the tokens generated so far on one event (None: none there)."""
-    counted = obj.get(count[0]) if count is not None else None
+    if count is None:
+        return None
+    key, name = count
+    counted = obj.get(key)
     if not isinstance(counted, dict):
         return None
-    n = counted.get(count[1])
+    n = counted.get(name)
     return n if type(n) is int else None
 
 

@@ -85,8 +85,8 @@ class EventStream:
             if data[-1:] != b"\n":  # one data line and a blank line: the usual read
                 self._pending = data
                 return b""
-            kept = self._take(data[6:-2])
-            return data if kept is True else kept or b""
+            taken = self._take(data[6:-2])
+            return data if taken is True else taken or b""
         if self._pending:
             data = self._pending + data
         if b"\r" in data:
