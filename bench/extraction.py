@@ -48,7 +48,11 @@ sys.path.insert(0, str(ROOT))
 
 from kiban.models.smollm2 import ensure_smollm2  # noqa: E402
 from tests.support.engines import free_port  # noqa: E402
-from tests.support.extraction_cases import MODELS, generate_cases, integration_subset  # noqa: E402
+from tests.support.extraction_cases import (  # noqa: E402
+    MODELS,
+    SUBSET_PER_SCHEMA,
+    generate_cases,
+)
 from tests.support.extraction_run import MODES, ExtractionClient  # noqa: E402
 
 KIBAN = Path(sys.executable).with_name("kiban")
@@ -214,13 +218,15 @@ def summary_row(engine: str, mode: str, recs: list[dict[str, Any]]) -> list[str]
     ]
 
 
-def floor_for_subset(recs: list[dict[str, Any]], size: int, draws: int = 20000) -> float:
-    """1st percentile of the field accuracy of *size* English cases drawn at random (bootstrap)."""
-    en = [r for r in recs if r["lang"] == "en"]
+def floor_for_subset(recs: list[dict[str, Any]], per_schema: int, draws: int = 20000) -> float:
+    """1st percentile of the field accuracy of *per_schema* English cases of each model drawn
+    at random (bootstrap, stratified like `integration_subset`)."""
+    by_schema = [[r for r in recs if r["lang"] == "en" and r["schema"] == s] for s in MODELS]
+    by_schema = [pool for pool in by_schema if pool]
     rng = random.Random(0)
     means = []
     for _ in range(draws):
-        sample = [rng.choice(en) for _ in range(size)]
+        sample = [rng.choice(pool) for pool in by_schema for _ in range(per_schema)]
         means.append(sum(r["correct"] for r in sample) / sum(r["fields"] for r in sample))
     return _pct(means, 0.01)
 
@@ -259,13 +265,13 @@ def report(args: argparse.Namespace) -> None:
             print(
                 f"- {key[0]} {key[1]}: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items()))
             )
-    size = len(integration_subset())
     for key in (("llamacpp", "json_schema"), ("llamacpp", "extract")):
         if key in groups:
-            floor = floor_for_subset(groups[key], size)
+            floor = floor_for_subset(groups[key], SUBSET_PER_SCHEMA)
+            en = Counter(r["schema"] for r in groups[key] if r["lang"] == "en")
             print(
-                f"\n{key[0]} {key[1]}: 1st percentile of the accuracy of {size} random "
-                f"English cases (bootstrap): {100 * floor:.1f} %"
+                f"\n{key[0]} {key[1]}: 1st percentile of the field accuracy of {SUBSET_PER_SCHEMA} "
+                f"random English cases per model (bootstrap over {dict(en)}): {100 * floor:.1f} %"
             )
     print(
         f"\n{len(results)} outcomes from {args.out.relative_to(ROOT)}; "

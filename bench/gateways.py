@@ -69,7 +69,7 @@ class Placement:
         cpus = sorted(os.sched_getaffinity(0))
         self.pin = pin and len(cpus) >= 2
         self.generator = str(cpus[0]) if self.pin else None
-        self.upstream = str(cpus[0]) if self.pin else None
+        self.engine = str(cpus[0]) if self.pin else None
         self.gateway = str(cpus[1]) if self.pin else None
 
     def describe(self) -> str:
@@ -573,10 +573,10 @@ def main() -> None:
     info = machine()
     rows: list[dict[str, Any]] = []
     try:
-        nginx, nginx_url = targets.nginx(work, place.upstream)
-        sse, sse_url = targets.sse_upstream(work, place.upstream, args.stream_tokens)
+        nginx, nginx_url = targets.nginx(work, place.engine)
+        sse, sse_url = targets.sse_upstream(work, place.engine, args.stream_tokens)
         paced, paced_url = targets.sse_upstream(
-            work, place.upstream, args.ttft_tokens, args.ttft_interval
+            work, place.engine, args.ttft_tokens, args.ttft_interval
         )
         live += [nginx.start(), sse.start(), paced.start()]
         nginx.wait_ready(nginx_url + CHAT, _READY_BODY)

@@ -12,6 +12,7 @@ and then, after which the texts go separate ways.
 
     .venv/bin/python bench/model_agreement.py                     # bfloat16 and float32
     .venv/bin/python bench/model_agreement.py --dtype bfloat16 --max-tokens 64
+    .venv/bin/python bench/model_agreement.py --dtype bfloat16 --eager   # no torch.compile at start
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts")
     parser.add_argument("--show", action="store_true", help="print every pair of answers")
+    parser.add_argument(
+        "--eager", action="store_true", help="start vLLM with --enforce-eager (no compile)"
+    )
     args = parser.parse_args()
     prompts = PROMPTS[: args.prompts]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop engines
@@ -123,7 +127,14 @@ def main() -> None:
     for dtype in args.dtype or ("bfloat16", "float32"):
         hf_dir = ensure_smollm2(dtype=dtype, progress=print).hf_dir
         tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-        vllm = vllm_server(vllm_python, hf_dir, "smollm2", logs, max_model_len=2048).start(900)
+        vllm = vllm_server(
+            vllm_python,
+            hf_dir,
+            "smollm2",
+            logs,
+            max_model_len=2048,
+            extra_args=("--enforce-eager",) if args.eager else (),
+        ).start(900)
         other = answers(vllm, prompts, args.max_tokens)
         diffs = []
         for prompt, a, b in zip(prompts, reference, other, strict=True):

@@ -133,7 +133,7 @@ def main() -> None:
     guarded = _route("cache_aware")
     for request in first:
         guarded.candidates(False, request)
-    guarded.targets[0].upstream.outstanding = 12  # busiest 12, idlest 0: the guard decides
+    guarded.targets[0].engine.outstanding = 12  # busiest 12, idlest 0: the guard decides
     cases["cache_aware (guard)"] = (guarded, later)
     cases["session (key)"] = (_route("session"), later)
     cases["session (no key)"] = (_route("session"), no_key)

@@ -4,13 +4,13 @@
 #
 #   bench/device/build_llamacpp_cuda.sh SOURCE_TARBALL [TINY_GGUF]
 #
-# SOURCE_TARBALL: the llama-cpp-python sdist pinned in src/kiban/deploy/envs.py, or the
+# SOURCE_TARBALL: the llama-cpp-python sdist pinned in src/kiban/engines/llamacpp.py, or the
 #   slim repack of it that bench/device/pack_llamacpp_source.sh writes (the sdist is
 #   76 MB, over the 64 MiB a device call carries; the repack is about 11 MB).
 # TINY_GGUF (optional): a GGUF to start the built server on (f16 KV, then mixed
 #   q8_0/q4_0 KV, which needs GGML_CUDA_FA_QUANTS=all); start-up logs go to $OUT.
 #
-# The cmake flags come from kiban.deploy.envs (LLAMACPP_CMAKE_FLAGS and
+# The cmake flags come from kiban.engines.llamacpp (LLAMACPP_CMAKE_FLAGS and
 # LLAMACPP_CUDA_FLAGS), so this build is the one `ensure_engine_env("llamacpp-cuda")`
 # makes, for sm_90 only (90-real: no PTX), with Ninja where it is installed, and without
 # NCCL (GGML_CUDA_NCCL=OFF: layer-split engines copy between GPUs peer to peer, and no
@@ -34,7 +34,7 @@ budget=${BUILD_BUDGET_S:-500}
 mkdir -p "$out" "$work/src" "$work/bin"
 
 flags_text=$(PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" python3 -c '
-from kiban.deploy.envs import LLAMACPP_CMAKE_FLAGS, LLAMACPP_CUDA_FLAGS
+from kiban.engines.llamacpp import LLAMACPP_CMAKE_FLAGS, LLAMACPP_CUDA_FLAGS
 print(*LLAMACPP_CMAKE_FLAGS, *LLAMACPP_CUDA_FLAGS, sep="\n")')
 mapfile -t flags <<<"$flags_text"
 if [[ ${LLAMACPP_F16_KV_ONLY:-0} == 1 ]]; then

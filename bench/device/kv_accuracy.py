@@ -269,7 +269,7 @@ def run_one(args, model: Path, kv_type: str, out: Path) -> dict:
     # what `kiban up` runs: base command, the plan's flags, the log verbosity the
     # start-up report needs
     argv = [args.llama_server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            *plan.flags, *llamacpp.startup_log_args]  # fmt: skip
+            *plan.flags, *llamacpp.startup_log.args]  # fmt: skip
     log_path = out / f"llama-server-{kv_type}.log"
     _, used_before = nvml_used(-1)
     with log_path.open("wb") as log:
@@ -291,7 +291,7 @@ def run_one(args, model: Path, kv_type: str, out: Path) -> dict:
             proc.wait()
     log_text = log_path.read_text(errors="replace")
     buffers = log_buffers(log_text)
-    report = llamacpp.startup_report(log_text)
+    report = llamacpp.startup_log.report(log_text)
     predicted = plan.required_bytes
     return {
         "kv_type": kv_type,

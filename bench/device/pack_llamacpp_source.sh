@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the llama-cpp-python sdist pinned in src/kiban/deploy/envs.py and repack only the
+# Fetch the llama-cpp-python sdist pinned in src/kiban/engines/llamacpp.py and repack only the
 # llama.cpp sources that build llama-server (about 11 MB instead of 76 MB), so that they
 # fit in a device call (64 MiB) for bench/device/build_llamacpp_cuda.sh.
 #
@@ -9,7 +9,7 @@ dest=$(realpath "${1:?usage: pack_llamacpp_source.sh DEST_DIR}")
 cd "$(dirname "$0")/../.."
 py=.venv/bin/python; [[ -x $py ]] || py=python3  # kiban's imports need its dependencies
 version=$(PYTHONPATH=src "$py" -c \
-  'from kiban.deploy.envs import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
+  'from kiban.engines.llamacpp import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$py" -m pip download --no-binary :all: --no-deps --dest "$tmp" \

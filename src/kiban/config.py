@@ -334,7 +334,7 @@ class EngineConfig(_Strict):
     @field_validator("version")
     @classmethod
     def _version(cls, value: str | None) -> str | None:
-        from kiban.engines.base import parse_version
+        from kiban.engines.kind import parse_version
 
         if value is not None and parse_version(value) is None:
             raise ValueError("expected a release number such as 0.11.2")
@@ -589,7 +589,9 @@ def _describe_validation(err: ValidationError, raw: Any) -> list[str]:
 def _check_launch(key: str, engine: EngineConfig) -> list[str]:
     assert engine.launch is not None
     problems = []
-    takes_command = ENGINE_KINDS[engine.kind].takes_launch_command
+    takes_command = (
+        launcher := ENGINE_KINDS[engine.kind].launcher
+    ) is not None and launcher.takes_command
     if takes_command and engine.launch.command is None:
         problems.append(
             f"{key}.launch.command: required for kind {engine.kind!r} (the server's command "

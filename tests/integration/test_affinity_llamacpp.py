@@ -126,7 +126,7 @@ def test_guard_splits_one_hot_prompt_over_both_engines(gateway) -> None:
 
 def test_engine_load_reads_the_real_llamacpp_metrics(pair) -> None:
     text = httpx.get(f"{pair[0].base_url}/metrics", timeout=10).content
-    load = read_load(text, ENGINE_KINDS["llamacpp"].metric_names)
+    load = read_load(text, ENGINE_KINDS["llamacpp"].metrics.names)
     assert load.waiting == 0.0 and load.kv_usage is None  # idle; llama.cpp exports no KV use
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kiban.bench import LoadRunner, LoadShape, Summary, Workload
-from kiban.bench.workload import Target
+from kiban.bench.workload import Destination
 from tests.support.engines import EngineProcess, free_port
 from tests.support.gateway import KIBAN, REPO_ROOT, fault_upstream, gateway_process
 
@@ -71,7 +71,7 @@ def run(url: str, model: str, **kwargs) -> Summary:
     """One in-process run; *kwargs* go to Workload (stream, max_tokens, api_key) or LoadShape."""
     workload_keys = {"stream", "max_tokens", "api_key", "include_usage"}
     workload = Workload(
-        Target.from_url(url), model, **{k: v for k, v in kwargs.items() if k in workload_keys}
+        Destination.from_url(url), model, **{k: v for k, v in kwargs.items() if k in workload_keys}
     )
     shape = LoadShape(**{k: v for k, v in kwargs.items() if k not in workload_keys})
     recorder = asyncio.run(LoadRunner(workload, shape).run())

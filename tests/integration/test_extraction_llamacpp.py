@@ -6,18 +6,19 @@ the two enforced modes, json_schema through kiban and kiban.extract, greedy.
 
 Nothing kiban returns as a success may fail the schema (checked again here with
 jsonschema and Pydantic, independently of kiban). The field accuracy must reach
-`ACCURACY_FLOOR`. How it is set: the 1st percentile of the field accuracy of 24
-English cases drawn at random from a bench/extraction.py run's outcomes (20,000
-bootstrap draws, per mode, rounded down to a whole percent; `report` prints it), so
-that a working set-up falls below it about once in a hundred random subsets, while a
-broken conversion, template, tokenizer or schema translation falls far below.
+`ACCURACY_FLOOR`. How it is set: the 1st percentile of the field accuracy of 8 English
+cases per model drawn at random from a bench/extraction.py run's outcomes (20,000
+bootstrap draws, stratified like this subset, per mode, rounded down to a whole percent;
+`report` prints it), so that a working set-up falls below it about once in a hundred
+random subsets, while a broken conversion, template, tokenizer or schema translation
+falls far below.
 
-Measured 2026-12-01 on this very subset (bench/extraction.py, docs/structured-output.md):
-json_schema 33.7 % of the fields right on all 24 cases (flat 77.5 %, nested 26.4 %, list
-25.7 %), bootstrap 1st percentile 24.4 %; extract 34.9 % on 20 of the 24 (the last 4 list
-cases ran out of time), 24.9 %. Floor: 24 % for both modes. Greedy decoding makes the fixed
-subset score about the same on every run; the margin covers the few tokens that flip
-between runs on a busy machine.
+Measured 2026-12-01 (bench/extraction.py, docs/structured-output.md): json_schema on 32
+English cases (this subset and 8 more), 34.0 % of the fields right, bootstrap 1st
+percentile 23.9 %; extract on 20 of this subset's 24, 34.9 %, 25.4 %. This subset scores
+33.7 % (json_schema) and 34.9 % (extract). Floor: 23 % for both modes. Greedy decoding
+makes the fixed subset score about the same on every run; the margin covers the few
+tokens that flip between runs on a busy machine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tests.support.inprocess_gateway import running_gateway
 pytestmark = pytest.mark.engine
 
 #: per mode, see the module docstring for how they were set
-ACCURACY_FLOOR = {"json_schema": 0.24, "extract": 0.24}
+ACCURACY_FLOOR = {"json_schema": 0.23, "extract": 0.23}
 
 
 @pytest.fixture(scope="module")

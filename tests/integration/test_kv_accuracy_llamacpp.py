@@ -65,7 +65,7 @@ def test_kv_buffer_matches_llamacpp(
         log = engine.log_tail(10**7)
     finally:
         engine.stop()
-    report = ENGINE_KINDS["llamacpp"].startup_report(log)
+    report = ENGINE_KINDS["llamacpp"].startup_log.report(log)
     cells = int(flags["-c"])
     print(
         f"{kv_type}: planned {plan.kv_cache_bytes:,} B for {cells} cells; "

@@ -127,7 +127,7 @@ def test_kv_capacity_matches_vllm_cpu(case: Case, models, vllm_engine_factory) -
         log = engine.log_tail(10**7)
     finally:
         engine.stop()
-    report = ENGINE_KINDS["vllm"].startup_report(log)
+    report = ENGINE_KINDS["vllm"].startup_log.report(log)
     print(
         f"{case}: planned {plan.kv_tokens:,} tokens in {kv_gib} GiB "
         f"({plan.kv_bytes_per_token} B/token); vLLM reported {report.kv_cache_tokens:,}"

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from kiban.deploy.process import group_members
-from kiban.engines.llamacpp import MIB, LlamaCpp
+from kiban.engines.llamacpp import MIB, LlamaCppDialect, LlamaCppStartupLog
 from kiban.models.tiny import IM_END, IM_START, TinySpec, train_tokenizer
 from tests.support.engines import EngineProcess, EngineStartError
 from tests.support.openai_checks import assert_streamed_chat_with_usage
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.engine
 MODEL = "tiny"
 CTX = 2048
 MESSAGES = [{"role": "user", "content": "Say something about licences."}]
-ENGINE = LlamaCpp()
+STARTUP_LOG = LlamaCppStartupLog()
+DIALECT = LlamaCppDialect()
 SPEC = TinySpec()
 
 # Everything bounded (maxLength, maxItems, enum, integer range) so that guided decoding
@@ -79,7 +80,7 @@ def test_models_lists_the_alias(engine: EngineProcess) -> None:
 
 
 def test_startup_report_of_the_running_engine(engine: EngineProcess) -> None:
-    report = ENGINE.startup_report(engine.log_tail(10**7))
+    report = STARTUP_LOG.report(engine.log_tail(10**7))
     assert report.device == "cpu" and report.errors == []
     assert report.kv_cache_tokens == CTX
 
@@ -147,7 +148,7 @@ def test_errors_are_openai_shaped(client: OpenAI) -> None:
     error = json.loads(body)["error"]
     assert error["code"] == 400 and error["type"] == "invalid_request_error"
     assert "response_format type must be one of" in error["message"]
-    assert ENGINE.error_to_openai(400, body) == body
+    assert DIALECT.error_to_openai(400, body) == body
 
 
 def _kv_bytes_per_cell(type_k: str, type_v: str) -> float:
@@ -168,7 +169,7 @@ def test_kv_cache_size_matches_the_arithmetic(
     args = ("-fa", "on", "-ctk", type_k, "-ctv", type_v, *(["--kv-unified"] if unified else []))
     engine = llamacpp_engine_factory(tiny_gguf, "kv", ctx=ctx, parallel=2, extra_args=args)
     try:
-        report = ENGINE.startup_report(engine.log_tail(10**7))
+        report = STARTUP_LOG.report(engine.log_tail(10**7))
     finally:
         engine.stop()
     expected = ctx * _kv_bytes_per_cell(type_k, type_v)
@@ -184,7 +185,7 @@ def test_quantized_v_cache_without_flash_attention_fails(
     engine = llamacpp_engine_factory(tiny_gguf, "qv", start=False, extra_args=args)
     with pytest.raises(EngineStartError):
         engine.start(timeout=120)
-    report = ENGINE.startup_report(engine.log_tail(10**7))
+    report = STARTUP_LOG.report(engine.log_tail(10**7))
     assert report.errors[0].endswith("quantized V cache requires flash_attn to be enabled")
     assert report.kv_cache_bytes is None
 

@@ -59,7 +59,7 @@ def engine(vllm_engine_factory, tiny_model_dir: Path) -> EngineProcess:
     """vLLM with the launch flags kiban's vLLM module asks for (guidance, no free whitespace)."""
     entry = engine_entry("v", "http://127.0.0.1:1", options=BACKEND)
     cfg = parse_config({"engines": [entry], "routes": [{"model": "tiny", "engines": ["v"]}]})
-    args = ENGINE_KINDS["vllm"].structured_launch_args(cfg.engines[0])
+    args = ENGINE_KINDS["vllm"].launch().structured_args(cfg.engines[0])
     return vllm_engine_factory(tiny_model_dir, "tiny", extra_args=tuple(args))
 
 

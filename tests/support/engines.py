@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiban.deploy.process import stat_fields
-from kiban.engines.llamacpp import LlamaCpp
+from kiban.engines.llamacpp import LlamaCppStartupLog
 from tests.support.reaper import REAPER
 
 HEALTH_TIMEOUT_S = 300.0
@@ -398,7 +398,7 @@ def llamacpp_server(
         "--fit",
         "off",
         "--metrics",
-        *LlamaCpp.startup_log_args,
+        *LlamaCppStartupLog.args,
         *extra_args,
     ]
     log = log_dir / f"llamacpp-{served_name}-{port}.log"

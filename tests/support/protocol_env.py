@@ -11,7 +11,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from kiban.deploy.envs import ENGINE_ENVS, EngineEnv, EnvSpec, Step, ensure_engine_env, pip_install
+from kiban.deploy.envs import ENGINE_ENVS, EngineEnv, ensure_engine_env
+from kiban.engines.environment import EnvSpec, Step, pip_install
 from kiban.engines.lmdeploy import PINNED_VERSION as LMDEPLOY_VERSION
 from kiban.engines.sglang import PINNED_VERSION as SGLANG_VERSION
 

@@ -14,10 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiban.config import ConfigError, parse_config
+from kiban.gateway.engines import Circuit
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.prefix_affinity import BOUNDARIES, prefix_keys, prompt_start
 from kiban.gateway.routing import Route, Router
-from kiban.gateway.upstreams import Circuit
 
 ENGINES = ("a", "b", "c")
 
@@ -61,7 +61,7 @@ def _conversation(n: int, turns: int) -> list[Request]:
 
 
 def _pick(route: Route, request: Request) -> str:
-    return route.candidates(request=request)[0].upstream.name
+    return route.candidates(request=request)[0].engine.name
 
 
 # -- the prefix index ---------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_the_longest_matching_prefix_wins() -> None:
     first = _pick(route, _chat(base))
     longer = [*base, {"role": "user", "content": "u " * 600}]
     # b is idle and a (or whoever took the first) is not: least outstanding alone would move
-    route.targets[ENGINES.index(first)].upstream.outstanding = 2
+    route.targets[ENGINES.index(first)].engine.outstanding = 2
     assert _pick(route, _chat(longer)) == first
     # a third engine records a longer prefix of the same conversation, the next turn follows it
     other = next(n for n in ENGINES if n != first)
@@ -128,8 +128,8 @@ def test_guard_spreads_a_hot_prefix_when_load_is_unbalanced() -> None:
     taken: list[str] = []
     for _ in range(30):  # requests held in flight, as slow generations of one hot prompt
         target = route.candidates(request=hot)[0]
-        assert target.upstream.try_acquire()
-        taken.append(target.upstream.name)
+        assert target.engine.try_acquire()
+        taken.append(target.engine.name)
     load = Counter(taken)
     assert set(load) == set(ENGINES), load
     # the guard keeps the spread within balance_abs (4) of the idlest, plus the one that tips it
@@ -144,7 +144,7 @@ def test_only_healthy_closed_engines_below_their_limit_take_a_prefix() -> None:
     route = _route(router)
     chat = _conversation(0, 3)
     owner = _pick(route, chat[0])
-    upstream = router.upstreams[owner]
+    upstream = router.engines[owner]
     upstream.breaker.state = Circuit.OPEN
     upstream.breaker.opened_at = 1e18
     moved = _pick(route, chat[1])
@@ -178,8 +178,8 @@ def test_index_is_bounded_and_evictions_are_counted() -> None:
 def test_no_prompt_goes_to_the_least_outstanding_engine() -> None:
     router = _router("cache_aware")
     route = _route(router)
-    router.upstreams["a"].outstanding = 2
-    router.upstreams["c"].outstanding = 1
+    router.engines["a"].outstanding = 2
+    router.engines["c"].outstanding = 1
     assert _pick(route, _chat([{"role": "user", "content": "hi"}])) == "b"
 
 
@@ -226,12 +226,12 @@ def test_sessions_move_off_an_unhealthy_engine_and_come_back() -> None:
     router = _router("session")
     route = _route(router)
     before = {n: _pick(route, _session(f"s{n}")) for n in range(60)}
-    router.upstreams["a"].healthy = False
+    router.engines["a"].healthy = False
     during = {n: _pick(route, _session(f"s{n}")) for n in range(60)}
     assert "a" not in during.values()
     # consistent hashing: only a's sessions moved
     assert all(during[n] == before[n] for n in before if before[n] != "a")
-    router.upstreams["a"].healthy = True
+    router.engines["a"].healthy = True
     assert {n: _pick(route, _session(f"s{n}")) for n in range(60)} == before
 
 
@@ -239,17 +239,17 @@ def test_bounded_load_moves_sessions_off_a_busy_engine() -> None:
     router = _router("session")
     route = _route(router)
     owner = _pick(route, _session("hot"))
-    router.upstreams[owner].outstanding = 4  # bound: max(ceil(1.25 * 5 / 3), 4) = 4
+    router.engines[owner].outstanding = 4  # bound: max(ceil(1.25 * 5 / 3), 4) = 4
     assert _pick(route, _session("hot")) != owner
-    router.upstreams[owner].outstanding = 3
+    router.engines[owner].outstanding = 3
     assert _pick(route, _session("hot")) == owner
 
 
 def test_requests_without_a_session_key_are_balanced() -> None:
     router = _router("session")
     route = _route(router)
-    router.upstreams["a"].outstanding = 1
-    router.upstreams["b"].outstanding = 1
+    router.engines["a"].outstanding = 1
+    router.engines["b"].outstanding = 1
     assert _pick(route, Request(b"{}")) == "c"
 
 
@@ -273,7 +273,7 @@ def test_session_decisions_are_counted() -> None:
     metrics.prepare(router.routes)
     route = _route(router)
     owner = _pick(route, _session("k"))
-    router.upstreams[owner].healthy = False
+    router.engines[owner].healthy = False
     _pick(route, _session("k"))
     _pick(route, Request(b"{}"))
     values = _values(metrics)

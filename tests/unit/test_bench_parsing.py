@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kiban.bench.sse import StreamTimer, body_usage
-from kiban.bench.workload import Target, Workload, WorkloadError, parse_header
+from kiban.bench.workload import Destination, Workload, WorkloadError, parse_header
 
 
 def _event(delta: dict | None, *, usage: dict | None = None, spaced: bool = False) -> bytes:
@@ -145,15 +145,15 @@ def test_body_usage() -> None:
     ],
 )
 def test_target_from_url(url: str, endpoint: str | None, expected: tuple) -> None:
-    target = Target.from_url(url, endpoint)  # type: ignore[arg-type]
+    target = Destination.from_url(url, endpoint)  # type: ignore[arg-type]
     assert (target.scheme, target.host, target.port, target.path, target.endpoint) == expected
 
 
 def test_target_models_path_and_authority() -> None:
-    target = Target.from_url("http://[::1]:9000/v1")
+    target = Destination.from_url("http://[::1]:9000/v1")
     assert target.models_path == "/v1/models"
     assert target.authority == "[::1]:9000"
-    assert Target.from_url("https://h/x/v1/completions").models_path == "/x/v1/models"
+    assert Destination.from_url("https://h/x/v1/completions").models_path == "/x/v1/models"
 
 
 @pytest.mark.parametrize(
@@ -166,12 +166,12 @@ def test_target_models_path_and_authority() -> None:
 )
 def test_target_errors_say_what_to_give(url: str, endpoint: str | None, message: str) -> None:
     with pytest.raises(WorkloadError, match=message):
-        Target.from_url(url, endpoint)  # type: ignore[arg-type]
+        Destination.from_url(url, endpoint)  # type: ignore[arg-type]
 
 
 def test_requests_are_complete_http_messages() -> None:
     workload = Workload(
-        Target.from_url("http://h:1/v1"),
+        Destination.from_url("http://h:1/v1"),
         "m",
         stream=True,
         max_tokens=8,

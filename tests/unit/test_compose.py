@@ -70,7 +70,8 @@ def test_readme_example_validates_and_carries_the_plan(tmp_path, example):
         assert service["image"] == ENGINE_KINDS[engine.kind].container_image("gpu").image
         health = service["healthcheck"]["test"]
         assert (
-            health[-1] == f"http://127.0.0.1:{engine.port}{ENGINE_KINDS[engine.kind].health_path}"
+            health[-1]
+            == f"http://127.0.0.1:{engine.port}{ENGINE_KINDS[engine.kind].dialect.health_path}"
         )
         assert service["healthcheck"]["start_period"] == f"{engine.launch.ready_timeout_s:g}s"
     _, gateway = _gateway_config(project)

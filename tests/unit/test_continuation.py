@@ -11,8 +11,8 @@ from kiban.gateway.continuation import (
     continuation_body,
     whole_events,
 )
+from kiban.gateway.engines import Engine
 from kiban.gateway.routing import Target
-from kiban.gateway.upstreams import Upstream
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -21,7 +21,7 @@ def _target(kind: str, **launch) -> Target:
     config = {"name": "b", "kind": kind, "url": "http://127.0.0.1:9", "models": ["m"]}
     if launch:
         config["launch"] = {"model": "/models/m", **launch}
-    return Target(Upstream.from_config(EngineConfig.model_validate(config)), "served-m")
+    return Target(Engine.from_config(EngineConfig.model_validate(config)), "served-m")
 
 
 def _record(*contents: str) -> StreamRecord:
@@ -55,7 +55,7 @@ def test_the_engine_count_of_tokens_sent_wins_over_the_events() -> None:
 def test_each_engine_kind_says_how_it_counts_the_tokens_it_streams() -> None:
     payload = {"model": "m", "stream_options": {"include_usage": True}}
     asked = {
-        kind: (_target(kind).upstream.kind.token_count or None)
+        kind: (_target(kind).engine.dialect.token_count or None)
         for kind in ("vllm", "llamacpp", "sglang", "lmdeploy", "openai")
     }
     assert {kind: c.ask(payload) if c else None for kind, c in asked.items()} == {
@@ -132,7 +132,7 @@ def test_the_continuation_request_for_vllm() -> None:
 
 def test_each_engine_kind_says_how_it_continues() -> None:
     fields = {
-        kind: _target(kind).upstream.kind.continuation_fields(_target(kind).upstream.config)
+        kind: _target(kind).engine.dialect.continuation_fields(_target(kind).engine.config)
         for kind in ("vllm", "llamacpp", "sglang", "lmdeploy", "openai")
     }
     assert fields == {
@@ -142,5 +142,5 @@ def test_each_engine_kind_says_how_it_continues() -> None:
         "lmdeploy": {},
         "openai": None,
     }
-    legacy = _target("llamacpp", args=["--no-jinja"]).upstream
-    assert legacy.kind.continuation_fields(legacy.config) is None
+    legacy = _target("llamacpp", args=["--no-jinja"]).engine
+    assert legacy.dialect.continuation_fields(legacy.config) is None

@@ -42,30 +42,30 @@ llamacpp:requests_deferred 3
 
 
 def test_vllm_queue_is_summed_and_kv_use_is_the_fullest_core() -> None:
-    load = read_load(_vllm_text((2, 3), (0.5, 0.95)), ENGINE_KINDS["vllm"].metric_names)
+    load = read_load(_vllm_text((2, 3), (0.5, 0.95)), ENGINE_KINDS["vllm"].metrics.names)
     assert (load.waiting, load.kv_usage) == (5.0, 0.95)
     assert load.penalty(0.9) == 5 + KV_AVOID
     assert load.penalty(0.96) == 5
 
 
 def test_llamacpp_deferred_requests_are_its_queue() -> None:
-    load = read_load(LLAMACPP_TEXT, ENGINE_KINDS["llamacpp"].metric_names)
+    load = read_load(LLAMACPP_TEXT, ENGINE_KINDS["llamacpp"].metrics.names)
     assert (load.waiting, load.kv_usage) == (3.0, None)
     assert load.penalty(0.9) == 3
 
 
 def test_no_series_no_load() -> None:
-    load = read_load(b"# nothing here\n", ENGINE_KINDS["sglang"].metric_names)
+    load = read_load(b"# nothing here\n", ENGINE_KINDS["sglang"].metrics.names)
     assert (load.waiting, load.kv_usage, load.penalty(0.9)) == (None, None, 0)
 
 
 def test_least_outstanding_counts_the_engine_queue_and_avoids_a_full_kv_cache() -> None:
     router = _router("least_outstanding")
     route = router.route_for("m")
-    router.upstreams["a"].load_penalty = 3  # three waiting in a's own queue
-    router.upstreams["b"].outstanding = 2
-    router.upstreams["c"].load_penalty = KV_AVOID
-    assert [t.upstream.name for t in route.candidates()] == ["b", "a", "c"]
+    router.engines["a"].load_penalty = 3  # three waiting in a's own queue
+    router.engines["b"].outstanding = 2
+    router.engines["c"].load_penalty = KV_AVOID
+    assert [t.engine.name for t in route.candidates()] == ["b", "a", "c"]
 
 
 def test_cache_aware_passes_over_a_holder_close_to_kv_exhaustion() -> None:
@@ -73,9 +73,9 @@ def test_cache_aware_passes_over_a_holder_close_to_kv_exhaustion() -> None:
     route = _route(router)
     chat = _conversation(0, 2)
     owner = _pick(route, chat[0])
-    router.upstreams[owner].load_penalty = KV_AVOID
+    router.engines[owner].load_penalty = KV_AVOID
     assert _pick(route, chat[1]) != owner
-    router.upstreams[owner].load_penalty = 0
+    router.engines[owner].load_penalty = 0
     keys = prefix_keys(chat[1].body, prompt_start(chat[1].body))
     assert owner in route.request_order.holders(keys[0])
 
@@ -85,7 +85,7 @@ def test_the_guard_sees_the_engines_own_queue() -> None:
     route = _route(router)
     hot = _chat([{"role": "system", "content": "hot " * 300}])
     owner = _pick(route, hot)
-    router.upstreams[owner].load_penalty = 6  # busy with other clients' requests
+    router.engines[owner].load_penalty = 6  # busy with other clients' requests
     assert _pick(route, hot) != owner
 
 
@@ -136,7 +136,7 @@ async def test_scraper_reads_metrics_over_http_and_forgets_on_failure(metrics_se
     router = Router(
         parse_config({"engines": engines, "routes": [{"model": "m", "engines": ["a"]}]})
     )
-    upstream = router.upstreams["a"]
+    upstream = router.engines["a"]
     upstream.connect(asyncio.get_running_loop())
     scraper = LoadScraper([upstream], interval_s=60, timeout_s=5, kv_avoid=0.9)
     try:

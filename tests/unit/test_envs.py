@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from kiban.deploy import envs
-from kiban.deploy.envs import EnvInstallError, EnvSpec, Step, ensure_engine_env
+from kiban.deploy.envs import EnvInstallError, ensure_engine_env
+from kiban.engines.environment import EnvSpec, Step
+from kiban.engines.llamacpp import llamacpp_spec
 
 pytestmark = pytest.mark.slow  # left out of `make check`
 
@@ -129,7 +131,7 @@ def test_llamacpp_specs_build_only_the_server_from_the_pinned_sdist() -> None:
 
 def test_llamacpp_failed_step_is_named(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real unpack step, run without the download before it: tar's own error shows."""
-    steps = envs.llamacpp_spec("toy").steps[1:]
+    steps = llamacpp_spec("toy").steps[1:]
     monkeypatch.setitem(envs.ENGINE_ENVS, "toy", EnvSpec(name="toy", steps=steps))
     with pytest.raises(EnvInstallError) as info:
         ensure_engine_env("toy")
@@ -145,12 +147,12 @@ def test_llama_server_binary_lives_in_the_env(home: Path) -> None:
 
 def test_every_launchable_engine_names_a_pinned_environment() -> None:
     from kiban.engines import ENGINE_KINDS
-    from kiban.engines.base import LaunchUnsupported
+    from kiban.engines.launch import LaunchUnsupported
 
     for kind in ENGINE_KINDS.values():
         for device in ("gpu", "cpu"):
             try:
-                name = kind.environment(device)
+                name = kind.launch().environment(device)
             except LaunchUnsupported:
                 continue
             if name is None:  # runs the user's own command (kind openai)

@@ -29,7 +29,7 @@ def _plan(now: list[float], deadline: float = 100.0, attempts: int = 10, **failo
 
 
 def _next(attempts) -> str:
-    return next(attempts).upstream.name
+    return next(attempts).engine.name
 
 
 def test_context_refusal_goes_to_larger_then_unknown_then_no_larger() -> None:
@@ -37,13 +37,13 @@ def test_context_refusal_goes_to_larger_then_unknown_then_no_larger() -> None:
     first = next(attempts)
     plan.record(first, Failure("context_length", "too long", 400))
     assert plan.wait_s == 0
-    assert [t.upstream.name for t in attempts] == ["larger", "unknown", "smaller"]
+    assert [t.engine.name for t in attempts] == ["larger", "unknown", "smaller"]
 
 
 def test_context_refusal_with_next_keeps_the_route_order() -> None:
     plan, attempts = _plan([0.0], context_length="next")
     plan.record(next(attempts), Failure("context_length", "too long", 400))
-    assert [t.upstream.name for t in attempts] == ["unknown", "smaller", "larger"]
+    assert [t.engine.name for t in attempts] == ["unknown", "smaller", "larger"]
 
 
 def test_5xx_retries_the_same_engine_with_growing_backoff_then_moves_on() -> None:
@@ -51,7 +51,7 @@ def test_5xx_retries_the_same_engine_with_growing_backoff_then_moves_on() -> Non
     waits = []
     for _ in range(3):
         target = next(attempts)
-        assert target.upstream.name == "first"
+        assert target.engine.name == "first"
         plan.record(target, Failure("status", "HTTP 500", 500))
         waits.append(plan.wait_s)
     assert 0.5 <= waits[0] <= 1.5 and 1.0 <= waits[1] <= 3.0  # doubling, with jitter
@@ -76,7 +76,7 @@ def test_timeouts_and_malformed_answers_move_on_and_attempts_bound_all() -> None
     plan, attempts = _plan([0.0], attempts=3)
     plan.record(next(attempts), Failure("timeout", "no answer"))
     second = next(attempts)
-    assert second.upstream.name == "unknown"
+    assert second.engine.name == "unknown"
     plan.record(second, Failure("malformed", "invalid JSON"))
     assert _next(attempts) == "smaller"
     assert list(attempts) == []  # three attempts in all

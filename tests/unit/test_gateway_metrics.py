@@ -62,8 +62,8 @@ def test_every_metric_passes_promtool_check_metrics() -> None:
     )
     m.observe_exchange("m", _exchange(engine="b", status=200, attempts=2), 0.2)
     m.retried("m", "status")
-    m.upstream_failures.labels("m", "a", "connect").inc()
-    for upstream in router.upstreams.values():
+    m.engine_failures.labels("m", "a", "connect").inc()
+    for upstream in router.engines.values():
         m.engine_health(upstream)
     m.routes_health(router.routes)
     m.set_gpu_verified("a", True)

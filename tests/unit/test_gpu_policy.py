@@ -11,7 +11,7 @@ import pytest
 
 from kiban.config import parse_config
 from kiban.deploy import gpu_policy, gpus
-from kiban.engines.base import StartupReport
+from kiban.engines.telemetry import StartupReport
 from tests.support.fake_nvml import FakeGpu, fake_nvml
 
 GIB = 1024**3

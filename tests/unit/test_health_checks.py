@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 
 from kiban.config import ConfigError, parse_config
+from kiban.gateway.engines import Engine
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Router
-from kiban.gateway.upstreams import Upstream
 
 #: what the scripted /health does on each call: "ok", "slow" (past the check's timeout) or "500"
 Script = list[str]
@@ -62,7 +62,7 @@ async def server() -> AsyncIterator[ScriptedHealth]:
 
 
 @pytest.fixture
-async def upstream(server: ScriptedHealth) -> AsyncIterator[Upstream]:
+async def upstream(server: ScriptedHealth) -> AsyncIterator[Engine]:
     """The engine `e` of a one-route configuration, its pool open on the server's port."""
     port = server.port
     raw = {
@@ -71,7 +71,7 @@ async def upstream(server: ScriptedHealth) -> AsyncIterator[Upstream]:
         ],
         "routes": [{"model": "m", "engines": ["e"]}],
     }
-    engine = Router(parse_config(raw, {})).upstreams["e"]
+    engine = Router(parse_config(raw, {})).engines["e"]
     engine.connect(asyncio.get_running_loop())
     try:
         yield engine
@@ -80,7 +80,7 @@ async def upstream(server: ScriptedHealth) -> AsyncIterator[Upstream]:
         engine.http.close()
 
 
-async def _states(checker: HealthChecker, upstream: Upstream, n: int) -> list[bool]:
+async def _states(checker: HealthChecker, upstream: Engine, n: int) -> list[bool]:
     states = []
     for _ in range(n):
         await checker.check(upstream)
@@ -89,7 +89,7 @@ async def _states(checker: HealthChecker, upstream: Upstream, n: int) -> list[bo
 
 
 async def test_slow_and_failed_checks_eject_only_after_the_configured_run(
-    server: ScriptedHealth, upstream: Upstream
+    server: ScriptedHealth, upstream: Engine
 ) -> None:
     checker = HealthChecker([upstream], Metrics(), interval_s=60, timeout_s=0.3, failures=3)
     # first check passes; two misses keep it in rotation; the third ejects; one pass restores
@@ -98,16 +98,14 @@ async def test_slow_and_failed_checks_eject_only_after_the_configured_run(
     assert upstream.health_misses == 0
 
 
-async def test_first_check_decides_at_once(server: ScriptedHealth, upstream: Upstream) -> None:
+async def test_first_check_decides_at_once(server: ScriptedHealth, upstream: Engine) -> None:
     checker = HealthChecker([upstream], Metrics(), interval_s=60, timeout_s=0.3, failures=3)
     server.script = ["500"]
     assert await _states(checker, upstream, 1) == [False]
     assert upstream.last_health_error == "HTTP 500"
 
 
-async def test_refused_connection_ejects_at_once(
-    server: ScriptedHealth, upstream: Upstream
-) -> None:
+async def test_refused_connection_ejects_at_once(server: ScriptedHealth, upstream: Engine) -> None:
     checker = HealthChecker([upstream], Metrics(), interval_s=60, timeout_s=0.3, failures=3)
     assert await _states(checker, upstream, 1) == [True]
     await server.stop()  # nothing listens on the port any more
@@ -115,7 +113,7 @@ async def test_refused_connection_ejects_at_once(
 
 
 async def test_one_failure_ejects_when_configured_so(
-    server: ScriptedHealth, upstream: Upstream
+    server: ScriptedHealth, upstream: Engine
 ) -> None:
     checker = HealthChecker([upstream], Metrics(), interval_s=60, timeout_s=0.3, failures=1)
     server.script = ["ok", "slow", "ok"]

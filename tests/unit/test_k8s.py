@@ -48,7 +48,7 @@ def test_readme_example_validates_and_carries_the_plan(tmp_path, example):
             cfg, plan, engine.name
         )
         assert container["resources"]["limits"] == {"nvidia.com/gpu": str(len(ep.gpus))}
-        health = ENGINE_KINDS[engine.kind].health_path
+        health = ENGINE_KINDS[engine.kind].dialect.health_path
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["httpGet"] == {"path": health, "port": "http"}
         startup = container["startupProbe"]

@@ -1,4 +1,4 @@
-"""LlamaCpp.startup_report and error shapes on lines copied from real llama-server runs.
+"""LlamaCppStartupLog.report and error shapes on lines copied from real llama-server runs.
 
 The runs: llama-server of llama.cpp 0c1e570 (llama-cpp-python 0.3.36, the pinned
 ``llamacpp-cpu`` env) on the tiny GGUF (2 layers, 2 KV heads, head_dim 64) with
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import orjson
 
-from kiban.engines.llamacpp import MIB, LlamaCpp
+from kiban.engines.llamacpp import MIB, LlamaCppDialect, LlamaCppStartupLog
 
-ENGINE = LlamaCpp()
+STARTUP_LOG = LlamaCppStartupLog()
+DIALECT = LlamaCppDialect()
 
 # -c 1024 -np 2 (no --kv-unified: two streams of 512 cells), f16 K and V
 F16_TWO_STREAMS = """\
@@ -79,21 +80,21 @@ failed to load model from nonexist.gguf
 
 
 def test_kv_cache_of_two_streams() -> None:
-    report = ENGINE.startup_report(F16_TWO_STREAMS)
+    report = STARTUP_LOG.report(F16_TWO_STREAMS)
     # 2 layers x 2 KV heads x 64 x 2 bytes (f16) x K and V = 1024 bytes per cell
     assert report.kv_cache_tokens == 1024 and report.kv_cache_bytes == 1024 * 1024
     assert report.device == "cpu" and report.errors == []
 
 
 def test_kv_cache_of_one_unified_stream_with_quantized_k() -> None:
-    report = ENGINE.startup_report(Q8_K_UNIFIED)
+    report = STARTUP_LOG.report(Q8_K_UNIFIED)
     assert report.kv_cache_tokens == 8192
     # the log rounds to 0.01 MiB: exact 2 x 8192 x 128 x (34/32 + 2) = 6.125 MiB
     assert report.kv_cache_bytes == round(6.12 * MIB)
 
 
 def test_quantized_v_without_flash_attention_explains_itself() -> None:
-    report = ENGINE.startup_report(QUANTIZED_V_WITHOUT_FA)
+    report = STARTUP_LOG.report(QUANTIZED_V_WITHOUT_FA)
     assert report.errors[0] == (
         "llama_init_from_model: quantized V cache requires flash_attn to be enabled"
     )
@@ -103,12 +104,12 @@ def test_quantized_v_without_flash_attention_explains_itself() -> None:
 
 
 def test_argument_errors_without_prefix() -> None:
-    report = ENGINE.startup_report(BAD_CACHE_TYPE)
+    report = STARTUP_LOG.report(BAD_CACHE_TYPE)
     assert report.errors == ['error while handling argument "-ctk": Unsupported cache type: q9']
 
 
 def test_missing_model_file() -> None:
-    errors = ENGINE.startup_report(MISSING_MODEL).errors
+    errors = STARTUP_LOG.report(MISSING_MODEL).errors
     assert errors[0].startswith("gguf_init_from_file: failed to open GGUF file 'nonexist.gguf'")
 
 
@@ -122,18 +123,18 @@ def test_cuda_buffers_mean_cuda() -> None:
         model_buffer % ("CUDA0", 4000.0),
         kv_buffer % ("CUDA0", 448.0),
     ]
-    assert ENGINE.startup_report("\n".join(lines)).device == "cuda"
-    assert ENGINE.startup_report(lines[0]).device == "cpu"
+    assert STARTUP_LOG.report("\n".join(lines)).device == "cuda"
+    assert STARTUP_LOG.report(lines[0]).device == "cpu"
 
 
 def test_error_bodies_pass_through() -> None:
     """llama-server already answers in the OpenAI shape (body copied from a real 503)."""
     body = b'{"error":{"message":"Loading model","type":"unavailable_error","code":503}}'
-    assert ENGINE.error_to_openai(503, body) == body
+    assert DIALECT.error_to_openai(503, body) == body
 
 
 def test_plain_text_exception_is_wrapped() -> None:
     """server-http.cpp answers an uncaught exception with its text as text/plain."""
-    out = orjson.loads(ENGINE.error_to_openai(500, b"std::bad_alloc"))
+    out = orjson.loads(DIALECT.error_to_openai(500, b"std::bad_alloc"))
     assert out["error"]["message"] == "std::bad_alloc"
     assert out["error"]["type"] == "upstream_error"

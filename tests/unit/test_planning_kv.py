@@ -20,7 +20,7 @@ from kiban.planning.units import GiB, KiB
 
 HOST = HostInfo(32 * GiB, 30 * GiB, frozenset({"avx512f"}))
 vllm, lmdeploy, llamacpp, sglang = (
-    ENGINE_KINDS[k] for k in ("vllm", "lmdeploy", "llamacpp", "sglang")
+    ENGINE_KINDS[k].kv for k in ("vllm", "lmdeploy", "llamacpp", "sglang")
 )
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from kiban.config import ApiKeys, ConfigError, parse_config
 from kiban.gateway.auth import KeyChecker, load_keys
+from kiban.gateway.engines import Circuit, CircuitBreaker
 from kiban.gateway.routing import RetryBudget, Router
-from kiban.gateway.upstreams import Circuit, CircuitBreaker
 
 
 def _router(strategy: str, weights: tuple[float, ...] = (1, 1, 1)) -> Router:
@@ -35,15 +35,15 @@ def _router(strategy: str, weights: tuple[float, ...] = (1, 1, 1)) -> Router:
 def _firsts(router: Router, n: int) -> list[str]:
     route = router.route_for("m")
     assert route is not None
-    return [route.candidates()[0].upstream.name for _ in range(n)]
+    return [route.candidates()[0].engine.name for _ in range(n)]
 
 
 def test_priority_keeps_order_and_skips_unhealthy() -> None:
     router = _router("priority")
     assert _firsts(router, 3) == ["a", "a", "a"]
-    router.upstreams["a"].healthy = False
+    router.engines["a"].healthy = False
     route = router.route_for("m")
-    assert [t.upstream.name for t in route.candidates()] == ["b", "c"]
+    assert [t.engine.name for t in route.candidates()] == ["b", "c"]
 
 
 def test_round_robin_rotates() -> None:
@@ -57,23 +57,23 @@ def test_weighted_spreads_by_weight() -> None:
 
 def test_least_outstanding_prefers_idle_engine() -> None:
     router = _router("least_outstanding")
-    router.upstreams["a"].outstanding = 3
-    router.upstreams["b"].outstanding = 1
-    router.upstreams["c"].outstanding = 2
+    router.engines["a"].outstanding = 3
+    router.engines["b"].outstanding = 1
+    router.engines["c"].outstanding = 2
     route = router.route_for("m")
-    assert [t.upstream.name for t in route.candidates()] == ["b", "c", "a"]
+    assert [t.engine.name for t in route.candidates()] == ["b", "c", "a"]
 
 
 def test_ewma_latency_prefers_fast_engine() -> None:
     router = _router("ewma_latency")
     for name, latency in (("a", 0.5), ("b", 0.05), ("c", 0.2)):
-        router.upstreams[name].observe_latency(latency)
+        router.engines[name].observe_latency(latency)
     assert _firsts(router, 3) == ["b", "b", "b"]
 
 
 def test_concurrency_limit_removes_engine() -> None:
     router = _router("priority")
-    upstream = router.upstreams["a"]
+    upstream = router.engines["a"]
     upstream.outstanding = upstream.config.max_concurrency
     assert _firsts(router, 1) == ["b"]
 

@@ -90,7 +90,7 @@ def test_every_engine_with_metrics_gets_a_job_with_consistent_labels() -> None:
     for name, job in jobs.items():
         if name.startswith("kiban-engine-"):
             kind = ENGINE_KINDS[job["static_configs"][0]["labels"]["kind"]]
-            assert job["metrics_path"] == kind.metrics_path
+            assert job["metrics_path"] == kind.metrics.path
             # vLLM's own engine="0" must not shadow kiban's engine label
             relabel = job["metric_relabel_configs"]
             assert relabel[0]["source_labels"] == ["exported_engine"]
@@ -104,8 +104,8 @@ def test_target_host_replaces_every_host() -> None:
 
 
 def test_llamacpp_launch_turns_metrics_on() -> None:
-    assert "--metrics" in ENGINE_KINDS["llamacpp"].metrics_launch_args
-    assert ENGINE_KINDS["vllm"].metrics_launch_args == ()  # on by default
+    assert "--metrics" in ENGINE_KINDS["llamacpp"].metrics.launch_args
+    assert ENGINE_KINDS["vllm"].metrics.launch_args == ()  # on by default
 
 
 def test_recording_rules_cover_every_kind_that_names_a_signal() -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from kiban.config import ConfigError, parse_config
 from kiban.engines import ENGINE_KINDS
+from kiban.engines.vllm import structured_backend
 from kiban.gateway.errors import APIError
 from kiban.gateway.routing import Router
 from kiban.structured.features import schema_features
@@ -72,7 +73,7 @@ def test_vllm_current_and_previous_api() -> None:
 def test_vllm_launch_args_limit_whitespace() -> None:
     vllm = ENGINE_KINDS["vllm"]
     cfg = config({"name": "e", "kind": "vllm", "options": {"structured_backend": "guidance"}})
-    args = vllm.structured_launch_args(cfg.engines[0])
+    args = vllm.launch().structured_args(cfg.engines[0])
     assert args == [
         "--structured-outputs-config.backend",
         "guidance",
@@ -87,12 +88,12 @@ def test_vllm_launch_args_limit_whitespace() -> None:
             "options": {"structured_backend": "xgrammar"},
         }
     ).engines[0]
-    assert vllm.structured_launch_args(old) == [
+    assert vllm.launch().structured_args(old) == [
         "--guided-decoding-backend",
         "xgrammar",
         "--guided-decoding-disable-any-whitespace",
     ]
-    assert vllm.structured_launch_args(config({"name": "e", "kind": "vllm"}).engines[0]) == []
+    assert vllm.launch().structured_args(config({"name": "e", "kind": "vllm"}).engines[0]) == []
 
 
 def test_llamacpp_uses_top_level_fields() -> None:
@@ -149,7 +150,7 @@ def test_validate_policy_uses_engines_that_only_accept() -> None:
     cfg = config({"name": "e", "kind": "openai"})
     r = Router(cfg).route_for("m")
     req = StructuredService(cfg.routes).prepare({"guided_json": SCHEMA}, r)
-    assert [t.upstream.name for t in req.targets(r, r.targets)] == ["e"]
+    assert [t.engine.name for t in req.targets(r, r.targets)] == ["e"]
     req.body_for({"guided_json": SCHEMA}, r.targets[0])
     assert req.how == "validated"
     # a regex cannot even be expressed to a generic server
@@ -167,7 +168,7 @@ def test_engines_are_ranked_by_what_they_enforce() -> None:
     r = Router(cfg).route_for("m")
     schema = {"type": "object", "properties": {"n": {"type": "number", "minimum": 0}}}
     req = StructuredService(cfg.routes).prepare({"guided_json": schema}, r)
-    assert [t.upstream.name for t in req.targets(r, r.targets)] == ["vllm", "llama", "generic"]
+    assert [t.engine.name for t in req.targets(r, r.targets)] == ["vllm", "llama", "generic"]
 
 
 def test_partial_enforcement_sends_the_relaxed_schema() -> None:
@@ -217,9 +218,9 @@ def walk(req, plan, payload: dict, outcomes: list) -> list[str]:
     tried = []
     for target, (reason, kind) in zip(plan, outcomes, strict=False):
         req.body_for(payload, target)
-        tried.append(target.upstream.name)
+        tried.append(target.engine.name)
         output = failed(kind) if kind else None
-        if not plan.record(target.upstream.name, reason, output):
+        if not plan.record(target.engine.name, reason, output):
             break
     return tried
 
@@ -301,7 +302,7 @@ def test_no_retry_starts_after_the_deadline() -> None:
     _, plan, clock = plan_of({"name": "a", "kind": "vllm"})
     tried = []
     for target in plan:
-        tried.append(target.upstream.name)
+        tried.append(target.engine.name)
         clock[0] = 150.0
         plan.record("a", "invalid_output", failed("schema_violation"))
     assert tried == ["a"]
@@ -354,12 +355,12 @@ def test_config_errors_name_the_key(engine: dict, route: dict | None, expected: 
 
 
 def test_llamacpp_unparsable_output_error_is_an_output_failure() -> None:
-    llama = ENGINE_KINDS["llamacpp"]
+    llama = ENGINE_KINDS["llamacpp"].dialect
     message = "The model produced output that does not match the expected peg-native format"
     failure = llama.structured_output_error(500, message)
     assert failure is not None and failure.kind == "truncated"
     assert llama.structured_output_error(500, "out of memory") is None
-    assert ENGINE_KINDS["vllm"].structured_output_error(500, message) is None
+    assert ENGINE_KINDS["vllm"].dialect.structured_output_error(500, message) is None
 
 
 def test_managed_vllm_is_launched_with_the_structured_backend(tmp_path) -> None:
@@ -398,10 +399,10 @@ def test_launched_vllm_defaults_to_the_measured_backend() -> None:
             "routes": [{"model": "m", "engines": ["v"]}],
         }
     ).engines[0]
-    assert vllm.structured_backend(engine) == "guidance"
-    assert vllm.structured_capability(engine).describes == "vllm current (guidance backend)"
+    assert structured_backend(engine) == "guidance"
+    assert vllm.dialect.structured_capability(engine).describes == "vllm current (guidance backend)"
     started_elsewhere = config({"name": "e", "kind": "vllm"}).engines[0]
-    assert vllm.structured_backend(started_elsewhere) == "auto"  # vLLM's own default
+    assert structured_backend(started_elsewhere) == "auto"  # vLLM's own default
 
 
 def test_a_schema_budget_leaves_half_the_launched_context_to_the_prompt() -> None:
@@ -420,7 +421,7 @@ def test_a_schema_budget_leaves_half_the_launched_context_to_the_prompt() -> Non
 
 
 def test_a_grammar_the_engine_failed_on_is_a_refused_constraint() -> None:
-    vllm, llama = ENGINE_KINDS["vllm"], ENGINE_KINDS["llamacpp"]
+    vllm, llama = ENGINE_KINDS["vllm"].dialect, ENGINE_KINDS["llamacpp"].dialect
     assert vllm.refuses_constraint(400, "Grammar error: oneOf constraints are not supported")
     assert vllm.refuses_constraint(500, "Internal server error")  # xgrammar crashed on it
     assert not vllm.refuses_constraint(500, "CUDA out of memory")

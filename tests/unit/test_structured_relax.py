@@ -39,7 +39,7 @@ def capability(label: str) -> StructuredCapability:
     cfg = parse_config(
         {"engines": [{**engine, "options": options}], "routes": [{"model": "m", "engines": ["e"]}]}
     )
-    return ENGINE_KINDS[kind].structured_capability(cfg.engines[0])
+    return ENGINE_KINDS[kind].dialect.structured_capability(cfg.engines[0])
 
 
 def unenforced(schema: Any, cap: StructuredCapability) -> list[str]:

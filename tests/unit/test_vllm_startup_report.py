@@ -27,7 +27,7 @@ memory utilization (0.92, 20.29 GiB).
 
 
 def test_cpu_log() -> None:
-    report = vllm.startup_report(CPU_LOG)
+    report = vllm.startup_log.report(CPU_LOG)
     assert report.kv_cache_tokens == 682_625
     assert report.kv_cache_bytes == 1024**3
     assert report.device == "cpu"
@@ -35,12 +35,12 @@ def test_cpu_log() -> None:
 
 
 def test_gpu_log_with_errors() -> None:
-    report = vllm.startup_report(GPU_FAILURE)
+    report = vllm.startup_log.report(GPU_FAILURE)
     assert (report.kv_cache_tokens, report.device) == (83_488, "cuda")
     assert report.kv_cache_bytes == int(11.47 * 1024**3)
     assert len(report.errors) == 2 and report.errors[1].startswith("ValueError: Free memory")
 
 
 def test_nothing_to_report() -> None:
-    report = vllm.startup_report("INFO starting\n")
+    report = vllm.startup_log.report("INFO starting\n")
     assert report.kv_cache_tokens is None and report.errors == []

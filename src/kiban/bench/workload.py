@@ -19,7 +19,7 @@ class WorkloadError(ValueError):
 
 
 @dataclass(frozen=True)
-class Target:
+class Destination:
     """Where requests go: scheme, host, port and the endpoint's path."""
 
     scheme: str
@@ -29,7 +29,7 @@ class Target:
     endpoint: Endpoint
 
     @classmethod
-    def from_url(cls, url: str, endpoint: Endpoint | None = None) -> Target:
+    def from_url(cls, url: str, endpoint: Endpoint | None = None) -> Destination:
         """Accepts a server root (``http://h:8000``), an API base (``.../v1``) or a full
         endpoint URL (``.../v1/chat/completions``); *endpoint* picks chat or completions
         when the URL does not say."""
@@ -78,7 +78,7 @@ class Target:
 class Workload:
     """The requests of one run: the same shape, round-robin over the prompts."""
 
-    target: Target
+    target: Destination
     model: str
     stream: bool = False
     max_tokens: int | None = 128

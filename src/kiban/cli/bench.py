@@ -99,7 +99,7 @@ def bench(
     from kiban.bench.workload import (
         DEFAULT_PROMPT,
         ENDPOINT_PATHS,
-        Target,
+        Destination,
         Workload,
         WorkloadError,
         parse_header,
@@ -109,7 +109,7 @@ def bench(
     if endpoint is not None and chosen is None:
         raise fail(f"--endpoint: expected chat or completions (got {endpoint!r})")
     try:
-        target = Target.from_url(url, chosen)
+        target = Destination.from_url(url, chosen)
         headers = tuple(parse_header(h) for h in header or ())
     except WorkloadError as err:
         raise fail(str(err)) from None

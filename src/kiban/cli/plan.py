@@ -105,7 +105,7 @@ def plan_model(
     from kiban.planning import catalogue
     from kiban.planning.devices import gpu_from_type
     from kiban.planning.models import UnknownModelError, load_spec
-    from kiban.planning.quick import CAPACITY_COLUMNS, REFERENCE_GPUS, capacity, kv_rows
+    from kiban.planning.quick import REFERENCE_GPUS, capacity, capacity_columns, kv_rows
 
     try:
         spec = load_spec(model)
@@ -117,7 +117,7 @@ def plan_model(
     target_gpu = gpu_from_type(0, gpu_type, "option") if gpu_type else None
     rows = kv_rows(spec, target_gpu)
     gpus = [gpu_type.key] if gpu_type else list(REFERENCE_GPUS)
-    grid = {g: {f"{k}:{d}": capacity(model, g, k, d) for k, d in CAPACITY_COLUMNS} for g in gpus}
+    grid = {g: {f"{k}:{d}": capacity(model, g, k, d) for k, d in capacity_columns()} for g in gpus}
     if as_json:
         data = {
             "model": spec.name,

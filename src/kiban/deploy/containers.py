@@ -25,7 +25,7 @@ import yaml
 from kiban.config import ENV_REFERENCE, EngineConfig, KibanConfig
 from kiban.deploy.launch import engine_argv, engine_extra_env
 from kiban.engines import ENGINE_KINDS
-from kiban.engines.base import ContainerImage, ContainerTarget, LaunchUnsupported
+from kiban.engines.launch import ContainerImage, ContainerTarget, LaunchUnsupported
 from kiban.observability.scrape import engine_labels
 from kiban.planning.plan import Plan
 
@@ -225,8 +225,8 @@ def _container_engine(
         port=engine.port,
         device=engine.launch.device,
         gpus=() if engine.launch.device == "cpu" else tuple(gpus),
-        health_path=kind.health_path,
-        metrics_path=kind.metrics_path,
+        health_path=kind.dialect.health_path,
+        metrics_path=kind.metrics.path,
         local_model=local,
         ready_timeout_s=engine.launch.ready_timeout_s,
         stop_grace_s=engine.launch.stop_grace_s,

@@ -204,7 +204,7 @@ def config_findings(cfg: KibanConfig) -> list[Finding]:
                 )
             )
         try:
-            env_name = ENGINE_KINDS[engine.kind].environment(launch.device)
+            env_name = ENGINE_KINDS[engine.kind].launch().environment(launch.device)
         except Exception as err:  # LaunchUnsupported
             findings.append(Finding(f"engine {engine.name}", "fail", str(err)))
             continue

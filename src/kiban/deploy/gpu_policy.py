@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kiban.config import EngineConfig, KibanConfig
 from kiban.deploy import gpus as nvml
-from kiban.engines.base import StartupReport
+from kiban.engines.telemetry import StartupReport
 
 GIB = 1024**3
 

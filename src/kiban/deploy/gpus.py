@@ -23,7 +23,7 @@ class GpuUnavailable(Exception):
 
 
 @dataclass(frozen=True)
-class GpuInfo:
+class NvmlGpu:
     """One GPU as NVML reports it (memory in bytes)."""
 
     index: int
@@ -82,7 +82,7 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def inventory() -> list[GpuInfo]:
+def inventory() -> list[NvmlGpu]:
     """Every GPU NVML sees, in NVML index order (which CUDA_VISIBLE_DEVICES ignores)."""
     _init()
     gpus = []
@@ -90,7 +90,7 @@ def inventory() -> list[GpuInfo]:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         gpus.append(
-            GpuInfo(
+            NvmlGpu(
                 index=index,
                 name=_text(pynvml.nvmlDeviceGetName(handle)),
                 uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),

@@ -18,7 +18,7 @@ from kiban.config import EngineConfig
 from kiban.deploy import gpus
 from kiban.deploy.envs import ensure_engine_env
 from kiban.engines import ENGINE_KINDS
-from kiban.engines.base import LaunchTarget
+from kiban.engines.launch import LaunchTarget
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,11 @@ def engine_argv(
     """
     assert engine.launch is not None
     kind = ENGINE_KINDS[engine.kind]
-    argv = kind.launch_argv(engine, target)
+    argv = kind.launch().argv(engine, target)
     # what kiban itself relies on: the start-up report's lines, the metrics endpoint, and
     # the structured-output backend with bounded whitespace
-    argv += [*kind.startup_log_args, *kind.metrics_launch_args]
-    argv += kind.structured_launch_args(engine)
+    argv += [*kind.startup_log.args, *kind.metrics.launch_args]
+    argv += kind.launch().structured_args(engine)
     return [*argv, *(plan_flags or []), *engine.launch.args]
 
 
@@ -70,7 +70,7 @@ def engine_extra_env(
     then launch.env (which wins)."""
     assert engine.launch is not None
     kind = ENGINE_KINDS[engine.kind]
-    return {**kind.launch_env(engine), **(plan_env or {}), **device, **engine.launch.env}
+    return {**kind.launch().env(engine), **(plan_env or {}), **device, **engine.launch.env}
 
 
 def engine_command(
@@ -90,7 +90,7 @@ def engine_command(
         argv=argv,
         env=os.environ | extra,
         url=engine.url,
-        health_url=engine.url + kind.health_path,
+        health_url=engine.url + kind.dialect.health_path,
     )
 
 
@@ -102,5 +102,5 @@ def engine_env_root(
     None for engines whose command runs from the system (no environment of kiban's).
     """
     assert engine.launch is not None
-    name = ENGINE_KINDS[engine.kind].environment(engine.launch.device)
+    name = ENGINE_KINDS[engine.kind].launch().environment(engine.launch.device)
     return None if name is None else ensure_engine_env(name, progress=progress).root

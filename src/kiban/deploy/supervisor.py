@@ -112,7 +112,7 @@ class Supervisor:
                 continue
             assert engine.launch is not None  # self.engines are the launched ones
             try:
-                ENGINE_KINDS[engine.kind].environment(engine.launch.device)
+                ENGINE_KINDS[engine.kind].launch().environment(engine.launch.device)
             except Exception as err:  # LaunchUnsupported: say it for every engine at once
                 problems.append(f"engine {engine.name!r}: {err}")
         gpus_checked = not adopting and gpu_policy.gpu_required(self.cfg)
@@ -147,7 +147,7 @@ class Supervisor:
     def _busy_ports(self) -> list[str]:
         problems = []
         for engine in self.engines:
-            if http_ok(engine.url + ENGINE_KINDS[engine.kind].health_path, timeout=0.5):
+            if http_ok(engine.url + ENGINE_KINDS[engine.kind].dialect.health_path, timeout=0.5):
                 problems.append(
                     f"engine {engine.name!r}: something already answers at {engine.url}; "
                     "stop it or give this engine another launch.port"
@@ -312,7 +312,7 @@ class Supervisor:
         rec = m.record
         lines = [f"{rec.name}: {rec.message} (log: {rec.log})"]
         if m.engine is not None:
-            report = ENGINE_KINDS[m.engine.kind].startup_report(tail(Path(rec.log), 400))
+            report = ENGINE_KINDS[m.engine.kind].startup_log.report(tail(Path(rec.log), 400))
             lines += [f"  reason: {err}" for err in report.errors]
         excerpt = tail(Path(rec.log), 25)
         if excerpt:
@@ -324,7 +324,7 @@ class Supervisor:
         engine, rec = m.engine, m.record
         if engine is None or engine.launch is None or engine.launch.device != "gpu":
             return None
-        report = ENGINE_KINDS[engine.kind].startup_report(tail(Path(rec.log), 2000))
+        report = ENGINE_KINDS[engine.kind].startup_log.report(tail(Path(rec.log), 2000))
         assert rec.pid is not None
         verdict = gpu_policy.verify_on_gpu(engine, group_members(rec.pid), report)
         rec.gpu_verified = verdict.on_gpu

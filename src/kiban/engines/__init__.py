@@ -1,14 +1,20 @@
-"""Engine kinds: one module per engine, registered by name."""
+"""Engine kinds: one module per engine, registered by name.
 
-from kiban.engines.base import EngineKind
-from kiban.engines.llamacpp import LlamaCpp
-from kiban.engines.lmdeploy import LMDeploy
-from kiban.engines.openai_compat import OpenAICompatible
-from kiban.engines.sglang import SGLang
-from kiban.engines.vllm import VLLM
+A new engine is one module that builds an :class:`EngineKind` named ``KIND``
+and one line in :data:`_MODULES`.
+"""
 
-ENGINE_KINDS: dict[str, EngineKind] = {
-    kind.name: kind() for kind in (VLLM, LMDeploy, LlamaCpp, SGLang, OpenAICompatible)
-}
+from kiban.engines import llamacpp, lmdeploy, openai_compat, sglang, vllm
+from kiban.engines.kind import EngineKind
+
+_MODULES = (
+    vllm,
+    lmdeploy,
+    llamacpp,
+    sglang,
+    openai_compat,
+)
+
+ENGINE_KINDS: dict[str, EngineKind] = {module.KIND.name: module.KIND for module in _MODULES}
 
 __all__ = ["ENGINE_KINDS", "EngineKind"]

@@ -2,7 +2,7 @@
 
 Its errors already have the OpenAI shape (``{"error": {"code", "message",
 "type"}}``, tools/server/server-common.cpp ``format_error_response``), so the
-default `EngineKind.error_to_openai` passes them through; an exception the HTTP
+default `Dialect.error_to_openai` passes them through; an exception the HTTP
 layer catches comes back as plain text, which the default wraps.
 """
 
@@ -11,28 +11,23 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kiban.engines.base import (
-    ContainerImage,
-    EngineKind,
-    EngineMetricNames,
-    LaunchTarget,
-    StartupReport,
-    TokenCount,
-    choice_gbnf,
-)
-from kiban.planning.kv import KvFormat, blocks, plain
+from kiban.engines.dialect import Dialect, TokenCount, choice_gbnf
+from kiban.engines.environment import EnvSpec, Step
+from kiban.engines.kind import EngineKind
+from kiban.engines.kv_layout import KvLayout
+from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget
+from kiban.engines.telemetry import EngineMetricNames, EngineMetrics, StartupLog, StartupReport
+from kiban.planning.kv import KvFormat, KvNeed, blocks, plain
 from kiban.planning.overhead import NATIVE_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.target import PlanRefusal
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import CORE_FEATURES, SILENTLY_SKIPPED, StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat, KvNeed
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: what common/json-schema-to-grammar.cpp turns into grammar (llama.cpp as vendored
 #: in llama-cpp-python 0.3.36). Patterns must be ^...$-anchored, else "accepting any
@@ -85,16 +80,13 @@ _BUFFER = re.compile(r"^(?:load_tensors|llama_kv_cache): +(?P<buffer>\S+) (?:mod
 _ARG_ERROR = re.compile(r"^error\b", re.IGNORECASE)
 
 
-class LlamaCpp(EngineKind):
-    """llama-server answers /health with 503 while the model loads, 200 when ready."""
+class LlamaCppDialect(Dialect):
+    """Errors already have the OpenAI shape; structured output through top-level fields."""
 
-    name = "llamacpp"
     #: llama-server b11312 ignores ``continuous_usage_stats``, but with ``timings_per_token``
     #: every event carries ``timings.predicted_n``, the tokens generated so far (seen on the
     #: pinned build: a character of two tokens is one event with predicted_n 2, 4, ...)
     token_count = TokenCount({"timings_per_token": True}, "timings", "predicted_n")
-
-    # -- continuation --
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any] | None:
         """llama-server at the pinned commit takes ``continue_final_message`` (tools/server/
@@ -110,12 +102,56 @@ class LlamaCpp(EngineKind):
             return None
         return {"continue_final_message": True, "add_generation_prompt": False}
 
-    # -- launch --
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """JSON Schema and GBNF grammars; no regex field. Whitespace is bounded by the
+        converter itself (``space ::= | " " | "\\n" [ \\t]{0,20}``)."""
+        kinds = frozenset({"json_schema", "json_object", "choice", "grammar"})
+        return StructuredCapability(
+            enforced=kinds,
+            expressible=kinds,
+            features=LLAMACPP_FEATURES,
+            formats=LLAMACPP_FORMATS,
+            skipped=SILENTLY_SKIPPED,
+            describes=f"llama.cpp {config.version or 'server'}",
+        )
+
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """HTTP 400 of type ``exceed_context_size_error``: "request (M tokens) exceeds the
+        available context size (N tokens), try increasing it" (tools/server/
+        server-context.cpp and server-common.cpp ``format_error_response``, b11312)."""
+        return status == 400 and error.get("type") == "exceed_context_size_error"
+
+    def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
+        if status == 500 and message.startswith(_UNPARSED_OUTPUT):
+            return OutputFailure(
+                "truncated",
+                f"llama.cpp could not parse the model's output ({message}): guided JSON cut "
+                "off at max_tokens; raise max_tokens",
+            )
+        return None
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        """Top-level ``json_schema`` or ``grammar`` (tools/server/server-common.cpp).
+
+        Not the README's ``response_format: {"type": "json_schema", "schema": ...}``:
+        the server does not read that shape and generates unconstrained.
+        """
+        if constraint.kind == "json_schema":
+            return {"json_schema": constraint.schema}
+        if constraint.kind == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if constraint.kind == "choice":
+            return {"grammar": choice_gbnf(constraint.choices)}
+        return {"grammar": constraint.grammar}
+
+
+class LlamaServerLauncher(Launcher):
+    """``llama-server`` from the llamacpp-cpu or llamacpp-cuda environment."""
 
     def environment(self, device: str) -> str:
         return "llamacpp-cpu" if device == "cpu" else "llamacpp-cuda"
 
-    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+    def argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
         assert engine.launch is not None
         return [
             target.program("llama-server"),
@@ -129,40 +165,44 @@ class LlamaCpp(EngineKind):
             engine.models[0],
         ]
 
-    # -- containers --
-    # ggml-org/llama.cpp publishes ghcr.io/ggml-org/llama.cpp:server-cuda-b<build> (CUDA 12
-    # runtime) and :server-b<build> (CPU) from .devops/cuda.Dockerfile and cpu.Dockerfile:
-    # the `server` stage has /app/llama-server as ENTRYPOINT, installs curl and checks
-    # /health with it; no shared-memory needs (one process).
 
-    def container_image(self, device: str) -> ContainerImage:
-        variant = "server" if device == "cpu" else "server-cuda"
-        return ContainerImage(
-            image=f"ghcr.io/ggml-org/llama.cpp:{variant}-b{LLAMA_CPP_BUILD}",
-            programs={"llama-server": "/app/llama-server"},
-            source="llama.cpp .devops/cuda.Dockerfile, .devops/cpu.Dockerfile (server stage)",
-        )
+# ggml-org/llama.cpp publishes ghcr.io/ggml-org/llama.cpp:server-cuda-b<build> (CUDA 12
+# runtime) and :server-b<build> (CPU) from .devops/cuda.Dockerfile and cpu.Dockerfile:
+# the `server` stage has /app/llama-server as ENTRYPOINT, installs curl and checks
+# /health with it; no shared-memory needs (one process).
+def container_image(device: str) -> ContainerImage:
+    """llama.cpp's server image at the pinned build (``server-cuda`` or ``server``)."""
+    variant = "server" if device == "cpu" else "server-cuda"
+    return ContainerImage(
+        image=f"ghcr.io/ggml-org/llama.cpp:{variant}-b{LLAMA_CPP_BUILD}",
+        programs={"llama-server": "/app/llama-server"},
+        source="llama.cpp .devops/cuda.Dockerfile, .devops/cpu.Dockerfile (server stage)",
+    )
 
-    # -- metrics --
-    # /metrics answers only with --metrics. Current llama-server exports no KV-cache
-    # usage gauge (older builds had llamacpp:kv_cache_usage_ratio) and no TTFT histogram.
-    metrics_launch_args = ("--metrics",)
-    metric_names = EngineMetricNames(
+
+# /metrics answers only with --metrics. Current llama-server exports no KV-cache
+# usage gauge (older builds had llamacpp:kv_cache_usage_ratio) and no TTFT histogram.
+METRICS = EngineMetrics(
+    launch_args=("--metrics",),
+    names=EngineMetricNames(
         requests_running="llamacpp:requests_processing",
         requests_waiting="llamacpp:requests_deferred",
         prompt_tokens="llamacpp:prompt_tokens_total",
         generation_tokens="llamacpp:tokens_predicted_total",
-    )
+    ),
+)
 
-    # -- start-up report --
+
+class LlamaCppStartupLog(StartupLog):
+    """llama-server logs its KV cache and buffer sizes at verbosity 4."""
 
     #: libllama's INFO lines (KV cache and buffer sizes) show from verbosity 4 on
     #: (common/log.cpp maps GGML INFO to LOG_LEVEL_TRACE); errors show at any level.
     #: Measured on the tiny model: about 30 log lines per request instead of 8.
-    startup_log_args: ClassVar[tuple[str, ...]] = ("--log-verbosity", "4")
+    args: ClassVar[tuple[str, ...]] = ("--log-verbosity", "4")
 
-    def startup_report(self, log_text: str) -> StartupReport:
-        """KV capacity, device and errors from one start's log (needs `startup_log_args`).
+    def report(self, log_text: str) -> StartupReport:
+        """KV capacity, device and errors from one start's log (needs `args`).
 
         KV bytes add up every ``llama_kv_cache`` (SWA models and draft models have
         several); tokens are the largest cache's cells times its streams (without
@@ -192,23 +232,27 @@ class LlamaCpp(EngineKind):
             errors=errors,
         )
 
-    # -- planning --
-    # Facts checked against llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI sdist):
-    # src/llama-kv-cache.cpp: per layer ggml_new_tensor_3d(type_k, n_embd_k_gqa, kv_size,
-    #   n_stream) and the same for V (none for MLA models); n_stream = 1 if unified else
-    #   n_seq_max; kv_size is the per-stream context.
-    # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256); without --kv-unified
-    #   n_ctx_seq = GGML_PAD(n_ctx / n_seq_max, 256); "quantized V cache was requested,
-    #   but this requires Flash Attention"; MLA models refuse different K and V types.
-    # src/llama-kv-cache-iswa.cpp: SWA layers keep GGML_PAD(min(n_ctx_seq, n_swa + n_ubatch), 256).
-    # tools/server/server.cpp: -np unset means 4 slots with a unified cache.
-    # common/arg.cpp: -ctk/-ctv, -fa on|off|auto, -np, -ngl, --fit on|off, --kv-unified.
-    # ggml block sizes (gguf.GGML_QUANT_SIZES): q8_0 34 B / 32 values, q4_0 18 B / 32,
-    #   q4_1 20, iq4_nl 18, q5_0 22, q5_1 24.
-    # The input embedding (token_embd) stays in host memory whatever -ngl says.
 
-    plannable = True
+# Facts checked against llama.cpp as vendored in llama-cpp-python 0.3.36 (PyPI sdist):
+# src/llama-kv-cache.cpp: per layer ggml_new_tensor_3d(type_k, n_embd_k_gqa, kv_size,
+#   n_stream) and the same for V (none for MLA models); n_stream = 1 if unified else
+#   n_seq_max; kv_size is the per-stream context.
+# src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256); without --kv-unified
+#   n_ctx_seq = GGML_PAD(n_ctx / n_seq_max, 256); "quantized V cache was requested,
+#   but this requires Flash Attention"; MLA models refuse different K and V types.
+# src/llama-kv-cache-iswa.cpp: SWA layers keep GGML_PAD(min(n_ctx_seq, n_swa + n_ubatch), 256).
+# tools/server/server.cpp: -np unset means 4 slots with a unified cache.
+# common/arg.cpp: -ctk/-ctv, -fa on|off|auto, -np, -ngl, --fit on|off, --kv-unified.
+# ggml block sizes (gguf.GGML_QUANT_SIZES): q8_0 34 B / 32 values, q4_0 18 B / 32,
+#   q4_1 20, iq4_nl 18, q5_0 22, q5_1 24.
+# The input embedding (token_embd) stays in host memory whatever -ngl says.
+
+
+class LlamaCppKv(KvLayout):
+    """llama.cpp's per-slot streams of 256-token padded cells."""
+
     kv_dtypes = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "iq4_nl", "q4_0")
+    capacity_dtypes = ("q8_0", "q4_0")
     kv_sized_by_tokens = True
 
     def kv_formats(
@@ -324,49 +368,96 @@ class LlamaCpp(EngineKind):
             *_cpu_flags(plan.cpus),
         ]
 
-    # -- structured output --
 
-    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
-        """JSON Schema and GBNF grammars; no regex field. Whitespace is bounded by the
-        converter itself (``space ::= | " " | "\\n" [ \\t]{0,20}``)."""
-        kinds = frozenset({"json_schema", "json_object", "choice", "grammar"})
-        return StructuredCapability(
-            enforced=kinds,
-            expressible=kinds,
-            features=LLAMACPP_FEATURES,
-            formats=LLAMACPP_FORMATS,
-            skipped=SILENTLY_SKIPPED,
-            describes=f"llama.cpp {config.version or 'server'}",
-        )
+#: llama-cpp-python's sdist vendors llama.cpp; this release ships ggml-org/llama.cpp@0c1e570
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+_LLAMACPP_SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+_LLAMACPP_SOURCE = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp"
+#: parts of the sdist the server build never reads: vocab test models, docs, the submodule link
+_LLAMACPP_UNUSED = ("models", "docs", "media", ".git")
 
-    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
-        """HTTP 400 of type ``exceed_context_size_error``: "request (M tokens) exceeds the
-        available context size (N tokens), try increasing it" (tools/server/
-        server-context.cpp and server-common.cpp ``format_error_response``, b11312)."""
-        return status == 400 and error.get("type") == "exceed_context_size_error"
+LLAMACPP_CMAKE_FLAGS: tuple[str, ...] = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary: no libs beside it, no rpath
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",  # the server lives in tools/; only its target is built
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",  # no npm build of the web UI ...
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # ... and no download of a prebuilt one
+    "-DLLAMA_OPENSSL=OFF",  # no HTTPS: models come from disk, never from a hub
+    "-DGGML_CCACHE=OFF",
+    f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",  # the sdist has no git history to read it from
+    "-DLLAMA_BUILD_NUMBER=0",
+)
+#: flash-attention kernels for every K/V type pair, so mixed cache types (q8_0 K, q4_0 V)
+#: run on the GPU; by default only q4_0-q4_0, q8_0-q8_0, f16-f16, bf16-bf16 are compiled
+#: and other pairs fall back to the f16 kernel. In this version ``GGML_CUDA_FA_QUANTS=all``
+#: replaces the deprecated ``GGML_CUDA_FA_ALL_QUANTS=ON`` (ggml/cmake/common.cmake).
+LLAMACPP_CUDA_FLAGS: tuple[str, ...] = ("-DGGML_CUDA=ON", "-DGGML_CUDA_FA_QUANTS=all")
 
-    def structured_output_error(self, status: int, message: str) -> OutputFailure | None:
-        if status == 500 and message.startswith(_UNPARSED_OUTPUT):
-            return OutputFailure(
-                "truncated",
-                f"llama.cpp could not parse the model's output ({message}): guided JSON cut "
-                "off at max_tokens; raise max_tokens",
-            )
-        return None
 
-    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
-        """Top-level ``json_schema`` or ``grammar`` (tools/server/server-common.cpp).
+def llamacpp_spec(name: str, extra_cmake_flags: tuple[str, ...] = ()) -> EnvSpec:
+    """Build llama.cpp's native ``llama-server`` into ``<env>/bin`` from the pinned sdist.
 
-        Not the README's ``response_format: {"type": "json_schema", "schema": ...}``:
-        the server does not read that shape and generates unconstrained.
-        """
-        if constraint.kind == "json_schema":
-            return {"json_schema": constraint.schema}
-        if constraint.kind == "json_object":
-            return {"json_schema": {"type": "object"}}
-        if constraint.kind == "choice":
-            return {"grammar": choice_gbnf(constraint.choices)}
-        return {"grammar": constraint.grammar}
+    Checked in the vendored sources (``common/arg.cpp``, ``tools/server``) of
+    llama-cpp-python 0.3.36 = llama.cpp 0c1e570 (2026-10-01), the newest release
+    when pinned: ``-fa on|off|auto``, ``--fit on|off`` (default on) and
+    ``--fit-ctx``, ``-ctk``/``-ctv`` (f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl,
+    q5_0, q5_1), ``-c``, ``-np`` (default -1 = auto), ``-ngl`` (N, auto, all),
+    ``--kv-unified``/``--no-kv-unified``, ``--kv-unified-per-slot``, ``--metrics``
+    (``llamacpp:*`` names), ``-a/--alias``, ``--no-webui``; requests take
+    ``json_schema``, ``grammar`` and OpenAI ``response_format``. A quantized V
+    cache with ``-fa off`` refuses to start ("quantized V cache requires
+    flash_attn to be enabled").
+
+    The source and build trees are deleted once the binary is installed; GGML_NATIVE
+    (default on) tunes the build for the CPU (and GPU) of the machine that builds it.
+    """
+    src, build = "{root}/src", "{root}/build"
+    unused = tuple(f"--exclude={_LLAMACPP_SOURCE}/{part}" for part in _LLAMACPP_UNUSED)
+    requirement = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    pip_download = ("{python}", "-m", "pip", "download", "{pip_extra}", "--no-deps")
+    sdist_only = ("--no-binary", ":all:", "--dest", src)
+    configure = ("cmake", "-S", f"{src}/{_LLAMACPP_SOURCE}", "-B", build, *LLAMACPP_CMAKE_FLAGS)
+    return EnvSpec(
+        name=name,
+        steps=(
+            Step(f"pip download {requirement} (sdist)", (*pip_download, *sdist_only, requirement)),
+            Step(
+                "unpack vendor/llama.cpp",
+                ("tar", "-xzf", f"{src}/{_LLAMACPP_SDIST}", "-C", src, *unused, _LLAMACPP_SOURCE),
+            ),
+            Step("cmake configure", (*configure, *extra_cmake_flags)),
+            Step(
+                "cmake build llama-server",
+                ("cmake", "--build", build, "--target", "llama-server", "--parallel", "{jobs}"),
+                progress=r"^\[\s*(\d+%)\]",
+            ),
+            Step(
+                "install llama-server",
+                ("cmake", "-E", "copy", f"{build}/bin/llama-server", "{root}/bin/llama-server"),
+            ),
+            Step("remove source and build trees", ("cmake", "-E", "rm", "-rf", src, build)),
+            Step("llama-server --version", ("{root}/bin/llama-server", "--version")),
+        ),
+    )
+
+
+KIND = EngineKind(
+    name="llamacpp",
+    dialect=LlamaCppDialect(),
+    launcher=LlamaServerLauncher(),
+    image=container_image,
+    environments=(
+        llamacpp_spec("llamacpp-cpu"),
+        llamacpp_spec("llamacpp-cuda", LLAMACPP_CUDA_FLAGS),
+    ),
+    metrics=METRICS,
+    startup_log=LlamaCppStartupLog(),
+    kv=LlamaCppKv(),
+)
 
 
 def _cpu_flags(cpus: tuple[int, ...]) -> list[str]:

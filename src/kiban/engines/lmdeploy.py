@@ -5,45 +5,31 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from kiban.engines.base import (
-    ContainerImage,
-    EngineKind,
-    EngineMetricNames,
-    LaunchTarget,
-    LaunchUnsupported,
-    choice_regex,
-    openai_response_format,
-)
+from kiban.engines.dialect import Dialect, choice_regex, openai_response_format
+from kiban.engines.environment import EnvSpec, pip_install
+from kiban.engines.kind import EngineKind
+from kiban.engines.kv_layout import KvLayout
+from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget, LaunchUnsupported
+from kiban.engines.telemetry import EngineMetricNames, EngineMetrics
 from kiban.planning.kv import KvFormat, dtype_format, plain
 from kiban.planning.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.target import PlanRefusal
-from kiban.structured.capability import (
-    SILENTLY_SKIPPED,
-    XGRAMMAR_FEATURES,
-    XGRAMMAR_FORMATS,
-    StructuredCapability,
-)
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.structured.capability import StructuredCapability, xgrammar
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
 #: dialect below is checked against in tests
 PINNED_VERSION = "0.18.0"
 
 
-class LMDeploy(EngineKind):
+class LMDeployDialect(Dialect):
     """lmdeploy errors come as ``{"object": "error", "message": ..., "code": ...}``;
-    the base class maps that shape to the OpenAI one."""
-
-    name = "lmdeploy"
-
-    # -- continuation --
+    the default mapping turns that shape into the OpenAI one."""
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
         """lmdeploy 0.18 continues a final assistant message by itself: its chat templates
@@ -51,14 +37,52 @@ class LMDeploy(EngineKind):
         the built-in templates and HFChatTemplate); it has no field for it."""
         return {}
 
-    # -- launch --
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """lmdeploy 0.18.0 raises ``ErrorCode.CONTEXT_LENGTH_EXCEEDED`` (HTTP 400): "Input
+        length (M) must be smaller than the model context length (N)." or "The request
+        exceeds the model context length." (lmdeploy/serve/core/async_engine.py,
+        exceptions.py); a stream gets it as its first event."""
+        message = error.get("message")
+        return (
+            status == 400
+            and isinstance(message, str)
+            and (
+                "must be smaller than the model context length" in message
+                or "exceeds the model context length" in message
+            )
+        )
+
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """xgrammar for both engines since v0.10.2; ``json_object`` since v0.11.0.
+
+        ``ResponseFormat.type`` is text, json_object, json_schema or regex_schema
+        (an lmdeploy extension): no choice (sent as a regex), no grammar. The
+        schema goes to xgrammar's ``compile_json_schema`` with its defaults (any
+        whitespace: no knob), without vLLM's pre-check, so only what xgrammar
+        enforces is declared. v0.18 compiles the format before queueing the
+        request (``ensure_response_format_compilable``) and answers an error;
+        TurboMind before it logged the compile error and ran unconstrained.
+        """
+        kinds = frozenset({"json_schema", "json_object", "regex", "choice"})
+        return xgrammar(f"lmdeploy {config.version or PINNED_VERSION} (xgrammar)", kinds)
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        if constraint.kind == "regex":
+            return {"response_format": {"type": "regex_schema", "regex_schema": constraint.pattern}}
+        if constraint.kind == "choice":
+            pattern = choice_regex(constraint.choices)
+            return {"response_format": {"type": "regex_schema", "regex_schema": pattern}}
+        return openai_response_format(constraint)
+
+
+class LMDeployLauncher(Launcher):
+    """``lmdeploy serve api_server`` from the lmdeploy environment (GPU only)."""
 
     def environment(self, device: str) -> str:
-        if device == "cpu":
-            raise LaunchUnsupported("lmdeploy has no CPU backend; use launch.device: gpu")
+        _gpu_only(device)
         return "lmdeploy"
 
-    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+    def argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
         # lmdeploy/cli/serve.py (v0.16.0 to 0.18.0): `serve api_server MODEL --server-name
         # --server-port --model-name`; one served name per server.
         assert engine.launch is not None
@@ -75,56 +99,60 @@ class LMDeploy(EngineKind):
             engine.models[0],
         ]
 
-    # -- containers --
-    # .github/workflows/docker.yml pushes openmmlab/lmdeploy:<tag>-cu12.8 and -cu13.0 for
-    # each release tag; docker/Dockerfile + docker/install.sh put lmdeploy in /opt/py3/bin
-    # (on PATH) and install curl; docs/en/llm/api_server.md runs it with --ipc=host.
-    # GPU only: the image is built for CUDA, and lmdeploy has no CPU backend.
 
-    def container_image(self, device: str) -> ContainerImage:
-        self.environment(device)  # refuses device: cpu with the reason
-        return ContainerImage(
-            image=f"openmmlab/lmdeploy:v{PINNED_VERSION}-cu12.8",
-            programs={"lmdeploy": "lmdeploy"},
-            ipc_host=True,
-            shm_size="32Gi",
-            source="lmdeploy docker/Dockerfile, docker/install.sh, .github/workflows/docker.yml",
-        )
+# .github/workflows/docker.yml pushes openmmlab/lmdeploy:<tag>-cu12.8 and -cu13.0 for
+# each release tag; docker/Dockerfile + docker/install.sh put lmdeploy in /opt/py3/bin
+# (on PATH) and install curl; docs/en/llm/api_server.md runs it with --ipc=host.
+# GPU only: the image is built for CUDA, and lmdeploy has no CPU backend.
+def container_image(device: str) -> ContainerImage:
+    """lmdeploy's CUDA 12.8 image at the pinned release (GPU only)."""
+    _gpu_only(device)
+    return ContainerImage(
+        image=f"openmmlab/lmdeploy:v{PINNED_VERSION}-cu12.8",
+        programs={"lmdeploy": "lmdeploy"},
+        ipc_host=True,
+        shm_size="32Gi",
+        source="lmdeploy docker/Dockerfile, docker/install.sh, .github/workflows/docker.yml",
+    )
 
-    # -- metrics --
-    # lmdeploy 0.18 serves /metrics on the API port by default (cli/utils.py offers only
-    # ``--disable-metrics``; the older ``--enable-metrics`` is refused as an unknown
-    # argument, seen on the H200): no launch flag, the base class's empty default.
-    metric_names = EngineMetricNames(
+
+# lmdeploy 0.18 serves /metrics on the API port by default (cli/utils.py offers only
+# ``--disable-metrics``; the older ``--enable-metrics`` is refused as an unknown
+# argument, seen on the H200): no launch flag, the base class's empty default.
+METRICS = EngineMetrics(
+    names=EngineMetricNames(
         kv_cache_usage="lmdeploy:gpu_cache_usage_perc",
         requests_running="lmdeploy:num_requests_running",
         requests_waiting="lmdeploy:num_requests_waiting",
         prompt_tokens="lmdeploy:prompt_tokens_total",
         generation_tokens="lmdeploy:generation_tokens_total",
         ttft="lmdeploy:time_to_first_token_seconds",
-    )
+    ),
+)
 
-    # -- planning --
-    # Facts checked against lmdeploy 0.18.0 (PyPI wheel) unless noted:
-    # lmdeploy/messages.py: QuantPolicy 0/4/8/16(fp8)/17(fp8_e5m2)/42(TurboQuant);
-    #   TurbomindEngineConfig asserts "FP8 quantization is not supported";
-    #   cache_max_entry_count = fraction of FREE memory after the weights load (since
-    #   v0.2.2); cache_block_seq_len = block_size = 64; max_prefill_token_num = 8192.
-    # lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (no MiniCPMV since 0.14, PR #4557).
-    # lmdeploy/vl/model/minicpmv.py: "Only support v2.5 and v2.6".
-    # lmdeploy/pytorch/engine/executor/base.py _get_runtime_size: the PyTorch engine takes
-    #   (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes off free memory first.
-    # src/turbomind/kernels/attention/block.h (InternLM/lmdeploy): per token and head,
-    #   K and V each store head_dim x bits / 8 bytes plus t_bits x 2 / 8 = 4 bytes of
-    #   fp16/bf16 scale and zero point when quantized (int8 d=128: 132 B; int4: 68 B);
-    #   src/turbomind/models/llama/object_cache_plan.cc (HEAD) builds the cache from that
-    #   layout per layer with cache_block_seq_len tokens a block.
-    # lmdeploy/utils.py get_max_batch_size: 128 on GPUs other than A100/H100/H200/H800/L20Y.
-    # docs/en/supported_models/supported_models.md: TurboMind KV int8/int4 need head_dim 128;
-    #   the PyTorch engine quantizes no KV cache for MiniCPM-V or Qwen2.5-VL.
 
-    plannable = True
+# Facts checked against lmdeploy 0.18.0 (PyPI wheel) unless noted:
+# lmdeploy/messages.py: QuantPolicy 0/4/8/16(fp8)/17(fp8_e5m2)/42(TurboQuant);
+#   TurbomindEngineConfig asserts "FP8 quantization is not supported";
+#   cache_max_entry_count = fraction of FREE memory after the weights load (since
+#   v0.2.2); cache_block_seq_len = block_size = 64; max_prefill_token_num = 8192.
+# lmdeploy/turbomind/supported_models.py SUPPORTED_ARCHS (no MiniCPMV since 0.14, PR #4557).
+# lmdeploy/vl/model/minicpmv.py: "Only support v2.5 and v2.6".
+# lmdeploy/pytorch/engine/executor/base.py _get_runtime_size: the PyTorch engine takes
+#   (max_prefill_token_num + 2 x max_batches) x vocab x 2 bytes off free memory first.
+# src/turbomind/kernels/attention/block.h (InternLM/lmdeploy): per token and head,
+#   K and V each store head_dim x bits / 8 bytes plus t_bits x 2 / 8 = 4 bytes of
+#   fp16/bf16 scale and zero point when quantized (int8 d=128: 132 B; int4: 68 B);
+#   src/turbomind/models/llama/object_cache_plan.cc (HEAD) builds the cache from that
+#   layout per layer with cache_block_seq_len tokens a block.
+# lmdeploy/utils.py get_max_batch_size: 128 on GPUs other than A100/H100/H200/H800/L20Y.
+# docs/en/supported_models/supported_models.md: TurboMind KV int8/int4 need head_dim 128;
+#   the PyTorch engine quantizes no KV cache for MiniCPM-V or Qwen2.5-VL.
+class LMDeployKv(KvLayout):
+    """TurboMind's and the PyTorch engine's cache: 64-token blocks, a fraction of free memory."""
+
     kv_dtypes = ("0", "8", "4", "16", "17")
+    capacity_dtypes = ("int8", "int4")
 
     def kv_formats(
         self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
@@ -254,51 +282,30 @@ class LMDeploy(EngineKind):
             flags += ["--tp", str(plan.tp)]
         return flags
 
-    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
-        """lmdeploy 0.18.0 raises ``ErrorCode.CONTEXT_LENGTH_EXCEEDED`` (HTTP 400): "Input
-        length (M) must be smaller than the model context length (N)." or "The request
-        exceeds the model context length." (lmdeploy/serve/core/async_engine.py,
-        exceptions.py); a stream gets it as its first event."""
-        message = error.get("message")
-        return (
-            status == 400
-            and isinstance(message, str)
-            and (
-                "must be smaller than the model context length" in message
-                or "exceeds the model context length" in message
-            )
-        )
 
-    # -- structured output --
+ENVIRONMENTS = (
+    EnvSpec(
+        name="lmdeploy",
+        steps=(pip_install(f"lmdeploy=={PINNED_VERSION}"),),  # the dialect's version
+        smoke_imports=("lmdeploy",),
+    ),
+)
 
-    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
-        """xgrammar for both engines since v0.10.2; ``json_object`` since v0.11.0.
 
-        ``ResponseFormat.type`` is text, json_object, json_schema or regex_schema
-        (an lmdeploy extension): no choice (sent as a regex), no grammar. The
-        schema goes to xgrammar's ``compile_json_schema`` with its defaults (any
-        whitespace: no knob), without vLLM's pre-check, so only what xgrammar
-        enforces is declared. v0.18 compiles the format before queueing the
-        request (``ensure_response_format_compilable``) and answers an error;
-        TurboMind before it logged the compile error and ran unconstrained.
-        """
-        kinds = frozenset({"json_schema", "json_object", "regex", "choice"})
-        return StructuredCapability(
-            enforced=kinds,
-            expressible=kinds,
-            features=XGRAMMAR_FEATURES,
-            formats=XGRAMMAR_FORMATS,
-            skipped=SILENTLY_SKIPPED,
-            describes=f"lmdeploy {config.version or PINNED_VERSION} (xgrammar)",
-        )
+def _gpu_only(device: str) -> None:
+    if device == "cpu":
+        raise LaunchUnsupported("lmdeploy has no CPU backend; use launch.device: gpu")
 
-    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
-        if constraint.kind == "regex":
-            return {"response_format": {"type": "regex_schema", "regex_schema": constraint.pattern}}
-        if constraint.kind == "choice":
-            pattern = choice_regex(constraint.choices)
-            return {"response_format": {"type": "regex_schema", "regex_schema": pattern}}
-        return openai_response_format(constraint)
+
+KIND = EngineKind(
+    name="lmdeploy",
+    dialect=LMDeployDialect(),
+    launcher=LMDeployLauncher(),
+    image=container_image,
+    environments=ENVIRONMENTS,
+    metrics=METRICS,
+    kv=LMDeployKv(),
+)
 
 
 _MAX_PREFILL_TOKENS = 8192

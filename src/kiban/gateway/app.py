@@ -34,9 +34,9 @@ from kiban.gateway.auth import ApiKey, Grant, KeyChecker, load_keys
 from kiban.gateway.console import PREFIXES as CONSOLE_PREFIXES
 from kiban.gateway.console import Console
 from kiban.gateway.engine_load import LoadScraper
+from kiban.gateway.engines import Circuit, Engine
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.health import HealthChecker
-from kiban.gateway.http import DISCONNECT_HOOK
 from kiban.gateway.limits import (
     LimitStore,
     LocalLimitStore,
@@ -49,8 +49,8 @@ from kiban.gateway.openapi import openapi_document
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog
 from kiban.gateway.routing import Route, Router
+from kiban.gateway.server_protocol import DISCONNECT_HOOK
 from kiban.gateway.stream_usage import ask_for_usage
-from kiban.gateway.upstreams import Circuit, Upstream
 from kiban.gateway.usage import Usage
 from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
 from kiban.structured.constraint import STRUCTURED_KEYS
@@ -111,7 +111,7 @@ class Live:
 
 def build_live(config: KibanConfig, keys: list[ApiKey], previous: Live | None = None) -> Live:
     """The live objects of *config*; engines unchanged since *previous* keep their state."""
-    router = Router(config, reuse=previous.router.upstreams if previous else None)
+    router = Router(config, reuse=previous.router.engines if previous else None)
 
     def route_of(model: str) -> str | None:
         route = router.route_for(model)
@@ -168,20 +168,20 @@ class Gateway:
 
     async def startup(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
-        for upstream in self.router.upstreams.values():
-            upstream.connect(loop)
+        for engine in self.router.engines.values():
+            engine.connect(loop)
         self.proxy = Proxy(self.metrics, loop)
         gw = self.config.gateway
-        upstreams = list(self.router.upstreams.values())
+        engines = list(self.router.engines.values())
         if gw.shared_state is not None:
             from kiban.gateway.shared import RedisState
 
             self.shared = self.limits = RedisState(gw.shared_state, self.metrics)
-            await self.shared.start([u.name for u in upstreams], self._remote_circuit)
+            await self.shared.start([u.name for u in engines], self._remote_circuit)
         self.usage.start(self._usage_store())
         self._watch_circuits()
         self.health = HealthChecker(
-            upstreams,
+            engines,
             self.metrics,
             gw.health_interval_s,
             gw.health_timeout_s,
@@ -192,7 +192,7 @@ class Gateway:
         self.health.start()
         if gw.engine_load_interval_s:
             self.load = LoadScraper(
-                upstreams, gw.engine_load_interval_s, gw.health_timeout_s, gw.kv_avoid_ratio
+                engines, gw.engine_load_interval_s, gw.health_timeout_s, gw.kv_avoid_ratio
             )
             self.load.start()
         if self.config_source is not None:
@@ -210,30 +210,28 @@ class Gateway:
 
     def _watch_circuits(self) -> None:
         """A breaker that opens or closes shows in the metrics at once (and in other replicas)."""
-        for upstream in self.router.upstreams.values():
-            if upstream.breaker.on_change is None:
-                upstream.breaker.on_change = lambda state, u=upstream: self._circuit_changed(
-                    u, state
-                )
+        for engine in self.router.engines.values():
+            if engine.breaker.on_change is None:
+                engine.breaker.on_change = lambda state, u=engine: self._circuit_changed(u, state)
 
-    def _circuit_changed(self, upstream: Upstream, state: Circuit) -> None:
-        self.metrics.engine_health(upstream)
+    def _circuit_changed(self, engine: Engine, state: Circuit) -> None:
+        self.metrics.engine_health(engine)
         if state is Circuit.OPEN:
             log.warning(
                 "engine %s: circuit open (ejected for %g s)",
-                upstream.name,
-                upstream.breaker.cooldown_s,
+                engine.name,
+                engine.breaker.cooldown_s,
             )
         else:
-            log.info("engine %s: circuit closed (admitted again)", upstream.name)
+            log.info("engine %s: circuit closed (admitted again)", engine.name)
         if self.shared is not None:
-            self.shared.circuit_changed(upstream.name, state, upstream.breaker.cooldown_s)
+            self.shared.circuit_changed(engine.name, state, engine.breaker.cooldown_s)
 
-    def _remote_circuit(self, engine: str, state: Circuit, remaining_s: float) -> None:
-        upstream = self.router.upstreams.get(engine)
-        if upstream is not None:
-            upstream.breaker.apply_remote(state, remaining_s, time.monotonic())
-            self.metrics.engine_health(upstream)
+    def _remote_circuit(self, name: str, state: Circuit, remaining_s: float) -> None:
+        engine = self.router.engines.get(name)
+        if engine is not None:
+            engine.breaker.apply_remote(state, remaining_s, time.monotonic())
+            self.metrics.engine_health(engine)
 
     def _after_health_checks(self) -> None:
         self.metrics.routes_health(self.router.routes)
@@ -250,9 +248,9 @@ class Gateway:
         await self.usage.close()
         if self.shared is not None:
             await self.shared.close()
-        for upstream in self.router.upstreams.values():
-            if upstream.http is not None:
-                upstream.http.close()
+        for engine in self.router.engines.values():
+            if engine.http is not None:
+                engine.http.close()
         self.request_log.flush()
         self.metrics.close()
 
@@ -315,15 +313,15 @@ class Gateway:
             self.metrics.reloads.labels("rejected").inc()
             self._report_reload(old, False, err.problems, [])
             return err.problems
-        known = {id(u) for u in old.router.upstreams.values()}
-        fresh = [u for u in live.router.upstreams.values() if id(u) not in known]
+        known = {id(u) for u in old.router.engines.values()}
+        fresh = [u for u in live.router.engines.values() if id(u) not in known]
         loop = asyncio.get_running_loop()
-        for upstream in fresh:
-            upstream.connect(loop)
-        kept = {id(u) for u in live.router.upstreams.values()}
-        for upstream in old.router.upstreams.values():
-            if id(upstream) not in kept and upstream.http is not None:
-                upstream.http.close_idle()  # busy ones finish their requests, then close
+        for engine in fresh:
+            engine.connect(loop)
+        kept = {id(u) for u in live.router.engines.values()}
+        for engine in old.router.engines.values():
+            if id(engine) not in kept and engine.http is not None:
+                engine.http.close_idle()  # busy ones finish their requests, then close
         if self.health is not None:
             await asyncio.gather(*(self.health.check(u) for u in fresh))
         self.live = live
@@ -333,10 +331,10 @@ class Gateway:
         if self.shared is not None:
             await self.shared.sync_circuits([u.name for u in fresh])
         if self.health is not None:
-            self.health.upstreams = list(live.router.upstreams.values())
+            self.health.engines = list(live.router.engines.values())
             self._after_health_checks()
         if self.load is not None:
-            self.load.upstreams = list(live.router.upstreams.values())
+            self.load.engines = list(live.router.engines.values())
         notes = [
             f"gateway.{key} changed; it applies when the gateway restarts"
             for key in _RESTART_ONLY
@@ -348,7 +346,7 @@ class Gateway:
             "configuration reloaded (generation %d): %d routes, %d engines (%d new or changed)",
             live.generation,
             len(live.router.routes),
-            len(live.router.upstreams),
+            len(live.router.engines),
             len(fresh),
         )
         self.metrics.reloads.labels("applied").inc()
@@ -657,7 +655,7 @@ async def _run_until_disconnect(scope: Scope, receive: Receive, work: Any) -> bo
     """Run *work*; if the client disconnects first, cancel it (closing the engine request).
 
     Returns False when the client went away, True when *work* finished. Under
-    kiban's own protocol (:mod:`kiban.gateway.http`) the protocol calls back on
+    kiban's own protocol (:mod:`kiban.gateway.server_protocol`) the protocol calls back on
     disconnect; under another ASGI server a task watches ``receive()``.
     """
     if DISCONNECT_HOOK in scope:

@@ -181,10 +181,9 @@ class ConsoleState:
     async def _engines(self, samples: Samples, now: float) -> list[dict[str, Any]]:
         gw = self.gateway
         records = _run_state()
-        upstreams = list(gw.router.upstreams.values())
+        engines = list(gw.router.engines.values())
         urls = [
-            u.config.url.rstrip("/") + u.kind.metrics_path if u.kind.metrics_path else None
-            for u in upstreams
+            u.config.url.rstrip("/") + u.metrics.path if u.metrics.path else None for u in engines
         ]
         scraped = await asyncio.gather(
             *(asyncio.to_thread(scrape, url, _SCRAPE_TIMEOUT_S) for url in urls if url)
@@ -192,20 +191,20 @@ class ConsoleState:
         by_url = dict(zip([url for url in urls if url], scraped, strict=True))
         failures = by_label(samples, "kiban_upstream_failures_total", "engine")
         rows = []
-        for upstream, url in zip(upstreams, urls, strict=True):
-            name, names = upstream.name, upstream.kind.metric_names
+        for engine, url in zip(engines, urls, strict=True):
+            name, names = engine.name, engine.metrics.names
             engine_samples = by_url.get(url) if url else None
             record = records.get(name, {})
             started = record.get("started_at")
             row: dict[str, Any] = {
                 "name": name,
-                "kind": upstream.config.kind,
-                "url": upstream.config.url,
-                "healthy": upstream.healthy,
-                "health_error": upstream.last_health_error,
-                "circuit": upstream.breaker.state.name.lower(),
-                "in_flight": upstream.outstanding,
-                "max_concurrency": upstream.config.max_concurrency,
+                "kind": engine.config.kind,
+                "url": engine.config.url,
+                "healthy": engine.healthy,
+                "health_error": engine.last_health_error,
+                "circuit": engine.breaker.state.name.lower(),
+                "in_flight": engine.outstanding,
+                "max_concurrency": engine.config.max_concurrency,
                 "failures": failures.get(name, 0.0),
                 "state": record.get("state"),
                 "gpus": record.get("gpus"),
@@ -245,11 +244,11 @@ class ConsoleState:
             {
                 "name": route.name,
                 "strategy": route.config.strategy,
-                "engines": [t.upstream.name for t in route.targets],
+                "engines": [t.engine.name for t in route.targets],
                 "healthy": [
-                    t.upstream.name
+                    t.engine.name
                     for t in route.targets
-                    if t.upstream.healthy and t.upstream.breaker.allows(now)
+                    if t.engine.healthy and t.engine.breaker.allows(now)
                 ],
                 "requests": requests.get(route.name, 0.0),
                 "failovers": failovers.get(route.name, 0.0),

@@ -5,7 +5,7 @@ the client, the client still holds a good beginning. Instead of ending the
 stream with an error event, kiban asks another engine of the route for the rest:
 the same conversation with the text already streamed as the start of the
 assistant's reply (each engine kind says how it continues such a prefix:
-``EngineKind.continuation_fields``), ``max_tokens`` and ``min_tokens`` less the
+``Dialect.continuation_fields``), ``max_tokens`` and ``min_tokens`` less the
 tokens already sent. The new engine's events go into the same client stream
 with the first stream's ``id``, ``created`` and ``model``, without its opening
 role-only delta, followed by one ``[DONE]``; the usage it reports is summed
@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from kiban.gateway.engine_client import Deadline, EngineError, describe
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.gateway.upstream_http import Deadline, UpstreamError, describe
 
 if TYPE_CHECKING:
     from kiban.gateway.asgi import Send
+    from kiban.gateway.engine_client import EngineConnection
     from kiban.gateway.metrics import Metrics
     from kiban.gateway.proxy import Exchange
     from kiban.gateway.routing import Route, Target
-    from kiban.gateway.upstream_http import Exchange as EngineResponse
 
 #: request fields whose answer a text prefix cannot carry on
 _OFF_FIELDS = (
@@ -214,37 +214,37 @@ class Continuer:
                 self._count(ex, route, broken, "none", record, outcome)
                 reasons.append(f"no other engine of model {route.name!r} can continue it")
                 return "; ".join(reasons)
-            upstream = target.upstream
-            tried.add(upstream.name)
+            engine = target.engine
+            tried.add(engine.name)
             before = record.tokens
-            upstream.breaker.on_attempt()
+            engine.breaker.on_attempt()
             ex.attempts += 1
             try:
                 why = await self._relay(ex, route, target, record, send)
             finally:
-                upstream.release()
+                engine.release()
             if why is None:
-                upstream.breaker.on_success()
-                self._count(ex, route, broken, upstream.name, record, "continued", before)
+                engine.breaker.on_success()
+                self._count(ex, route, broken, engine.name, record, "continued", before)
                 return None
             if isinstance(why, _Refused):  # it works, but would not take this request
-                upstream.breaker.on_success()
+                engine.breaker.on_success()
             else:
-                upstream.breaker.on_failure(time.monotonic())
-                self.metrics.upstream_failures.labels(route.name, upstream.name, "broken").inc()
+                engine.breaker.on_failure(time.monotonic())
+                self.metrics.engine_failures.labels(route.name, engine.name, "broken").inc()
             reasons.append(why)
             if record.tokens > before:  # it sent some text: another engine goes on from there
-                self._count(ex, route, broken, upstream.name, record, "broken", before)
-                broken = upstream.name
+                self._count(ex, route, broken, engine.name, record, "broken", before)
+                broken = engine.name
 
     def _pick(self, route: Route, tried: set[str]) -> Target | None:
         for target in route.candidates():
-            upstream = target.upstream
-            if upstream.name in tried:
+            engine = target.engine
+            if engine.name in tried:
                 continue
-            if upstream.kind.continuation_fields(upstream.config) is None:
+            if engine.dialect.continuation_fields(engine.config) is None:
                 continue
-            if upstream.try_acquire():
+            if engine.try_acquire():
                 return target
         return None
 
@@ -271,41 +271,41 @@ class Continuer:
         self, ex: Exchange, route: Route, target: Target, record: StreamRecord, send: Send
     ) -> str | None:
         """One continuation attempt on *target*; None when the stream ended with [DONE]."""
-        upstream = target.upstream
-        assert upstream.http is not None
+        engine = target.engine
+        assert engine.http is not None
         timeouts = route.config.timeouts
         body = continuation_body(ex.payload, target, record)
         now = self.loop.time()
         try:
-            resp = await upstream.http.request(
+            resp = await engine.http.request(
                 b"POST",
-                upstream.kind.path_bytes("chat"),
+                engine.dialect.path_bytes("chat"),
                 self.headers_for(ex, target),
                 orjson.dumps(body),
                 connect_timeout=timeouts.connect_s,
                 first_byte_at=now + timeouts.ttft_s,
                 total_at=now + timeouts.total_s,
             )
-        except (UpstreamError, Deadline) as exc:
-            return f"engine {upstream.name!r} could not continue it: {describe(exc)}"
+        except (EngineError, Deadline) as exc:
+            return f"engine {engine.name!r} could not continue it: {describe(exc)}"
         try:
             if resp.status >= 400:
                 raw = await resp.read()
                 text = raw[:300].decode("utf-8", "replace")
-                why = f"engine {upstream.name!r} answered {resp.status}: {text}"
+                why = f"engine {engine.name!r} answered {resp.status}: {text}"
                 return why if resp.status >= 500 or resp.status == 429 else _Refused(why)
             return await self._splice(ex, resp, record, send, target, idle_s=timeouts.idle_s)
-        except (UpstreamError, Deadline) as exc:
-            return f"engine {upstream.name!r} broke while continuing it: {describe(exc)}"
+        except (EngineError, Deadline) as exc:
+            return f"engine {engine.name!r} broke while continuing it: {describe(exc)}"
         except MalformedEvent as err:
-            return f"engine {upstream.name!r} sent a malformed event while continuing it: {err}"
+            return f"engine {engine.name!r} sent a malformed event while continuing it: {err}"
         finally:
             resp.finish()
 
     async def _splice(
         self,
         ex: Exchange,
-        resp: EngineResponse,
+        resp: EngineConnection,
         record: StreamRecord,
         send: Send,
         target: Target,
@@ -317,10 +317,10 @@ class Continuer:
         malformed one raises :class:`MalformedEvent`, a break); it is complete with
         ``[DONE]`` or once every choice finished.
         """
-        engine = target.upstream.name
+        engine = target.engine.name
         # the client's own choice: kiban asks every engine for usage (stream_usage.py)
         wants_usage = _wants_usage(ex.payload) and not ex.drop_usage
-        counter = target.upstream.kind.token_count
+        counter = target.engine.dialect.token_count
         count = (counter.key, counter.count) if counter is not None else None
         strip = counter is not None and counter.ask(ex.payload) is not None
         events = EventStream(count=count, keep=True)
@@ -402,8 +402,7 @@ def continuation_body(
     payload: dict[str, Any], target: Target, record: StreamRecord
 ) -> dict[str, Any]:
     """The request that asks *target* for the rest of the answer."""
-    kind, config = target.upstream.kind, target.upstream.config
-    fields = kind.continuation_fields(config)
+    fields = target.engine.dialect.continuation_fields(target.engine.config)
     assert fields is not None
     body = {**payload, **fields, "model": target.model}
     body["messages"] = [*payload["messages"], {"role": "assistant", "content": record.text}]
@@ -416,7 +415,9 @@ def continuation_body(
         body["min_tokens"] = max(0, min_tokens - record.tokens)
     body["stream"] = True
     body["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-    counter = kind.token_count  # its own count of what it sends, should it break too
+    counter = (
+        target.engine.dialect.token_count
+    )  # its own count of what it sends, should it break too
     return (counter.ask(body) if counter is not None else None) or body
 
 

@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from kiban.engines.base import EngineMetricNames
+from kiban.engines.telemetry import EngineMetricNames
+from kiban.gateway.engine_client import EngineError
+from kiban.gateway.engines import Engine
 from kiban.gateway.periodic import Periodic
-from kiban.gateway.upstream_http import UpstreamError
-from kiban.gateway.upstreams import Upstream
 
 log = logging.getLogger("kiban.engine_load")
 
@@ -69,30 +69,30 @@ def read_load(text: bytes, names: EngineMetricNames) -> EngineLoad:
 
 
 class LoadScraper:
-    """Reads every engine's /metrics on an interval and sets ``Upstream.load_penalty``."""
+    """Reads every engine's /metrics on an interval and sets ``Engine.load_penalty``."""
 
     def __init__(
-        self, upstreams: list[Upstream], interval_s: float, timeout_s: float, kv_avoid: float
+        self, engines: list[Engine], interval_s: float, timeout_s: float, kv_avoid: float
     ) -> None:
-        self.upstreams = upstreams
+        self.engines = engines
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.kv_avoid = kv_avoid
         self._periodic = Periodic(interval_s, self.scrape_all)
 
-    async def scrape(self, upstream: Upstream) -> EngineLoad | None:
-        path = upstream.kind.metrics_path
-        names = upstream.kind.metric_names
-        if path is None or upstream.http is None:
+    async def scrape(self, engine: Engine) -> EngineLoad | None:
+        path = engine.metrics.path
+        names = engine.metrics.names
+        if path is None or engine.http is None:
             return None
         if names.requests_waiting is None and names.kv_cache_usage is None:
             return None
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
-            resp = await upstream.http.request(
+            resp = await engine.http.request(
                 b"GET",
                 path.encode(),
-                upstream.request_headers,
+                engine.request_headers,
                 b"",
                 connect_timeout=self.timeout_s,
                 total_at=deadline,
@@ -101,19 +101,19 @@ class LoadScraper:
                 body = await resp.read()
             finally:
                 resp.finish()
-        except (UpstreamError, TimeoutError) as exc:
-            log.debug("engine %s: metrics not read (%s)", upstream.name, exc)
-            upstream.load_penalty = 0
+        except (EngineError, TimeoutError) as exc:
+            log.debug("engine %s: metrics not read (%s)", engine.name, exc)
+            engine.load_penalty = 0
             return None
         if resp.status != 200:
-            upstream.load_penalty = 0
+            engine.load_penalty = 0
             return None
         load = read_load(body, names)
-        upstream.load_penalty = load.penalty(self.kv_avoid)
+        engine.load_penalty = load.penalty(self.kv_avoid)
         return load
 
     async def scrape_all(self) -> None:
-        await asyncio.gather(*(self.scrape(u) for u in self.upstreams))
+        await asyncio.gather(*(self.scrape(u) for u in self.engines))
 
     def start(self) -> None:
         self._periodic.start()

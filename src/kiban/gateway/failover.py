@@ -111,20 +111,20 @@ class FailoverPlan:
         if failure.reason == "context_length":
             self.wait_s = 0.0
             if self.policy.context_length == "larger":
-                self._larger_first(target.upstream.config.planned_context)
+                self._larger_first(target.engine.config.planned_context)
             return
         if failure.reason not in SAME_ENGINE_REASONS:
             return
-        upstream = target.upstream
-        done = self._same.get(upstream.name, 0)
-        if done >= self.policy.same_engine_retries or not upstream.breaker.allows(time.monotonic()):
+        engine = target.engine
+        done = self._same.get(engine.name, 0)
+        if done >= self.policy.same_engine_retries or not engine.breaker.allows(time.monotonic()):
             return
         wait = retry_after_s(failure.retry_after)
         if wait is None:
             wait = self.policy.same_engine_backoff_s * 2**done * (0.5 + random.random())
         if self.clock() + wait >= self.deadline:
             return  # the engine asks for longer than the request has: move on
-        self._same[upstream.name] = done + 1
+        self._same[engine.name] = done + 1
         self.again, self.wait_s = target, wait
 
     def _larger_first(self, refused_at: int | None) -> None:
@@ -133,7 +133,7 @@ class FailoverPlan:
             return
 
         def rank(t: Target) -> int:
-            context = t.upstream.config.planned_context
+            context = t.engine.config.planned_context
             return 1 if context is None else 0 if context > refused_at else 2
 
         self.queue.sort(key=rank)  # stable: the route's order within each group

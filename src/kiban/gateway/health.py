@@ -6,27 +6,27 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from kiban.gateway.engine_client import ConnectFailed, ConnectTimeout, EngineError
+from kiban.gateway.engines import Engine
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.periodic import Periodic
-from kiban.gateway.upstream_http import ConnectFailed, ConnectTimeout, UpstreamError
-from kiban.gateway.upstreams import Upstream
 
 log = logging.getLogger("kiban.health")
 
 
 class HealthChecker:
-    """Polls each upstream's health endpoint and records the result on it."""
+    """Polls each engine's health endpoint and records the result on it."""
 
     def __init__(
         self,
-        upstreams: list[Upstream],
+        engines: list[Engine],
         metrics: Metrics,
         interval_s: float,
         timeout_s: float,
         failures: int = 1,
         on_checked: Callable[[], None] | None = None,
     ) -> None:
-        self.upstreams = upstreams
+        self.engines = engines
         self.metrics = metrics
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -34,15 +34,15 @@ class HealthChecker:
         self.on_checked = on_checked
         self._periodic = Periodic(interval_s, self.check_all)
 
-    async def check(self, upstream: Upstream) -> bool:
-        assert upstream.http is not None
-        path = upstream.kind.health_path.encode()
+    async def check(self, engine: Engine) -> bool:
+        assert engine.http is not None
+        path = engine.dialect.health_path.encode()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
-            resp = await upstream.http.request(
+            resp = await engine.http.request(
                 b"GET",
                 path,
-                upstream.request_headers,
+                engine.request_headers,
                 b"",
                 connect_timeout=self.timeout_s,
                 total_at=deadline,
@@ -53,31 +53,31 @@ class HealthChecker:
                 resp.finish()
             ok, error = resp.status == 200, None if resp.status == 200 else f"HTTP {resp.status}"
             refused = False
-        except (UpstreamError, TimeoutError) as exc:
+        except (EngineError, TimeoutError) as exc:
             ok, error = False, str(exc) or type(exc).__name__
             refused = isinstance(exc, ConnectFailed) and not isinstance(exc, ConnectTimeout)
-        was_healthy = upstream.healthy
-        upstream.on_health(ok, error, misses_allowed=self.failures - 1, refused=refused)
-        if upstream.healthy != was_healthy:
+        was_healthy = engine.healthy
+        engine.on_health(ok, error, misses_allowed=self.failures - 1, refused=refused)
+        if engine.healthy != was_healthy:
             log.warning(
                 "engine %s is %s%s",
-                upstream.name,
+                engine.name,
                 "healthy" if ok else "unhealthy",
                 f" ({error})" if error else "",
             )
         elif not ok:
             log.info(
                 "engine %s failed a health check (%d in a row; out after %d): %s",
-                upstream.name,
-                upstream.health_misses,
+                engine.name,
+                engine.health_misses,
                 self.failures,
                 error,
             )
-        self.metrics.engine_health(upstream)
+        self.metrics.engine_health(engine)
         return ok
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(u) for u in self.upstreams))
+        await asyncio.gather(*(self.check(u) for u in self.engines))
         if self.on_checked is not None:
             self.on_checked()
 

@@ -31,9 +31,9 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from kiban.gateway.engines import Engine
     from kiban.gateway.proxy import Exchange
     from kiban.gateway.routing import Route
-    from kiban.gateway.upstreams import Upstream
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -152,7 +152,7 @@ class Metrics:
             route_engine,
             registry=r,
         )
-        self.upstream_failures = Counter(
+        self.engine_failures = Counter(
             "kiban_upstream_failures",
             "Failed attempts by reason (connect, timeout, status, broken, context_length, "
             "invalid_output, rejected)",
@@ -290,7 +290,7 @@ class Metrics:
         for route in routes:
             self.in_flight_for(route.name)
             for target in route.targets:
-                self.series(route.name, target.upstream.name).requests(200)
+                self.series(route.name, target.engine.name).requests(200)
             self._bind_affinity(route)
 
     def _bind_affinity(self, route: Route) -> None:
@@ -337,13 +337,13 @@ class Metrics:
         """Count one failed shared-state operation (admit, settle, circuit_publish, ...)."""
         self.shared_state_errors.labels(operation).inc()
 
-    def engine_health(self, upstream: Upstream) -> None:
-        self.engine_up.labels(upstream.name).set(1 if upstream.healthy else 0)
-        self.circuit.labels(upstream.name).set(int(upstream.breaker.state))
+    def engine_health(self, engine: Engine) -> None:
+        self.engine_up.labels(engine.name).set(1 if engine.healthy else 0)
+        self.circuit.labels(engine.name).set(int(engine.breaker.state))
 
     def routes_health(self, routes: Iterable[Route]) -> None:
         for route in routes:
-            healthy = sum(1 for t in route.targets if t.upstream.healthy)
+            healthy = sum(1 for t in route.targets if t.engine.healthy)
             self.route_healthy.labels(route.name).set(healthy)
 
     def set_gpu_verified(self, engine: str, verified: bool) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from kiban.config import CacheAwarePolicy
 from kiban.gateway.engine_load import KV_AVOID
-from kiban.gateway.upstreams import Circuit
+from kiban.gateway.engines import Circuit
 
 if TYPE_CHECKING:
     from kiban.gateway.routing import Order, RequestView, Target
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 def load_of(target: Target) -> int:
     """Requests in flight from this gateway plus the engine's own load penalty, if scraped."""
-    upstream = target.upstream
-    return upstream.outstanding + upstream.load_penalty
+    engine = target.engine
+    return engine.outstanding + engine.load_penalty
 
 
 FIRST_BOUNDARY = 512
@@ -143,15 +143,15 @@ class CacheAware:
             for target in ordered:  # least outstanding first
                 if not holders & bits[id(target)]:
                     continue
-                upstream = target.upstream
-                if upstream.breaker.state is Circuit.CLOSED and upstream.load_penalty < KV_AVOID:
+                engine = target.engine
+                if engine.breaker.state is Circuit.CLOSED and engine.load_penalty < KV_AVOID:
                     return target, i
         return None, 0
 
     def holders(self, key: int) -> list[str]:
         """Names of the engines recorded for a prefix key (for tests and inspection)."""
         mask = self.index.get(key, 0)
-        return [t.upstream.name for t in self._targets if mask & self.bits[id(t)]]
+        return [t.engine.name for t in self._targets if mask & self.bits[id(t)]]
 
     def _record(self, keys: list[int], bit: int) -> None:
         index = self.index

@@ -25,14 +25,20 @@ import orjson
 
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.continuation import Continuer, StreamRecord, may_continue
+from kiban.gateway.engine_client import (
+    ConnectTimeout,
+    Deadline,
+    Dropped,
+    EngineConnection,
+    EngineError,
+    describe,
+)
+from kiban.gateway.engines import Engine
 from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.gateway.upstream_http import ConnectTimeout, Deadline, Dropped, UpstreamError, describe
-from kiban.gateway.upstream_http import Exchange as EngineResponse
-from kiban.gateway.upstreams import Upstream
 from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
@@ -96,7 +102,7 @@ class Proxy:
     def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.metrics = metrics
         self.loop = loop
-        self.continuer = Continuer(metrics, loop, self._upstream_headers)
+        self.continuer = Continuer(metrics, loop, self._engine_headers)
 
     async def handle(self, ex: Exchange, route: Route, send: Send, needs_images: bool) -> None:
         candidates = route.candidates(needs_images, ex)
@@ -108,10 +114,10 @@ class Proxy:
             except APIError:
                 self.metrics.structured_outcome(route.name, "unsupported")
                 raise
-        queued: Upstream | None = None  # an engine whose slot this request already holds
+        queued: Engine | None = None  # an engine whose slot this request already holds
         if not candidates:
             target = await self._wait_in_queue(route, needs_images, structured)
-            queued, candidates = target.upstream, [target]
+            queued, candidates = target.engine, [target]
         deadline = self.loop.time() + route.config.timeouts.total_s
         plan: Iterable[Target]  # failover's order, or the structured attempts'
         if structured is None:
@@ -127,7 +133,7 @@ class Proxy:
         attempted = 0
         try:
             for target in plan:
-                upstream = target.upstream
+                engine = target.engine
                 if failures:
                     # the route's retry budget guards failing engines; an engine that
                     # answered (an invalid output, a refused schema, a prompt too long
@@ -143,9 +149,9 @@ class Proxy:
                         pause = retries.backoff_s * (0.5 + random.random()) * attempted
                     if pause:
                         await asyncio.sleep(pause)
-                if upstream is queued:
+                if engine is queued:
                     queued = None  # the slot waited for is used now
-                elif not upstream.try_acquire():
+                elif not engine.try_acquire():
                     continue  # filled up since the plan was made
                 if failures:
                     ex.retries.append(failures[-1][1].reason)
@@ -154,16 +160,14 @@ class Proxy:
                 try:
                     failure = await self._attempt(ex, route, target, send)
                 finally:
-                    upstream.release()
+                    engine.release()
                 if failure is None:
                     return
-                failures.append((upstream.name, failure))
-                self.metrics.upstream_failures.labels(
-                    route.name, upstream.name, failure.reason
-                ).inc()
+                failures.append((engine.name, failure))
+                self.metrics.engine_failures.labels(route.name, engine.name, failure.reason).inc()
                 if structured is None:
                     failover.record(target, failure)
-                elif not structured_plan.record(upstream.name, failure.reason, failure.output):
+                elif not structured_plan.record(engine.name, failure.reason, failure.output):
                     break
         finally:
             if queued is not None:
@@ -180,26 +184,26 @@ class Proxy:
         full = [
             t
             for t in route.targets
-            if t.upstream.healthy
-            and t.upstream.outstanding >= t.upstream.config.max_concurrency
-            and (not needs_images or t.upstream.accepts_images)
-            and t.upstream.breaker.allows(now)
+            if t.engine.healthy
+            and t.engine.outstanding >= t.engine.config.max_concurrency
+            and (not needs_images or t.engine.accepts_images)
+            and t.engine.breaker.allows(now)
         ]
         if full and structured is not None:
             full = structured.targets(route, full)
         if not full:
             raise self._nothing_available(route, needs_images)
-        queueable = [t for t in full if t.upstream.can_queue()]
+        queueable = [t for t in full if t.engine.can_queue()]
         if not queueable:
             raise _saturated(route, full)
-        target = min(queueable, key=lambda t: len(t.upstream.waiters))
-        if not await target.upstream.wait_for_slot():
-            upstream = target.upstream
+        target = min(queueable, key=lambda t: len(t.engine.waiters))
+        if not await target.engine.wait_for_slot():
+            engine = target.engine
             raise APIError(
                 429,
                 f"no engine of model {route.name!r} had a free slot within the queue timeout: "
-                f"waited {upstream.config.queue_timeout_s:g} s for engine {upstream.name!r} "
-                f"(its queue_timeout_s; max_concurrency {upstream.config.max_concurrency})",
+                f"waited {engine.config.queue_timeout_s:g} s for engine {engine.name!r} "
+                f"(its queue_timeout_s; max_concurrency {engine.config.max_concurrency})",
                 "rate_limit_error",
                 code="queue_timeout",
                 headers=[(b"retry-after", b"1")],
@@ -210,11 +214,11 @@ class Proxy:
         self, ex: Exchange, route: Route, target: Target, send: Send
     ) -> Failure | None:
         """One try on *target*, whose slot the caller holds."""
-        upstream = target.upstream
+        engine = target.engine
         timeouts = route.config.timeouts
         ex.attempts += 1
-        ex.engine = upstream.name
-        upstream.breaker.on_attempt()
+        ex.engine = engine.name
+        engine.breaker.on_attempt()
         started = time.perf_counter()
         now = self.loop.time()
         total_at = now + timeouts.total_s
@@ -224,12 +228,12 @@ class Proxy:
         try:
             failure = await self._exchange(ex, target, send, route, ttft_at, total_at)
         except Deadline as deadline:  # before anything reached the client
-            failure = Failure("timeout", _timeout_message(upstream.name, deadline.what, timeouts))
+            failure = Failure("timeout", _timeout_message(engine.name, deadline.what, timeouts))
         if failure is None or failure.engine_answered:
-            upstream.breaker.on_success()
-            upstream.observe_latency(time.perf_counter() - started)
+            engine.breaker.on_success()
+            engine.observe_latency(time.perf_counter() - started)
         elif failure.reason != "status" or failure.status >= 500:
-            upstream.breaker.on_failure(time.monotonic())
+            engine.breaker.on_failure(time.monotonic())
         if failure is not None and ex.committed:
             return None  # already reported to the client inside the stream
         return failure
@@ -243,10 +247,10 @@ class Proxy:
         ttft_at: float | None,
         total_at: float,
     ) -> Failure | None:
-        upstream = target.upstream
-        assert upstream.http is not None
+        engine = target.engine
+        assert engine.http is not None
         body = ex.body
-        counter = upstream.kind.token_count if ex.stream else None
+        counter = engine.dialect.token_count if ex.stream else None
         strip = False
         if ex.structured is not None:
             body = ex.structured.body_for(ex.payload, target)
@@ -263,24 +267,24 @@ class Proxy:
             if payload is not ex.payload:
                 body = orjson.dumps(payload)
         try:
-            resp = await upstream.http.request(
+            resp = await engine.http.request(
                 b"POST",
-                upstream.kind.path_bytes(ex.endpoint),
-                self._upstream_headers(ex, target),
+                engine.dialect.path_bytes(ex.endpoint),
+                self._engine_headers(ex, target),
                 body,
                 connect_timeout=route.config.timeouts.connect_s,
                 first_byte_at=ttft_at,
                 total_at=total_at,
             )
         except ConnectTimeout as err:
-            return Failure("timeout", f"engine {upstream.name!r} did not connect: {err}")
+            return Failure("timeout", f"engine {engine.name!r} did not connect: {err}")
         except Dropped as err:
-            return Failure("broken", f"engine {upstream.name!r} dropped the request: {err}")
-        except UpstreamError as err:
-            return Failure("connect", f"engine {upstream.name!r} is unreachable: {describe(err)}")
+            return Failure("broken", f"engine {engine.name!r} dropped the request: {err}")
+        except EngineError as err:
+            return Failure("connect", f"engine {engine.name!r} is unreachable: {describe(err)}")
         try:
             if resp.status >= 400:
-                return await self._upstream_error(ex, resp, target, send, route)
+                return await self._engine_error(ex, resp, target, send, route)
             if ex.stream:
                 count = (counter.key, counter.count) if counter is not None else None
                 events = EventStream(count=count, strip=strip, drop_usage=ex.drop_usage)
@@ -290,10 +294,10 @@ class Proxy:
             resp.finish()
 
     @staticmethod
-    def _upstream_headers(ex: Exchange, target: Target) -> bytes:
+    def _engine_headers(ex: Exchange, target: Target) -> bytes:
         """Header lines for the engine: the client's own (minus hop-by-hop and its key)."""
         rid = ex.request_id.encode()
-        lines = [target.upstream.request_headers, b"x-request-id: ", rid, b"\r\n"]
+        lines = [target.engine.request_headers, b"x-request-id: ", rid, b"\r\n"]
         for name, value in ex.client_headers:
             if name not in _NOT_FORWARDED and name != b"x-request-id" and name != b"content-type":
                 lines += (name, b": ", value, b"\r\n")
@@ -308,14 +312,14 @@ class Proxy:
             headers.append((STRUCTURED_HEADER, ex.structured.how.encode()))
         return headers
 
-    async def _upstream_error(
-        self, ex: Exchange, resp: EngineResponse, target: Target, send: Send, route: Route
+    async def _engine_error(
+        self, ex: Exchange, resp: EngineConnection, target: Target, send: Send, route: Route
     ) -> Failure | None:
         try:
             raw = await resp.read()
-        except UpstreamError as exc:
-            return Failure("broken", f"engine {target.upstream.name!r} broke: {describe(exc)}")
-        body = target.upstream.kind.error_to_openai(resp.status, raw)
+        except EngineError as exc:
+            return Failure("broken", f"engine {target.engine.name!r} broke: {describe(exc)}")
+        body = target.engine.dialect.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
         if resp.retry_after:
             headers.append((b"retry-after", resp.retry_after))
@@ -324,22 +328,22 @@ class Proxy:
         if refused is not None:
             return refused
         if ex.structured is not None:
-            kind, message = target.upstream.kind, _error_message(body, error)
-            output = kind.structured_output_error(resp.status, message)
+            dialect, message = target.engine.dialect, _error_message(body, error)
+            output = dialect.structured_output_error(resp.status, message)
             if output is not None:
                 self.metrics.structured_outcome(route.name, output.kind)
                 return Failure(
                     "invalid_output",
-                    f"engine {target.upstream.name!r}: {output.message}",
+                    f"engine {target.engine.name!r}: {output.message}",
                     output=output,
                 )
-            if kind.refuses_constraint(resp.status, message):
+            if dialect.refuses_constraint(resp.status, message):
                 # the engine could not compile or accept the constraint: less of it may do,
                 # or another engine
                 self.metrics.structured_outcome(route.name, "engine_rejected")
                 return Failure(
                     "rejected",
-                    f"engine {target.upstream.name!r} refused the "
+                    f"engine {target.engine.name!r} refused the "
                     f"{ex.structured.constraint.kind} constraint: {message}",
                     resp.status,
                     body,
@@ -348,7 +352,7 @@ class Proxy:
         if resp.status >= 500 or resp.status == 429:
             return Failure(
                 "status",
-                f"engine {target.upstream.name!r} answered HTTP {resp.status}",
+                f"engine {target.engine.name!r} answered HTTP {resp.status}",
                 resp.status,
                 body,
                 headers,
@@ -363,15 +367,15 @@ class Proxy:
     ) -> Failure | None:
         """A refusal of the prompt as too long for *target*'s context, when the route's
         policy passes such requests on."""
-        upstream = target.upstream
+        engine = target.engine
         if route.config.failover.context_length == "off" or not (
-            upstream.kind.refuses_context_length(status, error)
+            engine.dialect.refuses_context_length(status, error)
         ):
             return None
         message = error.get("message")
         return Failure(
             "context_length",
-            f"engine {upstream.name!r} refused the request as too long for its context: {message}",
+            f"engine {engine.name!r} refused the request as too long for its context: {message}",
             status,
             body,
             [(b"content-type", b"application/json")],
@@ -391,11 +395,11 @@ class Proxy:
         ex.committed = True
 
     async def _relay_body(
-        self, ex: Exchange, resp: EngineResponse, send: Send, route: Route
+        self, ex: Exchange, resp: EngineConnection, send: Send, route: Route
     ) -> Failure | None:
         try:
             body = await resp.read()
-        except UpstreamError as exc:
+        except EngineError as exc:
             return Failure("broken", f"engine {ex.engine!r} broke mid-response: {describe(exc)}")
         content_type = resp.content_type or b"application/json"
         parsed: Any = None
@@ -430,7 +434,7 @@ class Proxy:
     async def _relay_stream(
         self,
         ex: Exchange,
-        resp: EngineResponse,
+        resp: EngineConnection,
         send: Send,
         route: Route,
         target: Target,
@@ -444,7 +448,7 @@ class Proxy:
                     events.close()
                     return Failure("broken", f"engine {ex.engine!r} ended the stream without data")
                 out = events.feed(chunk)
-        except UpstreamError as exc:
+        except EngineError as exc:
             return Failure(
                 "broken", f"engine {ex.engine!r} broke before streaming: {describe(exc)}"
             )
@@ -489,7 +493,7 @@ class Proxy:
                     break
                 last_at = time.perf_counter()
                 out = events.feed(chunk)
-        except UpstreamError as exc:
+        except EngineError as exc:
             failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {describe(exc)}")
             return await self._stream_broke(
                 ex, send, route, events, failure, "upstream_stream_broken", record
@@ -598,7 +602,7 @@ class Proxy:
 
     @staticmethod
     def _nothing_available(route: Route, needs_images: bool) -> APIError:
-        if needs_images and not any(t.upstream.accepts_images for t in route.targets):
+        if needs_images and not any(t.engine.accepts_images for t in route.targets):
             return APIError(
                 400,
                 f"model {route.name!r} has no engine that accepts image inputs; "
@@ -606,12 +610,12 @@ class Proxy:
                 param="messages",
                 code="images_not_supported",
             )
-        healthy = [t for t in route.targets if t.upstream.healthy]
+        healthy = [t for t in route.targets if t.engine.healthy]
         if healthy and all(
-            t.upstream.outstanding >= t.upstream.config.max_concurrency for t in healthy
+            t.engine.outstanding >= t.engine.config.max_concurrency for t in healthy
         ):
             return _saturated(route, healthy)
-        names = ", ".join(t.upstream.name for t in route.targets)
+        names = ", ".join(t.engine.name for t in route.targets)
         return _no_healthy_engine(f"no healthy engine for model {route.name!r} (engines: {names})")
 
     @staticmethod
@@ -657,9 +661,9 @@ def _no_healthy_engine(message: str) -> APIError:
 
 def _saturated(route: Route, targets: list[Target]) -> APIError:
     busy = "; ".join(
-        f"engine {t.upstream.name!r} has {t.upstream.outstanding} of max_concurrency "
-        f"{t.upstream.config.max_concurrency} in flight and {len(t.upstream.waiters)} of "
-        f"max_queue {t.upstream.config.max_queue} waiting"
+        f"engine {t.engine.name!r} has {t.engine.outstanding} of max_concurrency "
+        f"{t.engine.config.max_concurrency} in flight and {len(t.engine.waiters)} of "
+        f"max_queue {t.engine.config.max_queue} waiting"
         for t in targets
     )
     return APIError(

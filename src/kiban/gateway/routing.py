@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kiban.config import KibanConfig, RouteConfig, resolve_target_model
+from kiban.gateway.engines import Engine
 from kiban.gateway.prefix_affinity import CacheAware, load_of
 from kiban.gateway.session_affinity import SessionAffinity
-from kiban.gateway.upstreams import Upstream
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     """An engine of a route and the model name to send it."""
 
-    upstream: Upstream
+    engine: Engine
     model: str
 
 
@@ -70,14 +70,14 @@ class _Weighted:
             return targets
         total = 0.0
         for t in targets:
-            weight = t.upstream.config.weight
+            weight = t.engine.config.weight
             total += weight
-            self._current[t.upstream.name] = self._current.get(t.upstream.name, 0.0) + weight
-        first = max(targets, key=lambda t: self._current[t.upstream.name])
-        self._current[first.upstream.name] -= total
+            self._current[t.engine.name] = self._current.get(t.engine.name, 0.0) + weight
+        first = max(targets, key=lambda t: self._current[t.engine.name])
+        self._current[first.engine.name] -= total
         rest = sorted(
             (t for t in targets if t is not first),
-            key=lambda t: -t.upstream.config.weight,
+            key=lambda t: -t.engine.config.weight,
         )
         return [first, *rest]
 
@@ -86,7 +86,7 @@ def _ewma_latency(targets: list[Target]) -> list[Target]:
     """Lowest smoothed latency first, weighted by load; unmeasured engines go first."""
     return sorted(
         targets,
-        key=lambda t: (t.upstream.ewma_latency_s * (1 + t.upstream.outstanding), random.random()),
+        key=lambda t: (t.engine.ewma_latency_s * (1 + t.engine.outstanding), random.random()),
     )
 
 
@@ -164,7 +164,7 @@ class Route:
         usable = [
             t
             for t in self.targets
-            if t.upstream.available(now) and (not needs_images or t.upstream.accepts_images)
+            if t.engine.available(now) and (not needs_images or t.engine.accepts_images)
         ]
         if self.request_order is not None and request is not None:
             return self.request_order(usable, request)
@@ -172,7 +172,7 @@ class Route:
 
     def has_healthy_target(self) -> bool:
         now = time.monotonic()
-        return any(t.upstream.healthy and t.upstream.breaker.allows(now) for t in self.targets)
+        return any(t.engine.healthy and t.engine.breaker.allows(now) for t in self.targets)
 
 
 class Router:
@@ -183,19 +183,19 @@ class Router:
     requests in flight, queue) across a reload.
     """
 
-    def __init__(self, config: KibanConfig, reuse: dict[str, Upstream] | None = None) -> None:
+    def __init__(self, config: KibanConfig, reuse: dict[str, Engine] | None = None) -> None:
         reuse = reuse or {}
-        self.upstreams = {}
+        self.engines = {}
         for engine in config.engines:
             old = reuse.get(engine.name)
-            self.upstreams[engine.name] = (
-                old if old is not None and old.config == engine else Upstream.from_config(engine)
+            self.engines[engine.name] = (
+                old if old is not None and old.config == engine else Engine.from_config(engine)
             )
         self.routes: list[Route] = []
         self._by_name: dict[str, Route] = {}
         for route_cfg in config.routes:
             targets = [
-                Target(self.upstreams[t.engine], resolve_target_model(config, route_cfg, t))
+                Target(self.engines[t.engine], resolve_target_model(config, route_cfg, t))
                 for t in route_cfg.engines
             ]
             route = Route(route_cfg, targets)

@@ -43,7 +43,7 @@ from kiban.deploy.process import ProcessId
 from kiban.deploy.state import RunDir, write_atomically
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
-from kiban.gateway.http import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
+from kiban.gateway.server_protocol import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
 
 CONFIG_ENV = "KIBAN_CONFIG"
 CONFIG_BASE_ENV = "KIBAN_CONFIG_BASE"

@@ -76,8 +76,8 @@ class SessionAffinity:
     def __init__(self, policy: SessionPolicy, targets: list[Target], fallback: Order) -> None:
         self.policy = policy
         self.fallback = fallback
-        self.ring = Ring([t.upstream.name for t in targets])
-        by_name = {t.upstream.name: t for t in targets}
+        self.ring = Ring([t.engine.name for t in targets])
+        by_name = {t.engine.name: t for t in targets}
         self._orders = [tuple(by_name[n] for n in order) for order in self.ring.orders]
         self.header = policy.header.lower().encode("latin-1")
         self.decided: dict[str, Callable[[], None]] = dict.fromkeys(self.OUTCOMES, _noop)
@@ -102,7 +102,7 @@ class SessionAffinity:
                 self.decided["no_key"]()
             return self.fallback(targets)
         usable = {id(t) for t in targets}
-        in_flight = sum(t.upstream.outstanding for t in targets)
+        in_flight = sum(t.engine.outstanding for t in targets)
         policy = self.policy
         bound = max(
             math.ceil(policy.load_factor * (in_flight + 1) / len(targets)), policy.min_bound
@@ -110,7 +110,7 @@ class SessionAffinity:
         owners = self._orders[self.ring.position(key)]
         ordered = [t for t in owners if id(t) in usable]
         for i, target in enumerate(ordered):
-            if target.upstream.outstanding < bound:
+            if target.engine.outstanding < bound:
                 if target is owners[0]:
                     self.decided["sticky"]()
                     return ordered

@@ -28,8 +28,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from kiban.config import RateLimits, SharedState
+from kiban.gateway.engines import Circuit
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.upstreams import Circuit
 
 log = logging.getLogger("kiban.shared")
 

@@ -7,7 +7,7 @@ does not manage it) and ``kind``. Engines label their own series too (vLLM
 adds ``engine="0"``, its engine-core index); such a clash is kept as
 ``engine_index`` rather than Prometheus' ``exported_engine``.
 
-The recording rules map each kind's own names (``EngineKind.metric_names``)
+The recording rules map each kind's own names (``EngineKind.metrics.names``)
 onto one set of series, so dashboards, alerts and ``kiban report`` read the
 same names for vLLM, llama.cpp, lmdeploy and SGLang:
 
@@ -132,12 +132,12 @@ def scrape_configs(
         )
     for engine in cfg.engines:
         kind: EngineKind = ENGINE_KINDS[engine.kind]
-        if kind.metrics_path is None:
+        if kind.metrics.path is None:
             continue
         jobs.append(
             {
                 "job_name": ENGINE_JOB_PREFIX + engine.name,
-                "metrics_path": kind.metrics_path,
+                "metrics_path": kind.metrics.path,
                 "scheme": engine.url.split("://", 1)[0],
                 "static_configs": [
                     {
@@ -177,7 +177,7 @@ def prometheus_config(
 
 
 def _signal_expr(kind: EngineKind, field: str, how: str, aggregation: str, window: str) -> str:
-    name = getattr(kind.metric_names, field)
+    name = getattr(kind.metrics.names, field)
     by = ", ".join(ENGINE_LABELS)
     if how == "gauge":
         return f"{aggregation} by ({by}) ({name})"
@@ -194,7 +194,7 @@ def engine_recording_rules(scrape_interval_s: float = 15.0) -> dict[str, Any]:
         parts = [
             _signal_expr(kind, field, how, aggregation, window)
             for kind in ENGINE_KINDS.values()
-            if kind.metrics_path is not None and getattr(kind.metric_names, field)
+            if kind.metrics.path is not None and getattr(kind.metrics.names, field)
         ]
         if parts:
             rules.append({"record": record, "expr": "\n  or\n".join(parts)})

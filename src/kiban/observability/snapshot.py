@@ -2,7 +2,7 @@
 
 Two scrapes a short interval apart give rates (generated tokens/s); gauges
 come from the second scrape. The series are the engines' own (named by each
-engine module's ``metric_names``) and the gateway's ``kiban_*`` ones, the same
+engine module's ``metrics.names``) and the gateway's ``kiban_*`` ones, the same
 that Prometheus, the dashboards and ``kiban report`` use.
 """
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from kiban.config import EngineConfig, KibanConfig, LaunchConfig
 from kiban.cpulist import split_cores, usable_cores
-from kiban.engines import ENGINE_KINDS, EngineKind
+from kiban.engines import ENGINE_KINDS
+from kiban.engines.kv_layout import KvLayout
 from kiban.planning.devices import GpuInfo, HostInfo, host_info
 from kiban.planning.hf_config import ModelConfigError
 from kiban.planning.kv import KvFormat, KvNeed
@@ -43,7 +44,7 @@ class _Draft:
     """An engine between model/dtype resolution and memory sharing."""
 
     config: EngineConfig
-    kind: EngineKind
+    kv: KvLayout
     spec: ModelSpec
     target: PlanTarget
     k: KvFormat
@@ -73,8 +74,8 @@ class _Draft:
         launch = self.launch
         if launch.context is None or launch.concurrency is None:
             return None
-        raw = self.kind.kv_cache_bytes(self.need, launch.context, launch.concurrency, self.target)
-        return _round_up(raw, self.kind.kv_allocation_unit(self.target))
+        raw = self.kv.kv_cache_bytes(self.need, launch.context, launch.concurrency, self.target)
+        return _round_up(raw, self.kv.kv_allocation_unit(self.target))
 
 
 def _round_up(value: int, unit: int) -> int:
@@ -127,8 +128,8 @@ def _target(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> P
 
 
 def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _Draft:
-    kind = ENGINE_KINDS[engine.kind]
-    if not kind.plannable:
+    kv = ENGINE_KINDS[engine.kind].kv
+    if kv is None:
         raise PlanRefusal(f"kiban does not launch {engine.kind} engines, so it cannot plan one")
     launch = _launch(engine)
     try:
@@ -136,13 +137,13 @@ def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _D
     except (UnknownModelError, ModelConfigError, WeightsError) as err:
         raise PlanRefusal(str(err)) from None
     target = _target(engine, gpus, host)
-    k, v = kind.kv_formats(launch.kv_cache_dtype, spec, target)
-    need = kind.kv_need(spec, k, v, target)
+    k, v = kv.kv_formats(launch.kv_cache_dtype, spec, target)
+    need = kv.kv_need(spec, k, v, target)
     context = launch.context or spec.max_context
     concurrency = launch.concurrency or DEFAULT_MAX_CONCURRENCY
-    overhead = kind.overhead_bytes(spec, target, context, concurrency)
+    overhead = kv.overhead_bytes(spec, target, context, concurrency)
     devices = [f"gpu{i}" for i in launch.gpus] if target.on_gpu else ["host"]
-    warnings = [*spec.notes, *kind.planning_warnings(spec, k, v, target)]
+    warnings = [*spec.notes, *kv.planning_warnings(spec, k, v, target)]
     if spec.vision_bytes:
         warnings.append(
             f"vision tower ({human(spec.vision_bytes)}) counted in the weights; image "
@@ -154,7 +155,7 @@ def _draft(engine: EngineConfig, gpus: dict[int, GpuInfo], host: HostInfo) -> _D
             f"{spec.max_context}"
         )
     return _Draft(
-        engine, kind, spec, target, k, v, need, kind.weights_on_device(spec, target), overhead,
+        engine, kv, spec, target, k, v, need, kv.weights_on_device(spec, target), overhead,
         devices, warnings=warnings,
     )  # fmt: skip
 
@@ -179,25 +180,25 @@ def _share_out(device: DevicePlan, drafts: list[_Draft]) -> dict[str, int]:
 
 def _size_cache(d: _Draft) -> tuple[int, int, int]:
     """(kv bytes, context, concurrency) for a draft whose share is set."""
-    kind, target, need, launch = d.kind, d.target, d.need, d.launch
-    unit = kind.kv_allocation_unit(target)
+    kv, target, need, launch = d.kv, d.target, d.need, d.launch
+    unit = kv.kv_allocation_unit(target)
     requested = d.requested_kv()
     if requested is not None:
         assert launch.context is not None and launch.concurrency is not None  # requested_kv
         return requested, launch.context, launch.concurrency
     budget = _round_down(d.share - d.fixed, unit)
-    block = kind.kv_block_tokens(target)
+    block = kv.kv_block_tokens(target)
     per_token = max(1, need.bytes_per_token + need.sliding_bytes_per_token)
     if launch.context is not None:
         context = launch.context
-        per_sequence = kind.kv_cache_bytes(need, context, 1, target)
+        per_sequence = kv.kv_cache_bytes(need, context, 1, target)
         concurrency = min(DEFAULT_MAX_CONCURRENCY, budget // per_sequence)
     elif launch.concurrency is not None:
         concurrency = launch.concurrency
         context = min(d.spec.max_context, budget // concurrency // per_token // block * block)
     else:
         context = d.spec.max_context
-        per_sequence = kind.kv_cache_bytes(need, context, 1, target)
+        per_sequence = kv.kv_cache_bytes(need, context, 1, target)
         concurrency = min(DEFAULT_MAX_CONCURRENCY, budget // per_sequence)
         if concurrency < 1:
             shortened = budget // per_token // block * block
@@ -206,38 +207,38 @@ def _size_cache(d: _Draft) -> tuple[int, int, int]:
                 "to fit one sequence"
             )
             context, concurrency = shortened, 1
-    if kind.kv_sized_by_tokens and concurrency >= 1:
-        budget = kind.kv_cache_bytes(need, context, concurrency, target)
+    if kv.kv_sized_by_tokens and concurrency >= 1:
+        budget = kv.kv_cache_bytes(need, context, concurrency, target)
     return budget, context, concurrency
 
 
 def _alternatives(d: _Draft, budget: int) -> list[str]:
     """Settings that would fit a KV budget of *budget* bytes (for refusals)."""
-    launch, kind, target = d.launch, d.kind, d.target
+    launch, kv, target = d.launch, d.kv, d.target
     context, concurrency = launch.context, launch.concurrency
     out: list[str] = []
     if budget <= 0:
         return out
     if context:
-        tokens = kind.kv_capacity_tokens(d.need, budget, context, target)
+        tokens = kv.kv_capacity_tokens(d.need, budget, context, target)
         if (seqs := tokens // context) >= 1:
             out.append(f"{seqs} sequence{'s' if seqs > 1 else ''} at context {context}")
     if concurrency:
         per_token = d.need.bytes_per_token + d.need.sliding_bytes_per_token
-        block = kind.kv_block_tokens(target)
+        block = kv.kv_block_tokens(target)
         fitting = budget // concurrency // per_token // block * block
         if fitting >= MIN_CONTEXT:
             plural = "s" if concurrency > 1 else ""
             out.append(f"context {fitting} at {concurrency} sequence{plural}")
-    for name in kind.kv_dtypes:
+    for name in kv.kv_dtypes:
         try:
-            k, v = kind.kv_formats(name, d.spec, target)
+            k, v = kv.kv_formats(name, d.spec, target)
         except PlanRefusal:
             continue
-        need = kind.kv_need(d.spec, k, v, target)
+        need = kv.kv_need(d.spec, k, v, target)
         if need.bytes_per_token >= d.need.bytes_per_token or not (context and concurrency):
             continue
-        if kind.kv_cache_bytes(need, context, concurrency, target) <= budget:
+        if kv.kv_cache_bytes(need, context, concurrency, target) <= budget:
             out.append(f"kv_cache_dtype {name}")
     return out
 
@@ -248,13 +249,13 @@ def _finish(
     """The engine's plan; *deficit* (<= 0) is how far its device is over-committed."""
     problems = []
     kv_bytes, context, concurrency = _size_cache(d)
-    needed = d.kind.kv_cache_bytes(d.need, context, concurrency, d.target) if concurrency else 0
+    needed = d.kv.kv_cache_bytes(d.need, context, concurrency, d.target) if concurrency else 0
     required = d.fixed + needed
     margin = d.share + deficit - required
     fits = margin >= 0 and concurrency >= 1 and context >= MIN_CONTEXT and kv_bytes > 0
     plan = EnginePlan(
         engine=d.name,
-        kind=d.kind.name,
+        kind=d.config.kind,
         model=d.spec,
         device=d.target.device,
         gpus=tuple(d.launch.gpus) if d.target.on_gpu else (),
@@ -269,7 +270,7 @@ def _finish(
         kv_cache_bytes=kv_bytes,
         context=context,
         concurrency=concurrency,
-        kv_tokens=d.kind.kv_capacity_tokens(d.need, kv_bytes, context, d.target) if context else 0,
+        kv_tokens=d.kv.kv_capacity_tokens(d.need, kv_bytes, context, d.target) if context else 0,
         required_bytes=required,
         free_at_start_bytes=free_at_start,
         fits=fits,
@@ -283,8 +284,8 @@ def _finish(
     if not fits:  # no flags: they would ask the engine for memory the device does not have
         problems.append(_refusal(d, plan, deficit, others))
         return plan, problems
-    plan.flags = d.kind.plan_flags(plan)
-    plan.env = d.kind.plan_env(plan)
+    plan.flags = d.kv.plan_flags(plan)
+    plan.env = d.kv.plan_env(plan)
     return plan, problems
 
 
@@ -327,7 +328,7 @@ def _place_on_cores(drafts: list[_Draft]) -> list[str]:
     fixed cores by themselves (vLLM) get cores of their own once several share the host."""
     on_cpu = [d for d in drafts if not d.target.on_gpu]
     fixed = {d.name: d.launch.cpu_cores for d in on_cpu if d.launch.cpu_cores}
-    pinning = [d.name for d in on_cpu if d.kind.pins_cpu_threads and d.name not in fixed]
+    pinning = [d.name for d in on_cpu if d.kv.pins_cpu_threads and d.name not in fixed]
     if len(pinning) + bool(fixed) < 2:
         pinning = []  # one engine alone: its own default binding
     cores, warnings = split_cores([*fixed, *pinning], fixed, usable_cores())
@@ -344,7 +345,7 @@ def build_plan(cfg: KibanConfig, gpus: list[GpuInfo]) -> Plan:
     problems: list[str] = []
     drafts: list[_Draft] = []
     for engine in cfg.engines:
-        if engine.launch is None or not ENGINE_KINDS[engine.kind].plannable:
+        if engine.launch is None or ENGINE_KINDS[engine.kind].kv is None:
             continue  # not launched, or launched from a command kiban cannot size (kind openai)
         try:
             drafts.append(_draft(engine, by_index, host))

@@ -18,15 +18,16 @@ from kiban.planning.target import PlanRefusal, PlanTarget
 
 #: the reference cards of `kiban plan model`: 16, 24, 32, 80 and 141 GB
 REFERENCE_GPUS = ("rtx4080", "rtx4090", "rtx5090", "h100-80", "h200")
-#: (engine kind, KV dtype) columns of the capacity table
-CAPACITY_COLUMNS = (
-    ("vllm", "auto"),
-    ("vllm", "fp8"),
-    ("lmdeploy", "int8"),
-    ("lmdeploy", "int4"),
-    ("llamacpp", "q8_0"),
-    ("llamacpp", "q4_0"),
-)
+
+
+def capacity_columns() -> list[tuple[str, str]]:
+    """(engine kind, KV dtype) columns of the capacity table, as each kind declares them."""
+    return [
+        (kind.name, dtype)
+        for kind in ENGINE_KINDS.values()
+        if kind.kv is not None
+        for dtype in kind.kv.capacity_dtypes
+    ]
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,15 @@ def kv_rows(spec: ModelSpec, gpu: GpuInfo | None = None) -> list[KvRow]:
     target = PlanTarget("gpu", host_info(), gpu)
     rows = []
     for kind in ENGINE_KINDS.values():
-        if not kind.plannable:
+        if kind.kv is None:
             continue
-        for dtype in kind.kv_dtypes:
+        for dtype in kind.kv.kv_dtypes:
             try:
-                k, v = kind.kv_formats(dtype, spec, target)
+                k, v = kind.kv.kv_formats(dtype, spec, target)
             except PlanRefusal as refusal:
                 rows.append(KvRow(kind.name, dtype, "", None, refusal.reason))
                 continue
-            need = kind.kv_need(spec, k, v, target)
+            need = kind.kv.kv_need(spec, k, v, target)
             total = need.bytes_per_token + need.sliding_bytes_per_token
             rows.append(KvRow(kind.name, dtype, k.label, total, None))
     return rows

@@ -84,7 +84,7 @@ class AttemptPlan:
         if self.again is not None:
             target, self.again = self.again, None
             return target
-        usable = [t for t in self.targets if t.upstream.name not in self.failed]
+        usable = [t for t in self.targets if t.engine.name not in self.failed]
         if self.request.deterministic:
             usable = [t for t in usable if not self.request.sent_before(t)]
         if not usable:

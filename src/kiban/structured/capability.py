@@ -183,3 +183,16 @@ GUIDANCE_FEATURES = CORE_FEATURES | frozenset(
 GUIDANCE_FORMATS = frozenset(
     {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri"}
 )
+
+
+def xgrammar(describes: str, kinds: frozenset[str] = ALL_KINDS) -> StructuredCapability:
+    """What an engine enforces through xgrammar (vLLM's xgrammar backend, SGLang, lmdeploy):
+    *kinds* of constraint, xgrammar's keywords and formats, less what it skips silently."""
+    return StructuredCapability(
+        enforced=kinds,
+        expressible=kinds,
+        features=XGRAMMAR_FEATURES,
+        formats=XGRAMMAR_FORMATS,
+        skipped=SILENTLY_SKIPPED,
+        describes=describes,
+    )

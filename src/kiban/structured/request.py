@@ -84,9 +84,9 @@ class StructuredRequest:
         partial: list[str] = []
         kind = self.constraint.kind
         for target in route.targets:
-            capability = target.upstream.structured
+            capability = target.engine.structured
             missing = capability.unenforced(self.constraint)
-            name = target.upstream.name
+            name = target.engine.name
             if not missing:
                 ranks[name] = 0
                 continue
@@ -115,11 +115,11 @@ class StructuredRequest:
                 code="structured_output_unsupported",
             )
         self.ranks = ranks
-        chosen = [t for t in candidates if t.upstream.name in ranks]
+        chosen = [t for t in candidates if t.engine.name in ranks]
         return sorted(chosen, key=self.rank)
 
     def rank(self, target: Target) -> int:
-        return self.ranks.get(target.upstream.name, UNENFORCED_RANK)
+        return self.ranks.get(target.engine.name, UNENFORCED_RANK)
 
     def attempts(
         self,
@@ -142,26 +142,26 @@ class StructuredRequest:
 
     def sent_before(self, target: Target) -> bool:
         """Whether *target*'s next body would carry a constraint it was already sent."""
-        upstream = target.upstream
-        constraint, _ = self._constraint_for(upstream.name, upstream.structured)
-        return (upstream.name, _identity(constraint)) in self.sent
+        engine = target.engine
+        constraint, _ = self._constraint_for(engine.name, engine.structured)
+        return (engine.name, _identity(constraint)) in self.sent
 
     # -- what it sends --
 
     def body_for(self, payload: dict[str, Any], target: Target) -> bytes:
         """The request in *target*'s dialect: the part of the constraint it enforces,
         a bounded max_tokens, and a new seed on a retry of a seeded request."""
-        upstream = target.upstream
-        constraint, self.how = self._constraint_for(upstream.name, upstream.structured)
+        engine = target.engine
+        constraint, self.how = self._constraint_for(engine.name, engine.structured)
         out = {k: v for k, v in payload.items() if k not in STRUCTURED_KEYS}
         out["model"] = target.model
-        out.update(upstream.kind.structured_fields(constraint, upstream.config))
+        out.update(engine.dialect.structured_fields(constraint, engine.config))
         if self.set_max_tokens:
-            out["max_tokens"] = _within_context(self.budget, upstream.config)
+            out["max_tokens"] = _within_context(self.budget, engine.config)
         if self.seed is not None:
             out["seed"] = self.seed + self.sends
         self.sends += 1
-        self.sent.add((upstream.name, _identity(constraint)))
+        self.sent.add((engine.name, _identity(constraint)))
         return orjson.dumps(out)
 
     def _constraint_for(

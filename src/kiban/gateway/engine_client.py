@@ -8,9 +8,9 @@ that, hands every chunk over as it arrives, and is all the gateway needs: one
 POST or GET at a time per connection, to a handful of known engines.
 
 A :class:`Pool` per engine keeps idle connections. :meth:`Pool.request` sends a
-request and returns an :class:`Exchange` once the response headers have come;
-the body is then read whole (:meth:`Exchange.read`) or chunk by chunk as the
-engine sends it (:meth:`Exchange.next_chunk`, with back-pressure: reading from
+request and returns an :class:`EngineConnection` once the response headers have come;
+the body is then read whole (:meth:`EngineConnection.read`) or chunk by chunk as the
+engine sends it (:meth:`EngineConnection.next_chunk`, with back-pressure: reading from
 the engine pauses while the client lags). Deadlines are loop timers, not
 ``asyncio.timeout`` blocks, so a request costs no extra task or context.
 """
@@ -33,11 +33,11 @@ _MAX_IDLE = 64
 STALE_WINDOW_S = 0.05
 
 
-class UpstreamError(Exception):
+class EngineError(Exception):
     """The engine could not be reached or broke the exchange."""
 
 
-class ConnectFailed(UpstreamError):
+class ConnectFailed(EngineError):
     """No connection (refused, unreachable, name not found)."""
 
 
@@ -45,11 +45,11 @@ class ConnectTimeout(ConnectFailed, TimeoutError):
     """The engine did not accept the connection within the connect timeout."""
 
 
-class Dropped(UpstreamError):
+class Dropped(EngineError):
     """The connection ended before the response did."""
 
 
-class BadResponse(UpstreamError):
+class BadResponse(EngineError):
     """The engine's bytes are not an HTTP/1.1 response."""
 
 
@@ -72,7 +72,7 @@ class _Stale(Exception):
     answer (within :data:`STALE_WINDOW_S` of the request)."""
 
 
-class Exchange(asyncio.Protocol):
+class EngineConnection(asyncio.Protocol):
     """One connection to an engine, carrying one request at a time."""
 
     def __init__(self, pool: Pool) -> None:
@@ -301,8 +301,8 @@ class Pool:
         authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
         self.host_header = b"host: " + authority.encode("idna") + b"\r\n"
         self.prefix = parts.path.rstrip("/").encode()
-        self._idle: list[Exchange] = []
-        self._open: set[Exchange] = set()
+        self._idle: list[EngineConnection] = []
+        self._open: set[EngineConnection] = set()
         self._retired = False  # its engine left the configuration: keep no connection idle
 
     async def request(
@@ -315,7 +315,7 @@ class Pool:
         connect_timeout: float,
         first_byte_at: float | None = None,
         total_at: float | None = None,
-    ) -> Exchange:
+    ) -> EngineConnection:
         """Send one request; return once its response headers have arrived.
 
         *headers* are complete header lines (each ending in CRLF) besides Host and
@@ -351,9 +351,9 @@ class Pool:
             return conn
         raise Dropped("the engine closed two connections in a row before answering")
 
-    async def _connect(self, timeout: float) -> Exchange:
+    async def _connect(self, timeout: float) -> EngineConnection:
         connecting = self.loop.create_connection(
-            lambda: Exchange(self),
+            lambda: EngineConnection(self),
             self.host,
             self.port,
             ssl=self.tls,
@@ -370,7 +370,7 @@ class Pool:
         self._open.add(conn)
         return conn
 
-    def _put_back(self, conn: Exchange) -> None:
+    def _put_back(self, conn: EngineConnection) -> None:
         transport = conn.transport
         if (
             not self._retired
@@ -382,7 +382,7 @@ class Pool:
         else:
             conn.abort()
 
-    def _forget(self, conn: Exchange) -> None:
+    def _forget(self, conn: EngineConnection) -> None:
         self._open.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)

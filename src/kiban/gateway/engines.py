@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from kiban.config import EngineConfig
-from kiban.engines import ENGINE_KINDS, EngineKind
-from kiban.gateway.upstream_http import Pool
+from kiban.engines import ENGINE_KINDS
+from kiban.engines.dialect import Dialect
+from kiban.engines.telemetry import EngineMetrics
+from kiban.gateway.engine_client import Pool
 from kiban.structured.capability import StructuredCapability
 
 
@@ -84,7 +86,7 @@ class CircuitBreaker:
 
 
 @dataclass
-class Upstream:
+class Engine:
     """One engine as the gateway sees it.
 
     ``outstanding`` counts the request slots taken, at most ``max_concurrency``.
@@ -94,7 +96,10 @@ class Upstream:
     """
 
     config: EngineConfig
-    kind: EngineKind
+    #: how the engine speaks HTTP (paths, errors, structured output, continuation)
+    dialect: Dialect
+    #: where the engine serves its load metrics, and their names
+    metrics: EngineMetrics
     breaker: CircuitBreaker
     structured: StructuredCapability = field(default_factory=StructuredCapability)
     healthy: bool = True
@@ -115,7 +120,7 @@ class Upstream:
     _ewma_alpha: float = field(default=0.3, repr=False)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Upstream:
+    def from_config(cls, config: EngineConfig) -> Engine:
         breaker = CircuitBreaker(config.circuit.failures, config.circuit.cooldown_s)
         kind = ENGINE_KINDS[config.kind]
         headers = b"content-type: application/json\r\naccept-encoding: identity\r\n"
@@ -123,9 +128,10 @@ class Upstream:
             headers += b"authorization: Bearer " + config.api_key.encode("latin-1") + b"\r\n"
         return cls(
             config=config,
-            kind=kind,
+            dialect=kind.dialect,
+            metrics=kind.metrics,
             breaker=breaker,
-            structured=kind.structured_capability(config),
+            structured=kind.dialect.structured_capability(config),
             request_headers=headers,
         )
 
@@ -140,7 +146,7 @@ class Upstream:
     @property
     def accepts_images(self) -> bool:
         declared = self.config.images
-        return self.kind.supports_images if declared is None else declared
+        return self.dialect.supports_images if declared is None else declared
 
     def available(self, now: float | None = None) -> bool:
         """Healthy, circuit allowing a request, and below its concurrency limit."""

@@ -216,13 +216,13 @@ def _live(state: RunState) -> LiveSnapshot | None:
     targets = []
     for rec in state.engines.values():
         kind = ENGINE_KINDS[rec.kind]
-        if kind.metrics_path is None or rec.state not in ("running", "starting"):
+        if kind.metrics.path is None or rec.state not in ("running", "starting"):
             continue
-        names = kind.metric_names
+        names = kind.metrics.names
         targets.append(
             EngineTarget(
                 name=rec.name,
-                metrics_url=rec.url + kind.metrics_path,
+                metrics_url=rec.url + kind.metrics.path,
                 running=names.requests_running,
                 waiting=names.requests_waiting,
                 kv_cache_usage=names.kv_cache_usage,
@@ -238,7 +238,7 @@ def _live(state: RunState) -> LiveSnapshot | None:
 
 def _row(rec: ProcessRecord) -> dict[str, object]:
     alive = rec.ident is not None and rec.ident.alive()
-    health_path = ENGINE_KINDS[rec.kind].health_path if rec.kind else "/health"
+    health_path = ENGINE_KINDS[rec.kind].dialect.health_path if rec.kind else "/health"
     healthy = alive and http_ok(rec.url + health_path, timeout=1.0)
     uptime = time.time() - rec.started_at if alive and rec.started_at else None
     return {

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kiban.gateway.upstream_http import BadResponse, ConnectFailed, Deadline, Dropped, Pool
+from kiban.gateway.engine_client import BadResponse, ConnectFailed, Deadline, Dropped, Pool
 from tests.support.engines import EngineProcess, free_port
 from tests.support.gateway import fault_upstream
 
