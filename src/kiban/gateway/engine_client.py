@@ -63,6 +63,12 @@ class Deadline(KibanError, TimeoutError):
         self.what = what
 
 
+def describe(exc: BaseException) -> str:
+    """An exception for a message: its class, and its text when it has one."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _Stale(Exception):
     """A reused idle connection was closed by the engine at once, before any byte of the
     answer (within :data:`STALE_WINDOW_S` of the request)."""

@@ -25,13 +25,14 @@ import orjson
 
 from kiban.gateway import errors
 from kiban.gateway.asgi import Send, send_response, start_response
-from kiban.gateway.continuation import Continuer, StreamRecord, record_for
+from kiban.gateway.continuation import Continuer, StreamRecord, may_continue
 from kiban.gateway.engine_client import (
     ConnectTimeout,
     Deadline,
     Dropped,
     EngineConnection,
     EngineError,
+    describe,
 )
 from kiban.gateway.engines import Engine
 from kiban.gateway.errors import APIError, error_event
@@ -39,7 +40,6 @@ from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route, Target
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.gateway.stream_usage import UsageEventDropper
 from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
@@ -94,6 +94,7 @@ class Exchange:
     structured: StructuredRequest | None = None  # set only when a constraint applies
     drop_usage: bool = False  # kiban asked the engine for the stream's usage, not the client
     continuations: list[dict[str, Any]] | None = None  # broken streams continued (continuation.py)
+    continuable: bool | None = None  # whether a broken stream may go on elsewhere (once known)
 
 
 class Proxy:
@@ -247,10 +248,22 @@ class Proxy:
         engine = target.engine
         assert engine.http is not None
         body = ex.body
+        counter = engine.dialect.token_count if ex.stream else None
+        strip = False
         if ex.structured is not None:
             body = ex.structured.body_for(ex.payload, target)
-        elif target.model != ex.model:
-            body = orjson.dumps({**ex.payload, "model": target.model})
+        else:
+            payload = ex.payload
+            if target.model != ex.model:
+                payload = {**payload, "model": target.model}
+            if counter is not None and may_continue(ex, route):
+                # a break is then continued from the engine's own count of the tokens sent
+                asked = counter.ask(payload)
+                payload, strip = (payload, False) if asked is None else (asked, True)
+            else:
+                counter = None
+            if payload is not ex.payload:
+                body = orjson.dumps(payload)
         try:
             resp = await engine.http.request(
                 b"POST",
@@ -266,12 +279,14 @@ class Proxy:
         except Dropped as err:
             return Failure("broken", f"engine {engine.name!r} dropped the request: {err}")
         except EngineError as err:
-            return Failure("connect", f"engine {engine.name!r} is unreachable: {_describe(err)}")
+            return Failure("connect", f"engine {engine.name!r} is unreachable: {describe(err)}")
         try:
             if resp.status >= 400:
                 return await self._engine_error(ex, resp, target, send, route)
             if ex.stream:
-                return await self._relay_stream(ex, resp, send, route, target)
+                count = (counter.key, counter.count) if counter is not None else None
+                events = EventStream(count=count, strip=strip, drop_usage=ex.drop_usage)
+                return await self._relay_stream(ex, resp, send, route, target, events)
             return await self._relay_body(ex, resp, send, route)
         finally:
             resp.finish()
@@ -301,7 +316,7 @@ class Proxy:
         try:
             raw = await resp.read()
         except EngineError as exc:
-            return Failure("broken", f"engine {target.engine.name!r} broke: {_describe(exc)}")
+            return Failure("broken", f"engine {target.engine.name!r} broke: {describe(exc)}")
         body = target.engine.dialect.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
         if resp.retry_after:
@@ -383,7 +398,7 @@ class Proxy:
         try:
             body = await resp.read()
         except EngineError as exc:
-            return Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+            return Failure("broken", f"engine {ex.engine!r} broke mid-response: {describe(exc)}")
         content_type = resp.content_type or b"application/json"
         parsed: Any = None
         if b"json" in content_type:
@@ -415,9 +430,14 @@ class Proxy:
         return None
 
     async def _relay_stream(
-        self, ex: Exchange, resp: EngineConnection, send: Send, route: Route, target: Target
+        self,
+        ex: Exchange,
+        resp: EngineConnection,
+        send: Send,
+        route: Route,
+        target: Target,
+        events: EventStream,
     ) -> Failure | None:
-        events = EventStream()
         try:  # until the first event nothing has reached the client: a failure may fail over
             out = b""
             while not out and events.error is None:
@@ -428,7 +448,7 @@ class Proxy:
                 out = events.feed(chunk)
         except EngineError as exc:
             return Failure(
-                "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
+                "broken", f"engine {ex.engine!r} broke before streaming: {describe(exc)}"
             )
         except MalformedEvent as err:
             return Failure("malformed", f"engine {ex.engine!r} sent a malformed event: {err}")
@@ -443,15 +463,13 @@ class Proxy:
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
         held = ex.structured.start_stream() if ex.structured is not None else None
-        dropper = UsageEventDropper() if ex.drop_usage else None
-        record = record_for(ex, route)  # None for structured output: never both
+        # None for structured output: never both
+        record = StreamRecord() if may_continue(ex, route) else None
         feeder = held or record
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
         try:
             while True:
-                if dropper is not None:  # events come whole, so the dropper holds nothing back
-                    out = dropper.feed(out)
                 if feeder is not None:
                     out = feeder.feed(out)
                 if out:
@@ -474,7 +492,7 @@ class Proxy:
                 last_at = time.perf_counter()
                 out = events.feed(chunk)
         except EngineError as exc:
-            failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}")
+            failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {describe(exc)}")
             return await self._stream_broke(
                 ex, send, route, events, failure, "upstream_stream_broken", record
             )
@@ -550,6 +568,7 @@ class Proxy:
         ex.chunks = events.events
         ex.usage = events.usage
         if record is not None:
+            record.engine_count(events.generated, events.usage)
             why = await self.continuer.resume(ex, route, record, send, ex.engine or "")
             if why is None:
                 return failure
@@ -666,8 +685,3 @@ def _error_message(body: bytes, error: dict[str, Any]) -> str:
     """The message of an OpenAI-shaped error (the body itself if it has none)."""
     message = error.get("message")
     return message if isinstance(message, str) else body.decode("utf-8", "replace")[:500]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
