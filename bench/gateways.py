@@ -18,6 +18,17 @@ upstream of bench/sse_upstream.py), installs the pinned peers on first use
   time per relayed chunk; 1 connection: time to first token added;
 * kiban, 1 worker: RSS after the first 1000 requests and after --rss-requests.
 
+Routing strategies (issue 17): ``--kiban-strategy least_outstanding,cache_aware``
+measures kiban once per strategy, its route over ``--kiban-engines`` (2) engines
+that all point at the one upstream; ``--prefixes 1000`` makes every `kiban bench`
+run send 1,000 distinct prompts of about ``--prefix-bytes`` in turn (so cache_aware
+holds 1,000 prefixes, all sent once in the warm-up); ``--rounds N`` repeats the
+targets N times, interleaved, and prints each strategy's CPU per request (mean,
+spread) and its difference to the first strategy in each round:
+
+    .venv/bin/python bench/gateways.py --only kiban-1 --no-stream --wrk-seconds 0 \
+        --kiban-strategy least_outstanding,cache_aware --prefixes 1000 --rounds 5
+
 Load generators run on the first CPU, the gateway on the second (taskset),
 the upstreams on the first; kiban with N workers runs on every CPU. Every
 process started here is stopped (by PID / process group) at the end, and
@@ -35,6 +46,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +103,7 @@ class Loads:
         self.args = args
         self.place = place
         self.served: Counter[str] = Counter()  # requests sent to each URL
+        self.prompt_file = _prompt_file(work, args.prefixes, args.prefix_bytes)
         self.lua = work / "post.lua"
         body = json.dumps(
             {
@@ -130,6 +143,7 @@ class Loads:
             "--json",
             "--quiet",
             *(["--stream"] if stream else []),
+            *(["--prompt-file", str(self.prompt_file)] if self.prompt_file else []),
         ]
         argv = _pinned(argv, self.place.generator)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=max_s + 120)
@@ -167,6 +181,27 @@ class Loads:
             "socket_errors": socket_errors.group(1) if socket_errors else None,
             "client_cpu_us_per_request": cpu / requests * 1e6 if requests else None,
         }
+
+
+def _prompt_file(work: Path, count: int, size: int) -> Path | None:
+    """*count* prompts of about *size* bytes, one a line, each distinct from its first word."""
+    if not count:
+        return None
+    words = ("alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega")
+    lines = []
+    for n in range(count):
+        text = [f"Document {n}:"]
+        length = len(text[0])
+        i = n
+        while length < size:
+            word = f"{words[i % len(words)]}{(i * 7919) % 1000}"
+            text.append(word)
+            length += len(word) + 1
+            i += 1
+        lines.append(" ".join(text))
+    path = work / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _pinned(argv: list[str], cpus: str | None) -> list[str]:
@@ -215,8 +250,9 @@ def measure_nonstream(
             assert service is not None
             loads.bench(url, 1000, args.connections)
             row["rss_after_1000"] = rss_bytes(service.pid)
-        else:
-            loads.bench(url, args.slow_warmup if slow else args.warmup, args.connections)
+        else:  # every prompt of --prefixes once, so the measured run finds them cached
+            warmup = args.slow_warmup if slow else max(args.warmup, args.prefixes)
+            loads.bench(url, warmup, args.connections)
         cpu = service.cpu_seconds() if service else 0.0
         row["c8"] = loads.bench(
             url, args.slow_requests if slow else args.requests, args.connections
@@ -524,6 +560,16 @@ def parse_args() -> argparse.Namespace:
         help="comma-separated targets",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    p.add_argument(
+        "--kiban-strategy",
+        default="",
+        help="comma-separated route strategies: kiban measured once per strategy",
+    )
+    p.add_argument("--kiban-engines", type=int, default=2, help="engines of that route")
+    p.add_argument("--prefixes", type=int, default=0, help="distinct prompts sent in turn")
+    p.add_argument("--prefix-bytes", type=int, default=4096, help="size of each prompt")
+    p.add_argument("--rounds", type=int, default=1, help="measure the targets N times")
+    p.add_argument("--no-stream", action="store_true", help="non-streaming runs only")
     p.add_argument("--profile", action="store_true", help="py-spy kiban (1 worker)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (slower)")
     p.add_argument("--profile-requests", type=int, default=20000)
@@ -551,8 +597,15 @@ def main() -> None:
     place = Placement(pin=not args.no_pin)
     chosen = [t.strip() for t in args.only.split(",") if t.strip()]
     gateways: dict[str, targets.Gateway | None] = {"direct": None}
-    gateways["kiban-1"] = targets.kiban(1)
-    gateways["kiban-N"] = targets.kiban(args.workers)
+    strategies = [s.strip() for s in args.kiban_strategy.split(",") if s.strip()]
+    kibans: dict[str, list[targets.Gateway]] = {
+        "kiban-1": [targets.kiban(1, s, args.kiban_engines) for s in strategies]
+        or [targets.kiban(1)],
+        "kiban-N": [targets.kiban(args.workers, s, args.kiban_engines) for s in strategies]
+        or [targets.kiban(args.workers)],
+    }
+    gateways["kiban-1"] = kibans["kiban-1"][0]
+    gateways["kiban-N"] = kibans["kiban-N"][0]
     gateways["litellm"] = targets.litellm()
     gateways["vllm-router"] = targets.vllm_router()
     unknown = [t for t in chosen if t not in gateways]
@@ -583,20 +636,25 @@ def main() -> None:
         sse.wait_ready(sse_url + CHAT, _READY_BODY)
         paced.wait_ready(paced_url + CHAT, _READY_BODY)
         loads = Loads(args, place, work)
-        for key in chosen:
-            gateway = gateways[key]
-            label = "direct to the upstream" if gateway is None else gateway.label
-            key = gateway.key if gateway else key
-            console.print(f"[bold]{label}[/]: non-streaming")
-            row: dict[str, Any] = {"key": key, "label": label, "loadavg_1min": _loadavg()}
-            row["nonstream"] = measure_nonstream(
-                gateway, args, loads, work, nginx_url, place, live, rss_check=key == "kiban-1"
-            )
-            console.print(f"[bold]{label}[/]: streaming")
-            row["stream"] = measure_stream(
-                gateway, args, loads, work, sse_url, paced_url, place, live
-            )
-            rows.append(row)
+        runs = [(k, g) for k in chosen for g in kibans.get(k, [gateways[k]])]
+        for round_ in range(1, args.rounds + 1):
+            for key, gateway in runs:
+                label = "direct to the upstream" if gateway is None else gateway.label
+                key = gateway.key if gateway else key
+                if args.rounds > 1:
+                    label += f" (round {round_})"
+                console.print(f"[bold]{label}[/]: non-streaming")
+                row: dict[str, Any] = {"key": key, "label": label, "loadavg_1min": _loadavg()}
+                row["round"] = round_
+                row["nonstream"] = measure_nonstream(
+                    gateway, args, loads, work, nginx_url, place, live, rss_check=key == "kiban-1"
+                )
+                if not args.no_stream:
+                    console.print(f"[bold]{label}[/]: streaming")
+                    row["stream"] = measure_stream(
+                        gateway, args, loads, work, sse_url, paced_url, place, live
+                    )
+                rows.append(row)
     finally:
         for service in reversed(live):
             service.stop()
@@ -672,9 +730,36 @@ def report(
         packages = ", ".join(f"{p} {share:.1f}%" for p, share in by_package)
         if packages:
             out.print(f"  self time by package: {packages}", highlight=False, markup=False)
+    for line in strategy_summary(rows):
+        out.print(line, highlight=False)
     out.print(f"JSON: {args.output}", highlight=False)
     if getattr(args, "markdown", False):
         print(markdown(rows))
+
+
+def strategy_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """kiban's CPU per request for each route strategy over the rounds: mean, spread, and the
+    paired difference to the first strategy measured (same round)."""
+    cpu: dict[str, dict[int, float]] = {}
+    for row in rows:
+        value = _get(row, "nonstream", "cpu_us_per_request")
+        if row["key"].startswith("kiban-") and "-" in row["key"][6:] and value is not None:
+            cpu.setdefault(row["key"], {})[row.get("round", 1)] = value
+    if len(cpu) < 2:
+        return []
+    first = next(iter(cpu))
+    lines = ["CPU µs per request by route strategy (mean, min-max over rounds; vs " + first + ")"]
+    for key, by_round in cpu.items():
+        values = list(by_round.values())
+        line = f"  {key}: {statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+        diffs = [v - cpu[first][r] for r, v in by_round.items() if r in cpu[first]]
+        if key != first and diffs:
+            line += (
+                f"; difference {statistics.mean(diffs):+.1f} µs "
+                f"({min(diffs):+.1f} to {max(diffs):+.1f}, {len(diffs)} rounds)"
+            )
+        lines.append(line)
+    return lines
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -37,6 +37,7 @@ import asyncio
 import json
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,13 @@ class Outcome:
     cached_tokens: int = 0
     failures: int = 0
     wall_s: float = 0.0
+    # later turns of a chat: on the engine of its previous turn or not; and of those that
+    # stayed, the ones the engine answered with under half of the prompt from its cache
+    # (its slot had been given to another chat: the engine's eviction, not the routing)
+    stayed: int = 0
+    moved: int = 0
+    stayed_uncached: int = 0
+    engines: dict[str, int] = field(default_factory=dict)
 
     def row(self, strategy: str, workload: str) -> dict[str, Any]:
         done = len(self.ttft_s)
@@ -87,6 +95,10 @@ class Outcome:
             "ttft_p50_ms": 1000 * statistics.median(ttft) if ttft else None,
             "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else None,
             "cached_share": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "turns_stayed": self.stayed,
+            "turns_moved": self.moved,
+            "stayed_uncached": self.stayed_uncached,
+            "engines": dict(sorted(self.engines.items())),
         }
 
 
@@ -107,8 +119,11 @@ async def _one(
     session: str,
     args: argparse.Namespace,
     out: Outcome,
-) -> str:
-    """One streamed chat request; returns the answer's text."""
+    previous: str | None = None,
+) -> tuple[str, str | None]:
+    """One streamed chat request; returns the answer's text and the engine that answered.
+
+    *previous*: the engine of the chat's previous turn (None for a first turn)."""
     payload = {
         "model": "bench",
         "messages": messages,
@@ -119,11 +134,13 @@ async def _one(
     start = time.perf_counter()
     first: float | None = None
     answer: list[str] = []
+    prompt = cached = 0
     try:
         async with http.post(
             f"{url}/v1/chat/completions", json=payload, headers={"X-Session-ID": session}
         ) as resp:
             resp.raise_for_status()
+            engine = resp.headers.get("x-kiban-engine")
             async for line in resp.content:
                 if not line.startswith(b"data: {"):
                     continue
@@ -135,14 +152,23 @@ async def _one(
                         answer.append(text)
                 usage = event.get("usage")
                 if usage:
-                    out.prompt_tokens += usage.get("prompt_tokens", 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    out.cached_tokens += details.get("cached_tokens", 0)
+                    prompt = usage.get("prompt_tokens", 0)
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     except (aiohttp.ClientError, TimeoutError):
         out.failures += 1
-        return "..."
+        return "...", None
     out.ttft_s.append((first or time.perf_counter()) - start)
-    return "".join(answer) or "..."
+    out.prompt_tokens += prompt
+    out.cached_tokens += cached
+    if engine:
+        out.engines[engine] = out.engines.get(engine, 0) + 1
+    if previous is not None and engine:
+        if engine != previous:
+            out.moved += 1
+        else:
+            out.stayed += 1
+            out.stayed_uncached += cached < prompt / 2
+    return "".join(answer) or "...", engine
 
 
 async def multi_turn(url: str, args: argparse.Namespace, tag: str) -> Outcome:
@@ -158,9 +184,10 @@ async def multi_turn(url: str, args: argparse.Namespace, tag: str) -> Outcome:
         while not queue.empty():
             n = queue.get_nowait()
             history = [{"role": "system", "content": systems[n]}]
+            engine: str | None = None
             for turn in range(args.turns):
                 history.append({"role": "user", "content": f"Turn {turn}: " + _text(rng, 200)})
-                answer = await _one(http, url, history, f"{tag}-{n}", args, out)
+                answer, engine = await _one(http, url, history, f"{tag}-{n}", args, out, engine)
                 history.append({"role": "assistant", "content": answer})
                 await asyncio.sleep(rng.uniform(0, args.think_s))  # the user reads, then types
 
@@ -252,19 +279,103 @@ def _gateway(
     return service, f"http://127.0.0.1:{port}"
 
 
+_SAMPLE = re.compile(r"^([a-z_:]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$")
+
+
+async def _counters(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The samples of *names* on *url*/metrics, keyed ``name{labels}``."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(1) in names:
+            labels = re.sub(r',?route="[^"]*"', "", m.group(2) or "").strip(",")
+            out[m.group(1) + (f"{{{labels}}}" if labels else "")] = float(m.group(3))
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+_KIBAN = ("kiban_route_affinity_decisions_total",)
+_LLAMA = ("llamacpp:prompt_tokens_total", "llamacpp:n_decode_total")
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| strategy | workload | requests | failed | req/s | TTFT p50 ms | TTFT p99 ms | "
-        "prompt tokens from cache |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| strategy | workload | round | requests | failed | req/s | TTFT p50 ms | TTFT p99 ms | "
+        "prompt tokens from cache | later turns moved / stayed (stayed, engine evicted) | "
+        "requests per engine | kiban decisions |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
+        decisions = ", ".join(
+            f"{k.split('outcome=')[-1].strip(chr(34) + '}')} {v:.0f}"
+            for k, v in r.get("decisions", {}).items()
+        )
+        engines = " / ".join(str(n) for n in r["engines"].values())
         lines.append(
-            f"| {r['strategy']} | {r['workload']} | {r['requests']} | {r['failures']} | "
-            f"{r['req_per_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-            f"{100 * r['cached_share']:.1f} % |"
+            f"| {r['strategy']} | {r['workload']} | {r.get('round', 1)} | {r['requests']} | "
+            f"{r['failures']} | {r['req_per_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {100 * r['cached_share']:.1f} % | "
+            f"{r['turns_moved']} / {r['turns_stayed']} ({r['stayed_uncached']}) | {engines} | "
+            f"{decisions or '-'} |"
         )
     return "\n".join(lines)
+
+
+def _measure(
+    url: str,
+    engines: list[str],
+    run: Any,
+    args: argparse.Namespace,
+    strategy: str,
+    workload: str,
+    round_: int,
+) -> dict[str, Any]:
+    """One workload through one gateway, with kiban's decisions and the engines' counters."""
+
+    async def measured() -> dict[str, Any]:
+        kiban0 = await _counters(url, _KIBAN)
+        llama0 = [await _counters(e, _LLAMA) for e in engines]
+        outcome = await run(url, args, f"{strategy}-{workload}-{round_}")
+        row = outcome.row(strategy, workload)
+        row["round"] = round_
+        row["decisions"] = _delta(await _counters(url, _KIBAN), kiban0)
+        row["engine_counters"] = [
+            _delta(await _counters(e, _LLAMA), before)
+            for e, before in zip(engines, llama0, strict=True)
+        ]
+        return row
+
+    return asyncio.run(measured())
+
+
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """TTFT p50 of each strategy and workload over the rounds, and its paired change
+    against least_outstanding in the same round."""
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        cells.setdefault((r["strategy"], r["workload"]), {})[r["round"]] = r["ttft_p50_ms"]
+    lines = []
+    for (strategy, workload), by_round in cells.items():
+        values = list(by_round.values())
+        line = (
+            f"{strategy} {workload}: TTFT p50 mean {statistics.mean(values):.0f} ms "
+            f"({min(values):.0f}-{max(values):.0f}, {len(values)} rounds)"
+        )
+        base = cells.get(("least_outstanding", workload))
+        if base and strategy != "least_outstanding":
+            change = [100 * (v / base[r] - 1) for r, v in by_round.items() if r in base]
+            if change:
+                line += (
+                    f"; vs least_outstanding {statistics.mean(change):+.0f} % "
+                    f"({min(change):+.0f} to {max(change):+.0f})"
+                )
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
@@ -290,6 +401,10 @@ def main() -> None:
     parser.add_argument(
         "--balance-abs", type=int, default=None, help="cache_aware's balance_abs (default: its own)"
     )
+    parser.add_argument("--workloads", default="multi-turn,control")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the strategies N times, interleaved"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -298,15 +413,18 @@ def main() -> None:
         work = Path(tmp)
         servers = _llama_servers(work, _gguf(args.model), args)
         try:
-            for strategy in args.strategies.split(","):
-                gateway, url = _gateway(work, strategy, [u for _, u in servers], args.balance_abs)
-                try:
-                    for name, run in (("multi-turn", multi_turn), ("control", control)):
-                        outcome = asyncio.run(run(url, args, f"{strategy}-{name}"))
-                        rows.append(outcome.row(strategy, name))
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                finally:
-                    gateway.stop()
+            engines = [u for _, u in servers]
+            workloads = {"multi-turn": multi_turn, "control": control}
+            for round_ in range(1, args.rounds + 1):
+                for strategy in args.strategies.split(","):
+                    gateway, url = _gateway(work, strategy, engines, args.balance_abs)
+                    try:
+                        for name in args.workloads.split(","):
+                            rows.append(_measure(url, engines, workloads[name], args, strategy,
+                                                 name, round_))  # fmt: skip
+                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    finally:
+                        gateway.stop()
         finally:
             for service, _ in servers:
                 service.stop()
@@ -319,6 +437,8 @@ def main() -> None:
           f"{args.workers} clients, "
           f"{platform.machine()}")  # fmt: skip
     print(_table(rows))
+    for line in _summary(rows):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -114,10 +114,17 @@ class Gateway:
     start: Callable[[Path, str, str | None], tuple[Service, str]]  # (work, upstream, cpus)
 
 
-def kiban(workers: int) -> Gateway:
+def kiban(workers: int, strategy: str | None = None, engines: int = 1) -> Gateway:
+    """kiban with *workers* workers; *strategy*: the route's, over *engines* engines that
+    all point at the one upstream (a strategy needs a choice to make)."""
+
     def start(work: Path, upstream: str, cpus: str | None) -> tuple[Service, str]:
         port = free_port()
         name = f"kiban-{workers}w-{port}"
+        names = ["upstream"] if engines == 1 else [f"upstream-{i}" for i in range(engines)]
+        route: dict[str, object] = {"model": MODEL, "engines": names}
+        if strategy is not None:
+            route["strategy"] = strategy
         config = {
             "gateway": {
                 "host": "127.0.0.1",
@@ -126,8 +133,10 @@ def kiban(workers: int) -> Gateway:
                 "api_keys": {"env": ["KIBAN_BENCH_KEY"]},
                 "request_log": True,
             },
-            "engines": [{"name": "upstream", "kind": "openai", "url": upstream, "models": [MODEL]}],
-            "routes": [{"model": MODEL, "engines": ["upstream"]}],
+            "engines": [
+                {"name": n, "kind": "openai", "url": upstream, "models": [MODEL]} for n in names
+            ],
+            "routes": [route],
         }
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -138,7 +147,11 @@ def kiban(workers: int) -> Gateway:
         return Service(name, argv, work / f"{name}.log", env, cpus), f"http://127.0.0.1:{port}"
 
     label = f"kiban, {workers} worker{'s' * (workers > 1)}"
-    return Gateway(f"kiban-{workers}", label, slow=False, pinned=workers == 1, start=start)
+    key = f"kiban-{workers}"
+    if strategy is not None:
+        label += f", {strategy} over {engines} engines"
+        key += f"-{strategy}"
+    return Gateway(key, label, slow=False, pinned=workers == 1, start=start)
 
 
 def litellm() -> Gateway:

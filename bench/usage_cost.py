@@ -3,8 +3,10 @@
 Per request: ``Usage.record`` (the key's Prometheus series and its (key, hour)
 cell in memory), in one process and in multiprocess mode (``--workers N``,
 values in mmap files). Per stream: ``ask_for_usage`` (``include_usage``
-spliced into the body) and ``UsageEventDropper.feed`` over a stream's chunks
-(130 content events, then the usage event and ``[DONE]``). Off the path: one
+spliced into the body) and ``EventStream(drop_usage=True).feed`` over a stream's chunks
+(130 content events, then the usage event and ``[DONE]``); the same with vLLM's usage
+on every content event (``continuous_usage_stats``, asked for a stream kiban may
+continue) read and taken off each event. Off the path: one
 flush of *keys* key-hours to a fresh SQLite file.
 
     .venv/bin/python bench/usage_cost.py [--requests 200000] [--repeats 5] [--keys 100]
@@ -28,6 +30,13 @@ from pathlib import Path
 CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"word"}}]}\n\n'  # noqa: E501
 USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":130}}\n\n'
 DONE = b"data: [DONE]\n\n"
+#: a content event with vLLM 0.32's usage so far (continuous_usage_stats)
+COUNTED = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"word"},"logprobs":null,"finish_reason":null,'
+    b'"token_ids":null}],"usage":{"prompt_tokens":31,"total_tokens":99,"completion_tokens":68,'
+    b'"completion_tokens_details":null}}\n\n'
+)
 BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"' + b"x" * 400 + b'"}]}'
 
 
@@ -69,22 +78,39 @@ def _splice(n: int) -> float:
 
 
 def _drop(n: int) -> float:
-    from kiban.gateway.stream_usage import UsageEventDropper
+    from kiban.gateway.sse import EventStream
 
     chunks = [CHUNK] * 130 + [USAGE + DONE]
     streams = max(1, n // 100)
     start = time.process_time_ns()
     for _ in range(streams):
-        dropper = UsageEventDropper()
+        events = EventStream(drop_usage=True)
         for chunk in chunks:
-            dropper.feed(chunk)
+            events.feed(chunk)
+    return (time.process_time_ns() - start) / streams
+
+
+def _counted(n: int, strip: bool) -> float:
+    from kiban.gateway.sse import EventStream
+
+    chunks = [COUNTED] * 130 + [USAGE + DONE]
+    streams = max(1, n // 100)
+    start = time.process_time_ns()
+    for _ in range(streams):
+        events = EventStream(count=("usage", "completion_tokens"), strip=strip, drop_usage=True)
+        for chunk in chunks:
+            events.feed(chunk)
     return (time.process_time_ns() - start) / streams
 
 
 def measure(requests: int, repeats: int) -> dict[str, float]:
     results = {"Usage.record, per request": min(_record(requests) for _ in range(repeats))}
     results["ask_for_usage, per stream"] = min(_splice(requests) for _ in range(repeats))
-    results["dropper over 131 chunks, per stream"] = min(_drop(requests) for _ in range(repeats))
+    results["drop_usage over 131 chunks, per stream"] = min(_drop(requests) for _ in range(repeats))
+    for strip, name in ((False, "passed"), (True, "taken off")):
+        results[f"vLLM per-event usage {name}, per stream"] = min(
+            _counted(requests, strip) for _ in range(repeats)
+        )
     return {k: round(v, 1) for k, v in results.items()}
 
 

@@ -30,8 +30,7 @@ from pydantic import (
 
 from kiban.cpulist import parse_cpu_list
 from kiban.engines import ENGINE_KINDS
-from kiban.sizing.catalogue import find_gpu, gpu_keys
-from kiban.sizing.units import parse_size
+from kiban.errors import KibanError
 from kiban.structured.validator import CompiledSchema, SchemaError
 
 Strategy = Literal[
@@ -48,13 +47,16 @@ _HTTP_URL = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(Exception):
+class ConfigError(KibanError):
     """One or more problems in a configuration, each naming its key path."""
 
     def __init__(self, problems: list[str], source: str = "configuration") -> None:
         self.problems = problems
         self.source = source
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def summary(self) -> str:
+        return f"{self.source} is invalid:"
 
 
 class _Strict(BaseModel):
@@ -238,6 +240,8 @@ class GpuInventory(_Strict):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str | None) -> str | None:
+        from kiban.sizing.catalogue import find_gpu, gpu_keys
+
         if value is not None and find_gpu(value) is None:
             raise ValueError(f"unknown GPU type; expected one of {', '.join(gpu_keys())}")
         return value
@@ -245,6 +249,8 @@ class GpuInventory(_Strict):
     @field_validator("memory")
     @classmethod
     def _size(cls, value: str | int | None) -> str | int | None:
+        from kiban.sizing.units import parse_size
+
         if value is not None:
             parse_size(value)
         return value

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
+from kiban.errors import KibanError
+
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
     from openai.types.chat import ChatCompletionMessageParam, ParsedChatCompletion
@@ -26,7 +28,7 @@ URL_ENV = "KIBAN_URL"
 KEY_ENV = "KIBAN_API_KEY"
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(KibanError, RuntimeError):
     """No valid instance: kiban's error code (``structured_output_*``) and JSON pointer."""
 
     def __init__(self, message: str, code: str | None = None, pointer: str | None = None) -> None:

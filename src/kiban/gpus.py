@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pynvml
 
+from kiban.errors import KibanError
+
 MIB = 1024 * 1024
 
 
-class GpuUnavailable(Exception):
+class GpuUnavailable(KibanError):
     """NVML cannot be used here; the message says what is missing and what to do."""
 
 

@@ -69,11 +69,15 @@ def test_llamacpp_stream_continues_on_b_when_a_is_killed(engines, gateway) -> No
         "max_tokens": MAX_TOKENS,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # llama.cpp's own count on every event, asked by the client itself: kiban passes it,
+        # and it shows where a's text ends (b counts again from its first token)
+        "timings_per_token": True,
         **SAMPLING,
     }
     headers = {"X-Request-Id": "continued-llamacpp"}
     events: list = []
     pieces: list[str] = []
+    counts: list[int] = []  # timings.predicted_n of each piece's event
     with httpx.stream(
         "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120
     ) as resp:
@@ -87,7 +91,8 @@ def test_llamacpp_stream_continues_on_b_when_a_is_killed(engines, gateway) -> No
             delta = event["choices"][0]["delta"] if _choice(event) else {}
             content = delta.get("content")
             if isinstance(content, str) and (content or "role" not in delta):
-                pieces.append(content)  # one token, as kiban counts them
+                pieces.append(content)
+                counts.append(event["timings"]["predicted_n"])
                 if len(pieces) == 5:
                     a.kill()
     assert not a.running()
@@ -100,11 +105,13 @@ def test_llamacpp_stream_continues_on_b_when_a_is_killed(engines, gateway) -> No
     (continuation,) = entry["continuations"]
     assert continuation["from"] == "a" and continuation["to"] == "b"
     assert continuation["outcome"] == "continued"
-    sent = continuation["continued_at"]  # content events a had sent before the break
-    print(f"a sent {sent} of {len(pieces)} content events")
+    sent = continuation["continued_at"]  # tokens a had sent before the break
+    split = next(i for i in range(1, len(counts)) if counts[i] <= counts[i - 1])
+    print(f"a sent {sent} tokens in {split} of {len(pieces)} content events")
+    assert sent == counts[split - 1]  # llama.cpp's own count, not kiban's count of events
     assert 5 <= sent < MAX_TOKENS
 
-    before, after = "".join(pieces[:sent]), "".join(pieces[sent:])
+    before, after = "".join(pieces[:split]), "".join(pieces[split:])
     prefilled = [*MESSAGES, {"role": "assistant", "content": before}]
     # without the prompt cache b reads the prefix as one batch, as it did for kiban (a
     # cached prefix with its last token read alone can tip a near tie the other way)

@@ -45,6 +45,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
             engine("b-cut", "words-cut-3"),
             engine("generic", "words", kind="openai"),
             engine("b-400", "status-400"),
+            # a loaded vLLM: 3 tokens an event, cut after 6 (two events)
+            engine("a-merged", "words-merge-3-cut-6"),
+            engine("b-merged", "words-merge-4"),
+            engine("b-malformed", "words-malformed-2"),
+            engine("b-nodone", "words-nodone"),
         ],
         "routes": [
             route("cut", "a", "b"),
@@ -54,6 +59,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
             route("cut-generic", "a", "generic"),
             route("cut-refused", "a", "b-400"),
             route("words", "b"),
+            route("merged", "a-merged", "b-merged"),
+            route("cut-malformed", "a", "b-malformed"),
+            route("cut-malformed-then-b", "a", "b-malformed", "b"),
+            route("cut-nodone", "a", "b-nodone"),
         ],
     }
     gw = gateway_process(config, tmp_path_factory.mktemp("gw"), name="continuation")
@@ -216,3 +225,81 @@ def test_an_answer_without_a_break_is_untouched(gateway: EngineProcess) -> None:
     assert _text(events) == _uninterrupted()
     assert {e["id"] for e in events[:-1]} == {"chatcmpl-words"}
     assert events[-2]["usage"]["completion_tokens"] == WORDS
+
+
+def _usages(events: list) -> list[dict]:
+    return [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
+
+
+def test_merged_events_are_counted_by_the_engine_and_the_limit_holds(
+    gateway: EngineProcess,
+) -> None:
+    """a sends 6 tokens in two events (as a loaded vLLM merges them) and breaks: counted as
+    events, b would be asked for 10 more and the answer would run 4 past max_tokens. With
+    vLLM's per-event usage (fault_upstream._words, its continuous_usage_stats shape) b
+    is asked for exactly 6, and the usage is what both wrote."""
+    resp, events = _stream(gateway, "merged", stream_options={"include_usage": True})
+    assert resp.headers["x-kiban-engine"] == "a-merged"
+    assert _text(events) == _uninterrupted()  # 12 words: max_tokens, not one more
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    # the per-event usage kiban asked for never reaches the client: one usage event, last
+    assert _usages(events) == [{"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}]
+    assert events[-2]["choices"] == []
+    entry = _log_entry(gateway, resp.headers["x-request-id"])
+    assert entry["completion_tokens"] == 12 and entry["prompt_tokens"] == 10
+    assert entry["continuations"] == [
+        {"from": "a-merged", "to": "b-merged", "continued_at": 6, "outcome": "continued"}
+    ]
+
+
+def test_merged_events_without_usage_asked_carry_none(gateway: EngineProcess) -> None:
+    _, events = _stream(gateway, "merged")
+    assert _text(events) == _uninterrupted()
+    assert _usages(events) == []
+
+
+def test_a_client_that_asks_for_usage_on_every_event_gets_it_summed(
+    gateway: EngineProcess,
+) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    _, events = _stream(gateway, "merged", stream_options=options)
+    assert _text(events) == _uninterrupted()
+    chunks = [e for e in events if isinstance(e, dict) and e["choices"]]
+    assert all("usage" in e for e in chunks)
+    counts = [e["usage"]["completion_tokens"] for e in chunks]
+    assert counts == [0, 3, 6, 10, 12]  # a's opener and events, then b's, counted from a's 6
+    assert _usages(events)[-1] == {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}
+
+
+def test_a_malformed_event_while_continuing_is_a_break(gateway: EngineProcess) -> None:
+    """b-malformed continues with two words, then sends an event whose JSON is cut: it is
+    never forwarded; the stream ends with the error event, or goes on on a third engine."""
+    resp, events = _stream(gateway, "cut-malformed")
+    assert "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "upstream_stream_broken"
+    assert "malformed event while continuing" in events[-1]["error"]["message"]
+    assert _text(events) == _uninterrupted(7)  # a's 5, b-malformed's 2, nothing else
+    entry = _log_entry(gateway, resp.headers["x-request-id"])
+    assert [c["outcome"] for c in entry["continuations"]] == ["broken", "failed"]
+
+    resp, events = _stream(gateway, "cut-malformed-then-b")
+    assert _text(events) == _uninterrupted() and events[-1] == "[DONE]"
+    entry = _log_entry(gateway, resp.headers["x-request-id"])
+    assert entry["continuations"] == [
+        {"from": "a", "to": "b-malformed", "continued_at": 5, "outcome": "broken"},
+        {"from": "b-malformed", "to": "b", "continued_at": 7, "outcome": "continued"},
+    ]
+
+
+def test_a_continuing_engine_that_finishes_without_done_completes_the_answer(
+    gateway: EngineProcess,
+) -> None:
+    resp, events = _stream(gateway, "cut-nodone", stream_options={"include_usage": True})
+    assert _text(events) == _uninterrupted()
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1  # kiban's own
+    assert _usages(events) == [{"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}]
+    entry = _log_entry(gateway, resp.headers["x-request-id"])
+    assert entry["status"] == 200 and entry["error"] is None
+    assert entry["continuations"] == [
+        {"from": "a", "to": "b-nodone", "continued_at": 5, "outcome": "continued"}
+    ]

@@ -318,14 +318,14 @@ def test_429_keeps_retry_after(gateway) -> None:
 def test_failing_engine_ejected_then_readmitted(gateway, upstreams) -> None:
     a = upstreams["a"]
     httpx.post(a.base_url + "/fault", json={"mode": "status-500"})
+    started = time.monotonic()  # the circuit opens after this, during the next six requests
     engines = [_chat(gateway, "ok").headers["x-kiban-engine"] for _ in range(6)]
     assert engines == ["b"] * 6  # every request answered, by b, after a failed
     received = _received(a, "ok")
-    started = time.monotonic()
     for _ in range(5):
         assert _chat(gateway, "ok").headers["x-kiban-engine"] == "b"
     # ejected: a gets nothing while its circuit is open, only one probe per cooldown that
-    # ended (none at all unless this loaded machine took longer than a cooldown)
+    # ended since it opened (none at all unless this loaded machine took longer than a cooldown)
     probes_allowed = int((time.monotonic() - started) // A_COOLDOWN_S)
     assert _received(a, "ok") - received <= probes_allowed
     text = httpx.get(gateway.base_url + "/metrics").text

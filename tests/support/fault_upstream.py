@@ -26,13 +26,20 @@ The request's ``model`` picks the behaviour, so one server plays many engines:
 * ``slow``        streams one token per ``--slow-interval`` seconds (max_tokens, or 30);
 * ``stall``       streams two chunks, then sends nothing more (the connection stays open);
 * ``sleep-S``     waits S seconds, then answers as ``ok`` does;
-* ``words``       streams a deterministic answer, word i being ``w<i> `` (max_tokens words,
-                  one an event, vLLM's shape: a role-only opener, usage with
-                  ``stream_options.include_usage``); it continues a final assistant message
-                  the way vLLM does (``continue_final_message`` and ``add_generation_prompt:
-                  false`` required, else 400) from the word after the prefix's last;
+* ``words``       streams a deterministic answer, word i being ``w<i> `` and one token
+                  (max_tokens words, one an event, in vLLM 0.32's shape: a role-only
+                  opener, the usage event with ``stream_options.include_usage``, and with
+                  ``continuous_usage_stats`` too the usage so far on every event, as
+                  vllm/entrypoints/openai/chat_completion/serving.py writes them: see
+                  ``_words``); it continues a final assistant message the way vLLM does
+                  (``continue_final_message`` and ``add_generation_prompt: false``
+                  required, else 400) from the word after the prefix's last;
 * ``words-cut-K`` the same, closing the connection after K words;
-* ``words-stall-K`` the same, silent after K words (the connection stays open).
+* ``words-stall-K`` the same, silent after K words (the connection stays open);
+* ``words-malformed-K`` the same, then an event whose JSON is cut, then the rest;
+* ``words-nodone``  the same, ending the response after the usage event without ``[DONE]``;
+* ``words-merge-M`` and ``words-merge-M-cut-K``: M words (tokens) in each event, as a
+                  loaded vLLM merges the tokens of one engine step into one event.
 
 ``POST /fault {"mode": M}`` makes every request behave as model M until
 ``{"mode": null}`` (an engine that starts failing, then recovers); with
@@ -309,7 +316,16 @@ async def _behave(
 
 
 async def _words(request: web.Request, model: str, body: dict) -> web.StreamResponse:
-    """The ``words`` behaviours (see the module docstring)."""
+    """The ``words`` behaviours (see the module docstring).
+
+    Events are written as vLLM 0.32's serving_chat writes them (pydantic
+    ``model_dump_json(exclude_unset=True)``: compact JSON, fields in declaration
+    order): ``should_include_usage`` gives per-event usage only with both
+    ``include_usage`` and ``continuous_usage_stats``; then the role-only opener carries
+    ``completion_tokens`` 0 and each content event the tokens generated so far,
+    ``previous_num_tokens`` (all the tokens an event merges); the last usage event
+    (``exclude_none`` too) comes before ``[DONE]``.
+    """
     messages = body.get("messages") or []
     start = 0
     if messages and messages[-1].get("role") == "assistant":
@@ -318,25 +334,57 @@ async def _words(request: web.Request, model: str, body: dict) -> web.StreamResp
             return web.json_response({"error": error}, status=400)
         start = len(messages[-1]["content"].split())
     count = body.get("max_tokens") or 30
-    _, _, cut = model.partition("-")  # "", "cut-K" or "stall-K"
-    end = "done"
-    if cut:
-        end, _, k = cut.partition("-")
+    rest = model.removeprefix("words").removeprefix("-")
+    merge = 1
+    if rest.startswith("merge-"):
+        merge_text, _, rest = rest.removeprefix("merge-").partition("-")
+        merge = int(merge_text)
+    end, _, k = rest.partition("-")  # "", "cut", "stall", "malformed" or "nodone"; K
+    if k and end != "malformed":
         count = min(count, int(k))
+    options = body.get("stream_options") or {}
+    continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
+    prompt = 10 + start
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     created = int(time.time())
 
-    def event(choices: list, **extra: object) -> bytes:
+    def usage(tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + tokens,
+            "completion_tokens": tokens,
+            "completion_tokens_details": None,
+        }
+
+    def event(choices: list, tokens: int | None = None, **extra: object) -> bytes:
         data = {"id": f"chatcmpl-{model}", "object": "chat.completion.chunk", "created": created}
         data |= {"model": model, "choices": choices, **extra}
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
+        if tokens is not None and continuous:
+            data["usage"] = usage(tokens)
+        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
-    await resp.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}]))
-    for i in range(count):
-        last = i == count - 1 and end == "done"
-        choice = {"index": 0, "delta": {"content": f"w{start + i} "}}
-        await resp.write(event([{**choice, "finish_reason": "length" if last else None}]))
+    opener = {"role": "assistant", "content": ""}
+    await resp.write(
+        event([{"index": 0, "delta": opener, "logprobs": None, "finish_reason": None}], 0)
+    )
+    sent = 0
+    while sent < count:
+        words = range(sent, min(sent + merge, count))
+        sent = words[-1] + 1
+        last = sent == count and end in ("", "malformed", "nodone")
+        choice = {
+            "index": 0,
+            "delta": {"content": "".join(f"w{start + i} " for i in words)},
+            "logprobs": None,
+            "finish_reason": "length" if last else None,
+            "token_ids": None,
+        }
+        if last:
+            choice["stop_reason"] = None
+        await resp.write(event([choice], sent))
+        if end == "malformed" and sent == int(k):
+            await resp.write(b'data: {"choices": [{"index": 0, "delta": {"content": "w\n\n')
         await asyncio.sleep(0.01)
     if end == "cut":
         assert request.transport is not None
@@ -344,11 +392,11 @@ async def _words(request: web.Request, model: str, body: dict) -> web.StreamResp
         return resp
     if end == "stall":
         await asyncio.sleep(3600)
-    if (body.get("stream_options") or {}).get("include_usage"):
-        usage = {"prompt_tokens": 10 + start, "completion_tokens": count}
-        usage["total_tokens"] = usage["prompt_tokens"] + count
-        await resp.write(event([], usage=usage))
-    await resp.write(b"data: [DONE]\n\n")
+    if options.get("include_usage"):
+        final = {k: v for k, v in usage(count).items() if v is not None}
+        await resp.write(event([], usage=final))
+    if end != "nodone":
+        await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 

@@ -80,6 +80,18 @@ def test_prefixes_start_at_512_bytes_and_grow_by_half() -> None:
     assert prefix_keys(longer, prompt_start(longer))[:6] == prefix_keys(body, start)
 
 
+def test_a_prompt_that_differs_in_one_segment_shares_only_the_keys_before_it() -> None:
+    body = b'{"messages":' + bytes(range(256)) * 24  # 6 KB: 7 prefixes
+    keys = prefix_keys(body, 1)
+    assert len(set(keys)) == len(keys) == 7
+    for at in (600, 1000, 2000, 4000):  # inside segments 1, 2, 3 and 5
+        changed = body[:at] + b"!" + body[at + 1 :]
+        other = prefix_keys(changed, 1)
+        same = sum(1 for boundary in BOUNDARIES[:7] if boundary <= at - 1)
+        assert other[:same] == keys[:same]
+        assert not set(other[same:]) & set(keys), at
+
+
 def test_turns_of_a_conversation_stay_on_one_engine_and_all_engines_serve() -> None:
     route = _route(_router("cache_aware"))
     chats = [_conversation(n, 5) for n in range(13)]

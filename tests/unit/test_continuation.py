@@ -42,6 +42,42 @@ def test_the_text_and_tokens_sent_are_read_from_whole_events_only() -> None:
     assert (record.text, record.tokens, record.id, record.created) == ("Hello", 3, "x", 1)
 
 
+def test_the_engine_count_of_tokens_sent_wins_over_the_events() -> None:
+    # a loaded vLLM merged 7 tokens into these 3 events; its per-event usage says so
+    record = _record("Hel", "", "lo")
+    record.engine_count(7, {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19})
+    assert (record.text, record.tokens, record.prompt_tokens) == ("Hello", 7, 12)
+    record = _record("Hel", "lo")
+    record.engine_count(None, None)  # an engine without a count: the events are counted
+    assert (record.tokens, record.prompt_tokens) == (2, None)
+
+
+def test_each_engine_kind_says_how_it_counts_the_tokens_it_streams() -> None:
+    payload = {"model": "m", "stream_options": {"include_usage": True}}
+    asked = {
+        kind: (_target(kind).engine.dialect.token_count or None)
+        for kind in ("vllm", "llamacpp", "sglang", "lmdeploy", "openai")
+    }
+    assert {kind: c.ask(payload) if c else None for kind, c in asked.items()} == {
+        "vllm": {
+            "model": "m",
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+        "sglang": {
+            "model": "m",
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+        "llamacpp": {**payload, "timings_per_token": True},
+        "lmdeploy": None,
+        "openai": None,
+    }
+    vllm = asked["vllm"]
+    assert vllm is not None and (vllm.key, vllm.count) == ("usage", "completion_tokens")
+    # a client that asked for it itself: nothing added, and it gets what it asked
+    own = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert vllm.ask(own) is None
+
+
 def test_only_whole_events_pass() -> None:
     assert whole_events(b"", b"data: {") == (b"", b"data: {")
     assert whole_events(b"data: {", b"}\n\ndata") == (b"data: {}\n\n", b"data")
@@ -83,12 +119,15 @@ def test_the_continuation_request_for_vllm() -> None:
         "max_tokens": 98,
         "min_tokens": 48,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        # vLLM's usage on every event: its own count, should b break too
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "temperature": 0,
         "continue_final_message": True,
         "add_generation_prompt": False,
     }
     assert payload["messages"] == CHAT  # the client's request is left as it was
+    llamacpp = continuation_body(payload, _target("llamacpp"), _record("Hel", "lo"))
+    assert llamacpp["timings_per_token"] is True
 
 
 def test_each_engine_kind_says_how_it_continues() -> None:

@@ -15,7 +15,8 @@ from kiban.gateway import usage as usage_module
 from kiban.gateway.console_state import quantile
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange
-from kiban.gateway.stream_usage import UsageEventDropper, ask_for_usage
+from kiban.gateway.sse import EventStream
+from kiban.gateway.stream_usage import ask_for_usage
 from kiban.gateway.usage import OTHER_KEYS, Usage
 from kiban.gateway.usage_store import Batch, SqliteUsage, SqliteUsageStore, hour_of, totals
 
@@ -61,23 +62,25 @@ def test_invalid_stream_options_are_left_for_the_engine() -> None:
     assert ask_for_usage(payload, body) == (body, False)
 
 
-def test_dropper_removes_only_the_usage_event() -> None:
-    dropper = UsageEventDropper()
-    assert dropper.feed(CHUNK) == CHUNK
-    assert dropper.feed(CHUNK + USAGE + DONE) == CHUNK + DONE
-    assert dropper.rest() == b""
+def test_dropping_removes_only_the_usage_event_and_reads_it() -> None:
+    events = EventStream(drop_usage=True)
+    assert events.feed(CHUNK) == CHUNK
+    assert events.feed(CHUNK + USAGE + DONE) == CHUNK + DONE
+    assert events.feed(USAGE) == b""
+    assert events.usage is not None and events.done
 
 
-def test_dropper_keeps_usage_that_rides_on_a_choice() -> None:
+def test_dropping_keeps_usage_that_rides_on_a_choice() -> None:
     event = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1}}\n\n'
-    assert UsageEventDropper().feed(event) == event
+    assert EventStream(drop_usage=True).feed(event) == event
 
 
-def test_dropper_holds_an_event_split_across_reads() -> None:
-    dropper = UsageEventDropper()
+def test_dropping_holds_an_event_split_across_reads() -> None:
+    events = EventStream(drop_usage=True)
     stream = CHUNK + USAGE + DONE
-    out = b"".join(dropper.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
-    assert out + dropper.rest() == CHUNK + DONE
+    out = b"".join(events.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+    assert out == CHUNK + DONE
+    events.close()
 
 
 def test_tokens_come_from_the_engine_usage_else_an_estimate() -> None:

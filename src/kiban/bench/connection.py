@@ -17,6 +17,7 @@ from typing import cast
 import httptools
 
 from kiban.bench.sse import StreamTimer, body_usage
+from kiban.errors import KibanError
 
 #: error kinds a request can end with besides an HTTP status (``http_NNN``)
 CONNECT, TIMEOUT, DISCONNECTED, PROTOCOL = "connect", "timeout", "disconnected", "protocol"
@@ -29,7 +30,7 @@ _DESCRIPTIONS = {
 }
 
 
-class StaleConnection(Exception):
+class StaleConnection(KibanError):
     """A reused connection was closed by the server before any byte of the answer."""
 
 

@@ -9,12 +9,14 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from kiban.errors import KibanError
+
 Endpoint = Literal["chat", "completions"]
 ENDPOINT_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-class WorkloadError(ValueError):
+class WorkloadError(KibanError, ValueError):
     """A target or a request that cannot be built; the message says what to give instead."""
 
 

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-from kiban.config import ConfigError, KibanConfig, load_config
+from kiban.errors import KibanError
+
+
+class _Commands(TyperGroup):
+    """The command group: a :class:`KibanError` from any command is reported here, once."""
+
+    def invoke(self, ctx: Any) -> Any:  # a typer Context (typer vendors its own click)
+        try:
+            return super().invoke(ctx)
+        except KibanError as err:
+            report(err)
+            raise typer.Exit(err.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="kiban: one OpenAI-compatible endpoint in front of self-hosted inference engines.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -32,17 +47,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_or_exit(path: Path) -> KibanConfig:
-    """Load a configuration or print every problem and exit with status 2."""
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        print_config_error(err)
-        raise typer.Exit(2) from None
-
-
-def print_config_error(err: ConfigError) -> None:
-    """Every problem of a ConfigError, one per line, on stderr."""
-    console.print(f"[bold red]error:[/] {err.source} is invalid:", highlight=False)
-    for problem in err.problems:
-        console.print(f"  - {problem}", highlight=False, markup=False)
+def report(err: KibanError) -> None:
+    """An error of kiban's own on stderr: ``error:`` and its message, then its problems."""
+    first, *rest = err.lines()
+    console.print(f"[bold red]error:[/] {escape(first)}", highlight=False)
+    for line in rest:
+        console.print(line, highlight=False, markup=False)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from kiban.cli.app import ConfigOption, app, load_or_exit
+from kiban.cli.app import ConfigOption, app
+from kiban.config import load_config
 
 config_app = typer.Typer(help="Work with kiban.yaml.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -15,7 +16,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("check")
 def config_check(config: ConfigOption = Path("kiban.yaml")) -> None:
     """Validate a configuration without starting anything."""
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     typer.echo(
         f"{config}: OK ({len(cfg.engines)} engines, {len(cfg.routes)} routes: "
         + ", ".join(r.model for r in cfg.routes)

@@ -11,8 +11,8 @@ import yaml
 from rich.live import Live
 from rich.table import Table
 
-from kiban.cli.app import ConfigOption, app, console, fail, load_or_exit, out
-from kiban.config import KibanConfig
+from kiban.cli.app import ConfigOption, app, console, fail, out
+from kiban.config import KibanConfig, load_config
 
 if TYPE_CHECKING:
     from kiban.deploy.compose import ComposeProject
@@ -47,13 +47,6 @@ def _plan(cfg: KibanConfig, gpu: str | None, gpu_memory: str | None, count: int)
     return plan_config(cfg, gpus)
 
 
-def _refuse(what: str, problems: list[str]) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {what}:", highlight=False)
-    for problem in problems:
-        console.print(f"  - {problem}", highlight=False, markup=False)
-    return typer.Exit(1)
-
-
 def render_compose_project(
     config: Path,
     out_dir: Path,
@@ -66,12 +59,12 @@ def render_compose_project(
     from kiban.deploy.compose import render_compose
     from kiban.deploy.containers import ContainerError, load_raw
 
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     plan = _plan(cfg, gpu, gpu_memory, gpu_count)
     try:
         return render_compose(cfg, load_raw(config), config, out_dir, plan, project=project)
     except ContainerError as err:
-        raise _refuse(f"cannot run {config} in containers", err.problems) from None
+        raise err.within(f"cannot run {config} in containers") from None
 
 
 @app.command()
@@ -132,7 +125,7 @@ def render_k8s_cmd(
 
     if (problem := check_name(name)) is not None:
         raise fail(problem)
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     plan = _plan(cfg, gpu, gpu_memory, gpu_count)
     options = K8sOptions(
         name=name,
@@ -145,7 +138,7 @@ def render_k8s_cmd(
     try:
         manifests = render_k8s(cfg, load_raw(config), plan, options)
     except ContainerError as err:
-        raise _refuse(f"cannot run {config} on Kubernetes", err.problems) from None
+        raise err.within(f"cannot run {config} on Kubernetes") from None
     for path in write_manifests(manifests, out_dir):
         typer.echo(f"wrote {path}")
     for note in manifests.notes:
@@ -185,7 +178,7 @@ def docker_up(config: Path) -> None:
     try:
         require_docker()
     except DockerError as err:
-        raise fail(f"kiban up --docker: {err}", 1) from None
+        raise err.within("kiban up --docker") from None
     done = render_compose_project(config, _compose_dir(config))
     console.print(f"project {done.project}: {done.compose_file}", highlight=False)
     timeout = max((e.ready_timeout_s for e in done.engines), default=60.0) + _DOCKER_SLACK_S
@@ -200,7 +193,7 @@ def docker_up(config: Path) -> None:
                 tick=lambda s: live.update(_states_table(s, started)),
             )
     except DockerError as err:
-        raise fail(f"kiban up --docker: {err}", 1) from None
+        raise err.within("kiban up --docker") from None
     out.print(_states_table(states, started))
     console.print(f"up; stop with: kiban down --docker -c {config}", highlight=False)
 
@@ -217,5 +210,5 @@ def docker_down(config: Path) -> None:
         project = yaml.safe_load(compose_file.read_text(encoding="utf-8"))["name"]
         compose_down(compose_file, project)
     except DockerError as err:
-        raise fail(f"kiban down --docker: {err}", 1) from None
+        raise err.within("kiban down --docker") from None
     console.print("down", highlight=False)

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kiban.cli.app import app, load_or_exit, out
+from kiban.cli.app import app, out
+from kiban.config import load_config
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "dim"}
 
@@ -28,7 +29,7 @@ def doctor(
 
     if config is None and Path("kiban.yaml").exists():
         config = Path("kiban.yaml")
-    cfg = load_or_exit(config) if config is not None else None
+    cfg = load_config(config) if config is not None else None
     findings = run_checks(cfg)
     if as_json:
         typer.echo(json.dumps([asdict(f) for f in findings], indent=2))

@@ -18,7 +18,8 @@ import typer
 import yaml
 from rich.table import Table
 
-from kiban.cli.app import app, console, fail, load_or_exit, out
+from kiban.cli.app import app, console, fail, out
+from kiban.config import load_config
 
 if TYPE_CHECKING:
     from kiban.gateway.usage_store import UsageRow
@@ -41,7 +42,7 @@ def _keys_path(config: Path, file: Path | None) -> Path:
         return file
     if not config.exists():
         raise fail(f"{config} not found; give --file or --config")
-    path = load_or_exit(config).gateway.api_keys.file
+    path = load_config(config).gateway.api_keys.file
     if path is None:
         raise fail(f"{config} sets no gateway.api_keys.file; set it or give --file")
     return path
@@ -187,7 +188,7 @@ async def _usage_rows(
     """The stored rows: from Redis when kiban.yaml sets gateway.shared_state, else SQLite."""
     from kiban.gateway.usage_store import SqliteUsage, usage_path
 
-    cfg = load_or_exit(config) if file is None or config.exists() else None
+    cfg = load_config(config) if file is None or config.exists() else None
     shared = cfg.gateway.shared_state if cfg is not None else None
     if shared is None:
         return SqliteUsage(usage_path(_keys_path(config, file))).rows(since, name)

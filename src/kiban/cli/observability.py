@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from kiban.cli.app import ConfigOption, app, console, fail, load_or_exit
+from kiban.cli.app import ConfigOption, app, console, fail
+from kiban.config import load_config
 
 observability_app = typer.Typer(
     help="Prometheus and Grafana files for a kiban.yaml.", no_args_is_help=True
@@ -36,7 +37,7 @@ def render_cmd(
     """Write prometheus.yml, alert and recording rules, Grafana provisioning and dashboards."""
     from kiban.observability.render import render
 
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     try:
         done = render(
             cfg, out, target_host=target_host, grafana_dashboards_path=grafana_dashboards_path
@@ -113,7 +114,6 @@ def report_cmd(
 
     from kiban.observability.report import (
         Prometheus,
-        ReportError,
         build_report,
         parse_period,
         render_table,
@@ -121,7 +121,7 @@ def report_cmd(
 
     resolution_s = 15.0
     if config.exists():
-        obs = load_or_exit(config).observability
+        obs = load_config(config).observability
         prometheus = prometheus or obs.prometheus_url
         resolution_s = obs.scrape_interval_s
     elif prometheus is None:
@@ -130,17 +130,11 @@ def report_cmd(
         seconds = parse_period(period)
     except ValueError as err:
         raise fail(str(err)) from None
-    try:
-        report = build_report(Prometheus(prometheus), seconds, end, resolution_s)
-    except ReportError as err:
-        raise fail(str(err)) from None
+    report = build_report(Prometheus(prometheus), seconds, end, resolution_s)
     if html_out is not None:
         from kiban.observability.report_html import collect_series, render_html
 
-        try:
-            series = collect_series(Prometheus(prometheus), report, resolution_s)
-        except ReportError as err:
-            raise fail(str(err)) from None
+        series = collect_series(Prometheus(prometheus), report, resolution_s)
         html_out.write_text(render_html(report, series), encoding="utf-8")
         typer.echo(f"wrote {html_out}", err=True)
     if as_json:

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kiban.cli.app import ConfigOption, app, fail, load_or_exit
+from kiban.cli.app import ConfigOption, app, fail
+from kiban.config import load_config
 
 if TYPE_CHECKING:
     from kiban.config import KibanConfig
@@ -60,7 +61,7 @@ def plan_config_cmd(
     from kiban.planning.plan import plan_config
     from kiban.planning.render import plan_dict, print_plan
 
-    cfg = load_or_exit(config)
+    cfg = load_config(config)
     if engine is not None and all(e.name != engine for e in cfg.engines):
         raise fail(
             f"--engine: no engine {engine!r}; engines: {', '.join(e.name for e in cfg.engines)}"
@@ -102,14 +103,14 @@ def plan_model(
     as_json: JsonOption = False,
 ) -> None:
     """KV bytes per token for each engine and KV dtype, and what fits on 16-141 GB GPUs."""
-    from kiban.planning.models import UnknownModelError, load_spec
+    from kiban.planning.models import load_spec
     from kiban.planning.quick import REFERENCE_GPUS, capacity, capacity_columns, kv_rows
     from kiban.sizing import catalogue
     from kiban.sizing.devices import gpu_from_type
 
     try:
         spec = load_spec(model)
-    except (UnknownModelError, ValueError) as err:
+    except ValueError as err:
         raise fail(str(err)) from None
     gpu_type = catalogue.find_gpu(gpu) if gpu else None
     if gpu and gpu_type is None:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kiban.cli.app import ConfigOption, app, fail, load_or_exit, out
-from kiban.config import ConfigError
+from kiban.cli.app import ConfigOption, app, fail, out
+from kiban.config import load_config
 
 
 @app.command()
@@ -27,11 +27,8 @@ def serve(
     overrides: dict[str, object] = {
         k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v
     }
-    cfg = with_overrides(load_or_exit(config), overrides)
-    try:
-        keys = load_keys(cfg.gateway.api_keys)
-    except ConfigError as err:
-        raise fail(str(err)) from None
+    cfg = with_overrides(load_config(config), overrides)
+    keys = load_keys(cfg.gateway.api_keys)
     run_server(config, cfg, keys, overrides, log_level)
 
 
@@ -55,11 +52,9 @@ def reload(
     from kiban.processes import ProcessId
     from kiban.run_state import RunDir
 
-    cfg = load_or_exit(config)
-    try:  # the keys file; environment variables are the serving process's own
-        load_keys(cfg.gateway.api_keys.model_copy(update={"env": []}))
-    except ConfigError as err:
-        raise fail(str(err)) from None
+    cfg = load_config(config)
+    # the keys file; environment variables are the serving process's own
+    load_keys(cfg.gateway.api_keys.model_copy(update={"env": []}))
     run_dir = RunDir(config)
     serving = run_dir.root / "gateway.json"
     try:

@@ -26,6 +26,7 @@ from kiban.config import ENV_REFERENCE, EngineConfig, KibanConfig
 from kiban.deploy.launch import engine_argv, engine_extra_env
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.launch import ContainerImage, ContainerTarget, LaunchUnsupported
+from kiban.errors import KibanError
 from kiban.observability.scrape import engine_labels
 from kiban.sizing.plan import Plan
 
@@ -44,8 +45,11 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "[::1]"}
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-class ContainerError(Exception):
+class ContainerError(KibanError):
     """The configuration cannot run in containers; each problem names the engine or key."""
+
+    exit_code = 1
+    headline = "the configuration cannot run in containers:"
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiban.errors import KibanError
+
 INFO_TIMEOUT_S = 15.0
 POLL_S = 3.0
 
 
-class DockerError(Exception):
+class DockerError(KibanError):
     """Docker cannot do what was asked; the message says why and what to do."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

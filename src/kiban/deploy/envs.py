@@ -43,6 +43,7 @@ from pathlib import Path
 
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.environment import EnvSpec, Step
+from kiban.errors import KibanError
 
 MARKER = ".kiban-env.json"
 LOCAL_WHEELS = Path("/opt/wheels")
@@ -57,8 +58,10 @@ ENGINE_ENVS: dict[str, EnvSpec] = {
 }
 
 
-class EnvInstallError(RuntimeError):
+class EnvInstallError(KibanError, RuntimeError):
     """A build step failed; the message names the step and ends with its output tail."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from kiban.deploy import gpu_policy
 from kiban.deploy.envs import EnvInstallError
 from kiban.deploy.launch import EngineCommand, engine_command, engine_env_root
 from kiban.engines import ENGINE_KINDS
+from kiban.errors import KibanError
 from kiban.planning.plan import plan_config
 from kiban.processes import ProcessId, group_members, spawn, stop_group, tail
 from kiban.run_state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
@@ -41,8 +42,11 @@ _GATEWAY_READY_S = 60.0
 _GATEWAY_GRACE_EXTRA_S = 5.0  # beyond the gateway's own gateway.shutdown_grace_s
 
 
-class SupervisorError(Exception):
+class SupervisorError(KibanError):
     """`kiban up` cannot go on; ``problems`` say why, each on its own line."""
+
+    exit_code = 1
+    headline = "kiban up failed:"
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

@@ -9,6 +9,7 @@ engines ship; an engine module subclasses :class:`Dialect` where it differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -22,6 +23,37 @@ if TYPE_CHECKING:
     from kiban.config import EngineConfig
 
 
+@dataclass(frozen=True)
+class TokenCount:
+    """How an engine reports, on every streamed event, the tokens it has generated so far.
+
+    The request *fields* ask for it (a dict value is merged into the request's own);
+    each event then carries ``{key: {count: n, ...}}``. The gateway reads it to know
+    exactly how many tokens a broken stream had sent (an engine may put several in
+    one event) and keeps it from a client that did not ask for it.
+    """
+
+    fields: dict[str, Any]
+    key: str
+    count: str
+
+    def ask(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """*payload* with the fields added; None when the client had asked for them itself."""
+        asked = dict(payload)
+        for name, value in self.fields.items():
+            current = payload.get(name)
+            asked[name] = {**current, **value} if isinstance(current, dict) else value
+        return None if all(asked[name] == payload.get(name) for name in self.fields) else asked
+
+
+#: the usage on every event that vLLM and SGLang send for ``stream_options.continuous_usage_stats``
+CONTINUOUS_USAGE = TokenCount(
+    {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    "usage",
+    "completion_tokens",
+)
+
+
 class Dialect:
     """The OpenAI-compatible dialect; subclasses override what their engine does differently."""
 
@@ -31,6 +63,9 @@ class Dialect:
     health_path: ClassVar[str] = "/health"
     #: whether the engine family can serve vision-language models at all
     supports_images: ClassVar[bool] = True
+    #: how the engine reports on each streamed event the tokens generated so far; None: it
+    #: cannot, and a broken stream's tokens are counted as its content events
+    token_count: ClassVar[TokenCount | None] = None
 
     def path_bytes(self, endpoint: str) -> bytes:
         """:meth:`path_for` as bytes, for the request line (cached)."""

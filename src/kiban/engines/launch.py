@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from kiban.errors import KibanError
+
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
 
 
-class LaunchUnsupported(Exception):
+class LaunchUnsupported(KibanError):
     """kiban cannot start this engine kind (or not on this device); the message says why."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kiban.engines.dialect import Dialect, choice_gbnf
+from kiban.engines.dialect import Dialect, TokenCount, choice_gbnf
 from kiban.engines.environment import EnvSpec, Step
 from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
@@ -82,6 +82,11 @@ _ARG_ERROR = re.compile(r"^error\b", re.IGNORECASE)
 
 class LlamaCppDialect(Dialect):
     """Errors already have the OpenAI shape; structured output through top-level fields."""
+
+    #: llama-server b11312 ignores ``continuous_usage_stats``, but with ``timings_per_token``
+    #: every event carries ``timings.predicted_n``, the tokens generated so far (seen on the
+    #: pinned build: a character of two tokens is one event with predicted_n 2, 4, ...)
+    token_count = TokenCount({"timings_per_token": True}, "timings", "predicted_n")
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any] | None:
         """llama-server at the pinned commit takes ``continue_final_message`` (tools/server/

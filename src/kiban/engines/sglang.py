@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from kiban.engines.dialect import Dialect, choice_regex, openai_response_format
+from kiban.engines.dialect import (
+    CONTINUOUS_USAGE,
+    Dialect,
+    choice_regex,
+    openai_response_format,
+)
 from kiban.engines.environment import EnvSpec, pip_install
 from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
@@ -38,6 +43,10 @@ PINNED_VERSION = "0.5.23"
 class SGLangDialect(Dialect):
     """SGLang serves the OpenAI routes and GET /health; JSON through ``response_format``,
     regex and EBNF through top-level fields."""
+
+    #: SGLang 0.5.23 puts the usage so far on every event for ``continuous_usage_stats``
+    #: (sglang/srt/entrypoints/openai/serving_chat.py, should_include_usage)
+    token_count = CONTINUOUS_USAGE
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
         """SGLang 0.5.23 takes a final assistant message's text off the messages and appends

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kiban.cpulist import format_cpu_list
-from kiban.engines.dialect import Dialect
+from kiban.engines.dialect import CONTINUOUS_USAGE, Dialect
 from kiban.engines.environment import EnvSpec, pip_install, pip_uninstall
 from kiban.engines.kind import EngineKind, EngineOption, parse_version
 from kiban.engines.kv_layout import KvLayout
@@ -75,6 +75,11 @@ def structured_backend(config: EngineConfig) -> str:
 
 class VLLMDialect(Dialect):
     """vLLM answers GET /health with 200 once the engine loop runs."""
+
+    #: with ``include_usage`` and ``continuous_usage_stats`` every event carries the usage so
+    #: far, ``completion_tokens`` counting tokens whose text the event may merge
+    #: (vllm/entrypoints/openai/chat_completion/serving.py, include_continuous_usage)
+    token_count = CONTINUOUS_USAGE
 
     def continuation_fields(self, config: EngineConfig) -> dict[str, Any]:
         """vLLM renders a final assistant message open for more with ``continue_final_message``

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from kiban.api_errors import APIError
+from kiban import api_errors as errors
+from kiban.errors import KibanError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -13,7 +14,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(KibanError):
     """The client went away before its request body arrived."""
 
 
@@ -24,9 +25,9 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             try:
                 declared = int(value)
             except ValueError:
-                raise APIError(400, "invalid Content-Length header") from None
+                raise errors.invalid_content_length() from None
             if declared > limit:
-                raise _too_large(limit)
+                raise errors.body_too_large(limit)
             break
     parts: list[bytes] = []
     size = 0
@@ -38,18 +39,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                # the rest of the body is read and dropped (within gateway.http.body_timeout_s)
+                raise errors.body_too_large(limit)
             parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"request body is larger than the limit of {limit} bytes (gateway.max_body_bytes)",
-        code="body_too_large",
-    )  # the rest of the body is read and dropped (within gateway.http.body_timeout_s)
 
 
 async def start_response(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:

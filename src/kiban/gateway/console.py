@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from kiban.api_errors import APIError
+from kiban import api_errors as errors
 from kiban.gateway.asgi import Scope, Send, send_response
 from kiban.gateway.metrics import Metrics
 
@@ -78,7 +78,7 @@ class Console:
             headers = [(b"content-type", Metrics.content_type.encode()), *_PRIVATE, *rid]
             await send_response(send, 200, body, headers)
         else:
-            raise APIError(404, f"unknown path {path!r}", code="unknown_path")
+            raise errors.unknown_path(path)
 
     def _admin(self, scope: Scope) -> Grant:
         """The admin grant of the request; 401 without a valid key, 403 for a client key."""
@@ -90,18 +90,7 @@ class Console:
         grant = live.keys.grant_for(authorization) if live.keys.enabled else None
         if grant is None:
             self.gateway.metrics.auth_rejections.inc()
-            raise APIError(
-                401,
-                "the console needs an admin API key; send 'Authorization: Bearer <key>' "
-                "(create one with `kiban keys add NAME --admin`)",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+            raise errors.admin_key_missing()
         if not grant.admin:
-            raise APIError(
-                403,
-                f"API key {grant.name!r} is a client key; the console needs an admin key",
-                "permission_error",
-                code="admin_key_required",
-            )
+            raise errors.admin_key_required(grant.name)
         return grant

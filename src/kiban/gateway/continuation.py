@@ -15,12 +15,14 @@ Off (the stream ends with the error event) for anything a prefix cannot carry:
 tool calls, structured output, ``n`` > 1, logprobs, a client's own assistant
 prefill, and routes with ``continue_streams: false``.
 
-Tokens sent are counted as the content events (the opening role-only one aside):
-vLLM 0.32 streams one event per token, an empty one where a token's text is not
-complete yet (vllm/entrypoints/openai/chat_completion/serving.py); llama.cpp holds
-such a token back and sends it with the next. The
-client's prompt tokens are the continuing engine's prompt tokens less that count
-(its prompt holds the prefix).
+Tokens sent are the engine's own count where its kind declares one
+(``EngineKind.token_count``: vLLM's and SGLang's ``continuous_usage_stats``,
+llama.cpp's ``timings_per_token``), read from the last event that reached the client:
+a loaded vLLM merges several tokens into one event, llama.cpp sends a character of
+two tokens as one. An engine without one has its content events counted (the
+opening role-only one aside), which may fall short. The client's prompt tokens are
+the first engine's (from its per-event usage), else the continuing engine's less
+the tokens sent (its prompt holds the prefix).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from kiban.gateway.engine_client import Deadline, EngineError
+from kiban.gateway.engine_client import Deadline, EngineError, describe
+from kiban.gateway.sse import EventStream, MalformedEvent
 
 if TYPE_CHECKING:
     from kiban.gateway.asgi import Send
@@ -65,13 +68,17 @@ _OFF_FIELDS = (
 _DONE = b"data: [DONE]\n\n"
 
 
-def record_for(ex: Exchange, route: Route) -> StreamRecord | None:
-    """A record of the stream when it may be continued if its engine breaks, else None."""
-    if not route.config.continue_streams or len(route.targets) < 2:
-        return None
-    if ex.endpoint != "chat" or ex.structured is not None or not continuable(ex.payload):
-        return None
-    return StreamRecord()
+def may_continue(ex: Exchange, route: Route) -> bool:
+    """Whether *ex*'s stream may go on on another engine of *route* if its engine breaks."""
+    if ex.continuable is None:
+        ex.continuable = (
+            route.config.continue_streams
+            and len(route.targets) > 1
+            and ex.endpoint == "chat"
+            and ex.structured is None
+            and continuable(ex.payload)
+        )
+    return ex.continuable
 
 
 def continuable(payload: dict[str, Any]) -> bool:
@@ -106,6 +113,7 @@ class StreamRecord:
         "id",
         "model",
         "pending",
+        "prompt_tokens",
         "text",
         "tokens",
     )
@@ -116,6 +124,7 @@ class StreamRecord:
         self.pending = b""
         self.text = ""
         self.tokens = 0
+        self.prompt_tokens: int | None = None  # the first engine's, when it said
         self.finished = False  # an event carried a finish_reason: nothing is left to continue
         self.id: Any = None
         self.created: Any = None
@@ -135,6 +144,16 @@ class StreamRecord:
             obj = _event_json(event)
             if obj is not None:
                 self.note(obj)
+
+    def engine_count(self, generated: int | None, usage: dict[str, Any] | None) -> None:
+        """The broken engine's own count of the tokens it sent, and its usage so far (the
+        last of each on an event that reached the client), where it gave them."""
+        self.read_sent()
+        if generated is not None:
+            self.tokens = generated
+        prompt = usage.get("prompt_tokens") if usage is not None else None
+        if type(prompt) is int:
+            self.prompt_tokens = prompt
 
     def note(self, obj: dict[str, Any]) -> None:
         """Count one event that reached the client."""
@@ -269,16 +288,18 @@ class Continuer:
                 total_at=now + timeouts.total_s,
             )
         except (EngineError, Deadline) as exc:
-            return f"engine {engine.name!r} could not continue it: {_describe(exc)}"
+            return f"engine {engine.name!r} could not continue it: {describe(exc)}"
         try:
             if resp.status >= 400:
                 raw = await resp.read()
                 text = raw[:300].decode("utf-8", "replace")
                 why = f"engine {engine.name!r} answered {resp.status}: {text}"
                 return why if resp.status >= 500 or resp.status == 429 else _Refused(why)
-            return await self._splice(ex, resp, record, send, engine.name, idle_s=timeouts.idle_s)
+            return await self._splice(ex, resp, record, send, target, idle_s=timeouts.idle_s)
         except (EngineError, Deadline) as exc:
-            return f"engine {engine.name!r} broke while continuing it: {_describe(exc)}"
+            return f"engine {engine.name!r} broke while continuing it: {describe(exc)}"
+        except MalformedEvent as err:
+            return f"engine {engine.name!r} sent a malformed event while continuing it: {err}"
         finally:
             resp.finish()
 
@@ -288,56 +309,90 @@ class Continuer:
         resp: EngineConnection,
         record: StreamRecord,
         send: Send,
-        engine: str,
+        target: Target,
         idle_s: float | None,
     ) -> str | None:
-        """Relay the continuing engine's events as part of the client's stream."""
+        """Relay the continuing engine's events as part of the client's stream.
+
+        Its events are checked as the first engine's are (:class:`EventStream`: a
+        malformed one raises :class:`MalformedEvent`, a break); it is complete with
+        ``[DONE]`` or once every choice finished.
+        """
+        engine = target.engine.name
         # the client's own choice: kiban asks every engine for usage (stream_usage.py)
         wants_usage = _wants_usage(ex.payload) and not ex.drop_usage
+        counter = target.engine.dialect.token_count
+        count = (counter.key, counter.count) if counter is not None else None
+        strip = counter is not None and counter.ask(ex.payload) is not None
+        events = EventStream(count=count, keep=True)
+        objects = events.objects
+        assert objects is not None
         sent_before = record.tokens
-        pending = b""
-        usage: dict[str, Any] | None = None
         first = True
-        while chunk := await resp.next_chunk():
+        while True:
+            chunk = await resp.next_chunk()
+            if not chunk:
+                events.close()
+                break
             if first:
                 resp.cancel_deadline("first byte")
                 if idle_s:
                     resp.watch_idle(idle_s)
                 first = False
-            complete, pending = whole_events(pending, chunk)
-            events = complete.split(b"\n\n")[:-1]
+            events.feed(chunk)
             out: list[bytes] = []
-            for event in events:
-                if event.strip() == b"data: [DONE]":
-                    ex.usage = _summed(usage, sent_before)
-                    if wants_usage and ex.usage is not None:
-                        out.append(_sse({**_identity(record), "choices": [], "usage": ex.usage}))
-                    out.append(_DONE)
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(out), "more_body": False}
-                    )
-                    resp.abort()  # not read to its end (reading may be paused): not reusable
-                    return None
-                obj = _event_json(event)
-                if obj is None:
-                    continue  # a comment or keep-alive line
-                if "error" in obj:
-                    return f"engine {engine!r} sent an error mid-stream: {obj['error']}"
-                if obj.get("usage"):
-                    usage = obj["usage"]
+            for obj in objects:
                 if not obj.get("choices"):
                     continue  # the usage event: the summed one goes out before [DONE]
                 if record.tokens == sent_before and _role_only(obj):
                     continue
                 obj.update(_identity(record))
-                if "usage" in obj:
-                    obj["usage"] = _summed(obj["usage"], sent_before) if wants_usage else None
+                generated = _count_of(obj, count)
+                if strip and count is not None:
+                    obj.pop(count[0], None)
+                if "usage" in obj:  # usage on an event the client sees: its own per-event ask
+                    usage = obj.pop("usage")
+                    if wants_usage and isinstance(usage, dict):
+                        obj["usage"] = _summed(usage, record, sent_before)
                 record.note(obj)
+                if generated is not None:
+                    record.tokens = sent_before + generated
                 ex.chunks += 1
                 out.append(_sse(obj))
+            objects.clear()
+            if events.done:
+                await self._finish(ex, events, record, sent_before, wants_usage, send, out)
+                resp.abort()  # not read to its end (reading may be paused): not reusable
+                return None
             if out:
-                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-        return f"engine {engine!r} ended the continued stream without [DONE]"
+                body = b"".join(out)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            if events.error is not None:
+                return f"engine {engine!r} sent an error mid-stream: {events.error}"
+        if events.complete:  # every choice finished: complete without [DONE]
+            await self._finish(ex, events, record, sent_before, wants_usage, send, [])
+            return None
+        return (
+            f"engine {engine!r} ended the continued stream before every choice finished "
+            "(no finish_reason and no [DONE])"
+        )
+
+    @staticmethod
+    async def _finish(
+        ex: Exchange,
+        events: EventStream,
+        record: StreamRecord,
+        sent_before: int,
+        wants_usage: bool,
+        send: Send,
+        out: list[bytes],
+    ) -> None:
+        """The last events, the summed usage where the client asked for it, and [DONE]."""
+        ex.usage = _summed(events.usage, record, sent_before)
+        if wants_usage and ex.usage is not None:
+            out.append(_sse({**_identity(record), "choices": [], "usage": ex.usage}))
+        out.append(_DONE)
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
 
 
 class _Refused(str):
@@ -361,7 +416,10 @@ def continuation_body(
         body["min_tokens"] = max(0, min_tokens - record.tokens)
     body["stream"] = True
     body["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-    return body
+    counter = (
+        target.engine.dialect.token_count
+    )  # its own count of what it sends, should it break too
+    return (counter.ask(body) if counter is not None else None) or body
 
 
 def _tokens_left(payload: dict[str, Any], record: StreamRecord) -> int | None:
@@ -375,11 +433,28 @@ def _wants_usage(payload: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
-def _summed(usage: dict[str, Any] | None, sent_before: int) -> dict[str, Any] | None:
-    """The client's usage: the continuing engine's, plus the tokens the broken one sent."""
+def _count_of(obj: dict[str, Any], count: tuple[str, str] | None) -> int | None:
+    """The engine's count of the tokens generated so far on one event (None: none there)."""
+    if count is None:
+        return None
+    key, name = count
+    counted = obj.get(key)
+    if not isinstance(counted, dict):
+        return None
+    n = counted.get(name)
+    return n if type(n) is int else None
+
+
+def _summed(
+    usage: dict[str, Any] | None, record: StreamRecord, sent_before: int
+) -> dict[str, Any] | None:
+    """The client's usage: the continuing engine's, plus the tokens the broken ones sent
+    (its prompt held them); the first engine's prompt where it said."""
     if not isinstance(usage, dict):
         return None
-    prompt = max(0, int(usage.get("prompt_tokens") or 0) - sent_before)
+    prompt = record.prompt_tokens
+    if prompt is None:
+        prompt = max(0, int(usage.get("prompt_tokens") or 0) - sent_before)
     completion = int(usage.get("completion_tokens") or 0) + sent_before
     total = prompt + completion
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
@@ -417,8 +492,3 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from kiban.errors import KibanError
+
 _MAX_IDLE = 64
 #: a reused connection that closes without a byte of answer this soon after the request
 #: was written was closed by the engine before the request could reach it (an idle
@@ -33,7 +35,7 @@ _MAX_IDLE = 64
 STALE_WINDOW_S = 0.05
 
 
-class EngineError(Exception):
+class EngineError(KibanError):
     """The engine could not be reached or broke the exchange."""
 
 
@@ -53,12 +55,18 @@ class BadResponse(EngineError):
     """The engine's bytes are not an HTTP/1.1 response."""
 
 
-class Deadline(TimeoutError):
+class Deadline(KibanError, TimeoutError):
     """A deadline of the caller's (first byte, total) passed; ``what`` names it."""
 
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
+
+
+def describe(exc: BaseException) -> str:
+    """An exception for a message: its class, and its text when it has one."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _Stale(Exception):

@@ -23,22 +23,23 @@ from typing import Any
 
 import orjson
 
+from kiban import api_errors as errors
 from kiban.api_errors import APIError, error_event
 from kiban.gateway.asgi import Send, send_response, start_response
-from kiban.gateway.continuation import Continuer, StreamRecord, record_for
+from kiban.gateway.continuation import Continuer, StreamRecord, may_continue
 from kiban.gateway.engine_client import (
     ConnectTimeout,
     Deadline,
     Dropped,
     EngineConnection,
     EngineError,
+    describe,
 )
 from kiban.gateway.engines import Engine
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.routing import Route
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.gateway.stream_usage import UsageEventDropper
 from kiban.gateway.structured import STRUCTURED_HEADER, StructuredRequest
 from kiban.gateway.targets import Target
 from kiban.structured.stream import DONE_EVENT
@@ -94,6 +95,7 @@ class Exchange:
     structured: StructuredRequest | None = None  # set only when a constraint applies
     drop_usage: bool = False  # kiban asked the engine for the stream's usage, not the client
     continuations: list[dict[str, Any]] | None = None  # broken streams continued (continuation.py)
+    continuable: bool | None = None  # whether a broken stream may go on elsewhere (once known)
 
 
 class Proxy:
@@ -199,14 +201,11 @@ class Proxy:
         target = min(queueable, key=lambda t: len(t.engine.waiters))
         if not await target.engine.wait_for_slot():
             engine = target.engine
-            raise APIError(
-                429,
-                f"no engine of model {route.name!r} had a free slot within the queue timeout: "
-                f"waited {engine.config.queue_timeout_s:g} s for engine {engine.name!r} "
-                f"(its queue_timeout_s; max_concurrency {engine.config.max_concurrency})",
-                "rate_limit_error",
-                code="queue_timeout",
-                headers=[(b"retry-after", b"1")],
+            raise errors.queue_timeout(
+                route.name,
+                engine.name,
+                engine.config.queue_timeout_s,
+                engine.config.max_concurrency,
             )
         return target
 
@@ -250,10 +249,22 @@ class Proxy:
         engine = target.engine
         assert engine.http is not None
         body = ex.body
+        counter = engine.dialect.token_count if ex.stream else None
+        strip = False
         if ex.structured is not None:
             body = ex.structured.body_for(ex.payload, target)
-        elif target.model != ex.model:
-            body = orjson.dumps({**ex.payload, "model": target.model})
+        else:
+            payload = ex.payload
+            if target.model != ex.model:
+                payload = {**payload, "model": target.model}
+            if counter is not None and may_continue(ex, route):
+                # a break is then continued from the engine's own count of the tokens sent
+                asked = counter.ask(payload)
+                payload, strip = (payload, False) if asked is None else (asked, True)
+            else:
+                counter = None
+            if payload is not ex.payload:
+                body = orjson.dumps(payload)
         try:
             resp = await engine.http.request(
                 b"POST",
@@ -269,12 +280,14 @@ class Proxy:
         except Dropped as err:
             return Failure("broken", f"engine {engine.name!r} dropped the request: {err}")
         except EngineError as err:
-            return Failure("connect", f"engine {engine.name!r} is unreachable: {_describe(err)}")
+            return Failure("connect", f"engine {engine.name!r} is unreachable: {describe(err)}")
         try:
             if resp.status >= 400:
                 return await self._engine_error(ex, resp, target, send, route)
             if ex.stream:
-                return await self._relay_stream(ex, resp, send, route, target)
+                count = (counter.key, counter.count) if counter is not None else None
+                events = EventStream(count=count, strip=strip, drop_usage=ex.drop_usage)
+                return await self._relay_stream(ex, resp, send, route, target, events)
             return await self._relay_body(ex, resp, send, route)
         finally:
             resp.finish()
@@ -304,7 +317,7 @@ class Proxy:
         try:
             raw = await resp.read()
         except EngineError as exc:
-            return Failure("broken", f"engine {target.engine.name!r} broke: {_describe(exc)}")
+            return Failure("broken", f"engine {target.engine.name!r} broke: {describe(exc)}")
         body = target.engine.dialect.error_to_openai(resp.status, raw)
         headers = [(b"content-type", b"application/json")]
         if resp.retry_after:
@@ -386,7 +399,7 @@ class Proxy:
         try:
             body = await resp.read()
         except EngineError as exc:
-            return Failure("broken", f"engine {ex.engine!r} broke mid-response: {_describe(exc)}")
+            return Failure("broken", f"engine {ex.engine!r} broke mid-response: {describe(exc)}")
         content_type = resp.content_type or b"application/json"
         parsed: Any = None
         if b"json" in content_type:
@@ -418,9 +431,14 @@ class Proxy:
         return None
 
     async def _relay_stream(
-        self, ex: Exchange, resp: EngineConnection, send: Send, route: Route, target: Target
+        self,
+        ex: Exchange,
+        resp: EngineConnection,
+        send: Send,
+        route: Route,
+        target: Target,
+        events: EventStream,
     ) -> Failure | None:
-        events = EventStream()
         try:  # until the first event nothing has reached the client: a failure may fail over
             out = b""
             while not out and events.error is None:
@@ -431,7 +449,7 @@ class Proxy:
                 out = events.feed(chunk)
         except EngineError as exc:
             return Failure(
-                "broken", f"engine {ex.engine!r} broke before streaming: {_describe(exc)}"
+                "broken", f"engine {ex.engine!r} broke before streaming: {describe(exc)}"
             )
         except MalformedEvent as err:
             return Failure("malformed", f"engine {ex.engine!r} sent a malformed event: {err}")
@@ -446,15 +464,13 @@ class Proxy:
         await start_response(send, resp.status, _STREAM_HEADERS + self._response_headers(ex))
         ex.committed = True
         held = ex.structured.start_stream() if ex.structured is not None else None
-        dropper = UsageEventDropper() if ex.drop_usage else None
-        record = record_for(ex, route)  # None for structured output: never both
+        # None for structured output: never both
+        record = StreamRecord() if may_continue(ex, route) else None
         feeder = held or record
         if route.config.timeouts.idle_s:
             resp.watch_idle(route.config.timeouts.idle_s)
         try:
             while True:
-                if dropper is not None:  # events come whole, so the dropper holds nothing back
-                    out = dropper.feed(out)
                 if feeder is not None:
                     out = feeder.feed(out)
                 if out:
@@ -477,7 +493,7 @@ class Proxy:
                 last_at = time.perf_counter()
                 out = events.feed(chunk)
         except EngineError as exc:
-            failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {_describe(exc)}")
+            failure = Failure("broken", f"engine {ex.engine!r} broke mid-stream: {describe(exc)}")
             return await self._stream_broke(
                 ex, send, route, events, failure, "upstream_stream_broken", record
             )
@@ -553,6 +569,7 @@ class Proxy:
         ex.chunks = events.events
         ex.usage = events.usage
         if record is not None:
+            record.engine_count(events.generated, events.usage)
             why = await self.continuer.resume(ex, route, record, send, ex.engine or "")
             if why is None:
                 return failure
@@ -585,20 +602,16 @@ class Proxy:
     @staticmethod
     def _nothing_available(route: Route, needs_images: bool) -> APIError:
         if needs_images and not any(t.engine.accepts_images for t in route.targets):
-            return APIError(
-                400,
-                f"model {route.name!r} has no engine that accepts image inputs; "
-                "send text only or use a vision-language route",
-                param="messages",
-                code="images_not_supported",
-            )
+            return errors.images_not_supported(route.name)
         healthy = [t for t in route.targets if t.engine.healthy]
         if healthy and all(
             t.engine.outstanding >= t.engine.config.max_concurrency for t in healthy
         ):
             return _saturated(route, healthy)
         names = ", ".join(t.engine.name for t in route.targets)
-        return _no_healthy_engine(f"no healthy engine for model {route.name!r} (engines: {names})")
+        return errors.no_healthy_engine(
+            f"no healthy engine for model {route.name!r} (engines: {names})"
+        )
 
     @staticmethod
     def _all_failed(
@@ -606,55 +619,33 @@ class Proxy:
     ) -> APIError:
         last = failures[-1][1]
         summary = "; ".join(f.message for _, f in failures)
+        param = structured.constraint.source if structured else None
         output = next((f for _, f in reversed(failures) if f.reason == "invalid_output"), None)
         if output is not None and output.output is not None:
             attempts = sum(1 for _, f in failures if f.reason == "invalid_output")
-            return APIError(
-                422,
+            return errors.invalid_structured_output(
+                output.output.code,
                 f"no valid structured output after {attempts} attempt(s): {summary}",
-                "invalid_response_error",
-                param=structured.constraint.source if structured else None,
-                code=output.output.code,
-                extra=_output_extra(output.output),
+                param,
+                _output_extra(output.output),
             )
         if all(f.reason == "rejected" for _, f in failures):
-            return APIError(
-                400,
-                summary,
-                param=structured.constraint.source if structured else None,
-                code="structured_output_rejected",
-            )
+            return errors.structured_output_rejected(summary, param)
         if last.reason in ("status", "context_length"):
-            return APIError(last.status, summary, headers=last.headers, raw_body=last.body)
+            return errors.engine_error(last.status, summary, last.headers, last.body)
         if last.reason == "timeout":
-            return APIError(504, summary, "timeout", code="upstream_timeout")
-        return _no_healthy_engine(summary)
-
-
-def _no_healthy_engine(message: str) -> APIError:
-    return APIError(
-        503,
-        message,
-        "service_unavailable",
-        code="no_healthy_engine",
-        headers=[(b"retry-after", b"5")],
-    )
+            return errors.upstream_timeout(summary)
+        return errors.no_healthy_engine(summary)
 
 
 def _saturated(route: Route, targets: list[Target]) -> APIError:
-    busy = "; ".join(
+    busy = [
         f"engine {t.engine.name!r} has {t.engine.outstanding} of max_concurrency "
         f"{t.engine.config.max_concurrency} in flight and {len(t.engine.waiters)} of "
         f"max_queue {t.engine.config.max_queue} waiting"
         for t in targets
-    )
-    return APIError(
-        429,
-        f"every engine of model {route.name!r} is at its concurrency limit: {busy}",
-        "rate_limit_error",
-        code="engines_saturated",
-        headers=[(b"retry-after", b"1")],
-    )
+    ]
+    return errors.engines_saturated(route.name, busy)
 
 
 def _timeout_message(engine: str, what: str, timeouts: Any) -> str:
@@ -695,8 +686,3 @@ def _error_message(body: bytes, error: dict[str, Any]) -> str:
     """The message of an OpenAI-shaped error (the body itself if it has none)."""
     message = error.get("message")
     return message if isinstance(message, str) else body.decode("utf-8", "replace")[:500]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
+
+if TYPE_CHECKING:
+    from kiban.gateway.proxy import Exchange
 
 
 class RequestLog:
@@ -45,3 +48,29 @@ class RequestLog:
                 data = data[os.write(fd, data) :]
         except (OSError, ValueError):  # a closed or unwritable stream must not fail requests
             pass
+
+
+def request_entry(ex: Exchange, route: str, worker: int, elapsed: float) -> dict[str, Any]:
+    """The request log's line for one finished exchange."""
+    usage = ex.usage or {}
+    entry = {
+        "request_id": ex.request_id,
+        "worker": worker,
+        "route": route,
+        "engine": ex.engine,
+        "endpoint": ex.endpoint,
+        "stream": ex.stream,
+        "status": ex.status,
+        "attempts": ex.attempts,
+        "retries": ex.retries,
+        "latency_ms": round(elapsed * 1000, 2),
+        "ttft_ms": None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "error": ex.error,
+    }
+    if ex.structured is not None:
+        entry["structured"] = ex.error or ex.structured.how
+    if ex.continuations is not None:
+        entry["continuations"] = ex.continuations
+    return entry

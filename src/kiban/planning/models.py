@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiban.errors import KibanError
 from kiban.planning.hf_config import ModelConfigError, is_vision_model, shape_fields
 from kiban.planning.params import estimate_weight_bytes
 from kiban.planning.weights import WeightsError, gguf_totals, read_gguf, read_safetensors
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 _SLIDING_KEYS = ("attention.sliding_window",)
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(KibanError, LookupError):
     """Neither a local model nor a catalogue name; the message lists what is accepted."""
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
+from kiban.errors import KibanError
+
 _VISION_MARKERS = (
     "visual.",
     "vision_tower",
@@ -39,7 +41,7 @@ _EMBEDDING_NAMES = (
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class WeightsError(ValueError):
+class WeightsError(KibanError, ValueError):
     """A weight file's header cannot be read; the message names the file."""
 
 

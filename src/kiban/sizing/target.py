@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiban.errors import KibanError
 from kiban.sizing.devices import GpuInfo, HostInfo
 
 
-class PlanRefusal(Exception):
+class PlanRefusal(KibanError):
     """An engine cannot run this model / KV dtype / device; ``reason`` says why.
 
     ``alternatives`` are settings that would work (other KV dtypes, a backend).

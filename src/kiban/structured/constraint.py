@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import orjson
 
+from kiban import api_errors as errors
 from kiban.api_errors import APIError
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
@@ -99,13 +100,7 @@ def constraint_from_request(payload: dict[str, Any]) -> Constraint | None:
         if value is not None:
             found.append(_simple(kind, value, name))
     if len(found) > 1:
-        names = ", ".join(c.source for c in found)
-        raise APIError(
-            400,
-            f"only one structured-output constraint may be given per request; got {names}",
-            param=found[1].source,
-            code="multiple_constraints",
-        )
+        raise errors.multiple_constraints([c.source for c in found], found[1].source)
     return found[0] if found else None
 
 
@@ -157,13 +152,7 @@ def _from_structured_outputs(so: Any) -> Constraint:
     kind = present[0]
     where = f"structured_outputs.{kind}"
     if kind == "structural_tag":
-        raise APIError(
-            400,
-            "structured_outputs.structural_tag is not supported by kiban; use a JSON Schema, "
-            "regex, choice or grammar",
-            param=where,
-            code="unsupported_constraint",
-        )
+        raise errors.unsupported_constraint(where)
     if kind == "json_object":
         if so[kind] is not True:
             raise _bad(where, "must be true when set")
@@ -205,4 +194,4 @@ def _json(schema: Any, name: str, where: str) -> Constraint:
 
 
 def _bad(param: str, problem: str) -> APIError:
-    return APIError(400, f"{param} {problem}", param=param, code="invalid_response_format")
+    return errors.invalid_response_format(param, problem)

@@ -15,10 +15,12 @@ from typing import Any
 
 import jsonschema_rs
 
+from kiban.errors import KibanError
+
 _CACHE_SIZE = 1024
 
 
-class SchemaError(ValueError):
+class SchemaError(KibanError, ValueError):
     """The schema itself is not a valid JSON Schema (or references something unreachable)."""
 
 
