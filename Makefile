@@ -11,6 +11,7 @@ lint: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports  # the layers (pyproject [tool.importlinter], docs/architecture.md)
 
 # The engine environments are built first, outside pytest: on a fresh machine they take minutes
 # (llama.cpp compiles), longer than any one test may run.

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiban.deploy.process import ProcessId, spawn, stat_fields, stop_group, tail
+from kiban.processes import ProcessId, spawn, stat_fields, stop_group, tail
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

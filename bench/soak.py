@@ -31,9 +31,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from kiban.deploy.process import group_members
-from kiban.deploy.state import RunDir
 from kiban.models.tiny import build_tiny_gguf, build_tiny_model
+from kiban.processes import group_members
+from kiban.run_state import RunDir
 
 KIBAN = Path(sys.executable).with_name("kiban")
 

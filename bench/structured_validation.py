@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from kiban.config import parse_config  # noqa: E402
 from kiban.gateway.routing import Router  # noqa: E402
+from kiban.gateway.structured import StructuredService  # noqa: E402
 from kiban.structured.constraint import constraint_from_request  # noqa: E402
-from kiban.structured.request import StructuredService  # noqa: E402
 from kiban.structured.validator import CompiledSchema  # noqa: E402
 from kiban.structured.verify import verify_content  # noqa: E402
 

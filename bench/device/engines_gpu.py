@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kiban.deploy import gpus as nvml  # noqa: E402
-from kiban.deploy.process import group_members  # noqa: E402
-from kiban.deploy.state import RunDir  # noqa: E402
+from kiban import gpus as nvml  # noqa: E402
+from kiban.processes import group_members  # noqa: E402
+from kiban.run_state import RunDir  # noqa: E402
 
 MiB = 1024**2
 TOLERANCE = 0.05

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from kiban.config import parse_config  # noqa: E402
 from kiban.engines import ENGINE_KINDS  # noqa: E402
 from kiban.models.tiny import IM_END, PAD_TOKEN, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
-from kiban.planning import catalogue  # noqa: E402
 from kiban.planning.hf_config import shape_fields  # noqa: E402
 from kiban.planning.plan import plan_config  # noqa: E402
+from kiban.sizing import catalogue  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 MiB = 1024**2

@@ -28,8 +28,8 @@ from kiban.models.tiny import (  # noqa: E402
     _tokenizer_config,
     train_tokenizer,
 )
-from kiban.planning import catalogue  # noqa: E402
 from kiban.planning.hf_config import shape_fields  # noqa: E402
+from kiban.sizing import catalogue  # noqa: E402
 
 SHARD_BYTES = 4 * 1024**3
 

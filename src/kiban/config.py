@@ -240,7 +240,7 @@ class GpuInventory(_Strict):
     @field_validator("type")
     @classmethod
     def _known_type(cls, value: str | None) -> str | None:
-        from kiban.planning.catalogue import find_gpu, gpu_keys
+        from kiban.sizing.catalogue import find_gpu, gpu_keys
 
         if value is not None and find_gpu(value) is None:
             raise ValueError(f"unknown GPU type; expected one of {', '.join(gpu_keys())}")
@@ -249,7 +249,7 @@ class GpuInventory(_Strict):
     @field_validator("memory")
     @classmethod
     def _size(cls, value: str | int | None) -> str | int | None:
-        from kiban.planning.units import parse_size
+        from kiban.sizing.units import parse_size
 
         if value is not None:
             parse_size(value)

@@ -4,7 +4,7 @@ Every error kiban raises on purpose derives from :class:`KibanError`. The
 command line catches that root once (:mod:`kiban.cli.app`) and prints it the
 same way for every command: ``error: <message>``, then one indented line per
 problem when the error carries several, and exits with the error's
-``exit_code``. The API's errors (:mod:`kiban.gateway.errors`) derive from it too.
+``exit_code``. The API's errors (:mod:`kiban.api_errors`) derive from it too.
 """
 
 from __future__ import annotations

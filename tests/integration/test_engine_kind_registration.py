@@ -24,10 +24,10 @@ from kiban.engines import ENGINE_KINDS
 from kiban.engines.dialect import Dialect
 from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
-from kiban.planning.kv import KvFormat, plain
 from kiban.planning.quick import capacity_columns
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing.kv import KvFormat, plain
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import Constraint
 from tests.support.engines import EngineProcess

@@ -20,8 +20,8 @@ import pytest
 from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
 from kiban.models.tiny import TinySpec, build_tiny_model
-from kiban.planning.devices import host_info
 from kiban.planning.plan import plan_config
+from kiban.sizing.devices import host_info
 
 pytestmark = pytest.mark.engine
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from kiban.deploy.process import group_members
 from kiban.engines.llamacpp import MIB, LlamaCppDialect, LlamaCppStartupLog
 from kiban.models.tiny import IM_END, IM_START, TinySpec, train_tokenizer
+from kiban.processes import group_members
 from tests.support.engines import EngineProcess, EngineStartError
 from tests.support.openai_checks import assert_streamed_chat_with_usage
 

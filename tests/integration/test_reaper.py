@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kiban.deploy.process import group_members
+from kiban.processes import group_members
 from tests.support.gateway import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # left out of `make check`

@@ -17,7 +17,7 @@ import pytest
 from kiban.config import parse_config
 from kiban.deploy.envs import EngineEnv
 from kiban.gateway.routing import Router
-from kiban.structured.request import StructuredService
+from kiban.gateway.structured import StructuredService
 from tests.support.protocol_env import check_in_engine_env, protocol_env
 
 pytestmark = pytest.mark.slow  # left out of `make check`
@@ -89,7 +89,7 @@ def test_lmdeploy_reads_the_constraint(
     ("request_form", "field", "value", "budget"),
     [
         # the budget kiban gives a request without max_tokens: from the schema (at least
-        # 256), the longest choice + 16, else 1024 (kiban.structured.request.default_budget)
+        # 256), the longest choice + 16, else 1024 (kiban.gateway.structured.default_budget)
         (OPENAI_SCHEMA, "json_schema", SCHEMA, 256),
         ({"guided_json": SCHEMA}, "json_schema", SCHEMA, 256),
         ({"response_format": {"type": "json_object"}}, "json_schema", {"type": "object"}, 1024),

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from kiban.deploy.process import ProcessId, group_members
+from kiban.processes import ProcessId, group_members
 from tests.support.cli import kiban, kiban_up_popen
 from tests.support.engines import free_port
 from tests.support.gateway import REPO_ROOT

@@ -12,8 +12,8 @@ import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
-from kiban.deploy.process import group_members
 from kiban.models.tiny import IM_END, IM_START
+from kiban.processes import group_members
 from tests.support.engines import EngineProcess
 from tests.support.openai_checks import assert_streamed_chat_with_usage
 

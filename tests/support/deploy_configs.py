@@ -11,7 +11,8 @@ import yaml
 from kiban.config import KibanConfig, load_config
 from kiban.deploy.containers import load_raw
 from kiban.planning.inventory import gpus_from_options
-from kiban.planning.plan import Plan, plan_config
+from kiban.planning.plan import plan_config
+from kiban.sizing.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the environment the configurations below reference

@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiban.deploy.process import stat_fields
 from kiban.engines.llamacpp import LlamaCppStartupLog
+from kiban.processes import stat_fields
 from tests.support.reaper import REAPER
 
 HEALTH_TIMEOUT_S = 300.0

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from kiban.deploy.process import group_members
+from kiban.processes import group_members
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 15.0

@@ -12,7 +12,7 @@ from kiban.gateway.continuation import (
     whole_events,
 )
 from kiban.gateway.engines import Engine
-from kiban.gateway.routing import Target
+from kiban.gateway.targets import Target
 
 CHAT = [{"role": "user", "content": "hi"}]
 

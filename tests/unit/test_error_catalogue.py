@@ -8,8 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kiban.gateway import errors
-from kiban.gateway.errors import APIError, ErrorCode
+from kiban import api_errors as errors
+from kiban.api_errors import APIError, ErrorCode
 from kiban.structured.verify import OutputFailure
 
 #: the OpenAI error types kiban answers with

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kiban.config import parse_config
 from kiban.gateway.failover import FailoverPlan, Failure, retry_after_s
-from kiban.gateway.routing import Router, Target
+from kiban.gateway.routing import Router
+from kiban.gateway.targets import Target
 
 CONTEXTS = {"first": 50, "unknown": None, "smaller": 40, "larger": 1000}
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from kiban import gpus
 from kiban.config import parse_config
-from kiban.deploy import gpu_policy, gpus
+from kiban.deploy import gpu_policy
 from kiban.engines.telemetry import StartupReport
 from tests.support.fake_nvml import FakeGpu, fake_nvml
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kiban import gpus
 from kiban.config import parse_config
-from kiban.deploy import gpus
 from kiban.deploy.launch import device_env
 from kiban.deploy.supervisor import Supervisor, _gpu_need
 from kiban.planning.plan import plan_config

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from kiban.cli import app
 from kiban.config import ConfigError, parse_config
-from kiban.planning import catalogue
-from kiban.planning.devices import gpu_from_type
 from kiban.planning.plan import plan_config
 from kiban.planning.render import print_plan
-from kiban.planning.units import GiB, parse_size
+from kiban.sizing import catalogue
+from kiban.sizing.devices import gpu_from_type
+from kiban.sizing.units import GiB, parse_size
 
 
 def engine(name: str, kind: str, port: int, **launch) -> dict:

@@ -11,12 +11,12 @@ import gguf
 import pytest
 
 from kiban.engines import ENGINE_KINDS
-from kiban.planning import catalogue
-from kiban.planning.devices import HostInfo, gpu_from_type
-from kiban.planning.kv import layer_bytes_per_token
 from kiban.planning.models import load_spec
-from kiban.planning.target import PlanRefusal, PlanTarget
-from kiban.planning.units import GiB, KiB
+from kiban.sizing import catalogue
+from kiban.sizing.devices import HostInfo, gpu_from_type
+from kiban.sizing.kv import layer_bytes_per_token
+from kiban.sizing.target import PlanRefusal, PlanTarget
+from kiban.sizing.units import GiB, KiB
 
 HOST = HostInfo(32 * GiB, 30 * GiB, frozenset({"avx512f"}))
 vllm, lmdeploy, llamacpp, sglang = (

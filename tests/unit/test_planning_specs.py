@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from kiban.models.tiny import TinySpec, build_tiny_gguf, build_tiny_model, save_bf16_safetensors
-from kiban.planning import catalogue
 from kiban.planning.hf_config import ModelConfigError, shape_fields
 from kiban.planning.models import UnknownModelError, load_spec
 from kiban.planning.params import count_parameters
 from kiban.planning.weights import WeightsError, read_safetensors
+from kiban.sizing import catalogue
 
 SPEC = TinySpec(num_layers=3, num_kv_heads=1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kiban.deploy.state import gpu_verdicts
+from kiban.run_state import gpu_verdicts
 
 
 def test_gpu_verdicts_from_the_supervisor_state(tmp_path: Path) -> None:

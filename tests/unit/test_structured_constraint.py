@@ -6,7 +6,7 @@ import pytest
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
-from kiban.gateway.errors import APIError
+from kiban.api_errors import APIError
 from kiban.structured.constraint import constraint_from_request, has_structured_fields
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from kiban.api_errors import APIError
 from kiban.config import ConfigError, parse_config
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.vllm import structured_backend
-from kiban.gateway.errors import APIError
 from kiban.gateway.routing import Router
+from kiban.gateway.structured import StructuredService
 from kiban.structured.features import schema_features
 from kiban.structured.relax import token_budget
-from kiban.structured.request import StructuredService
 from kiban.structured.verify import OutputFailure
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}

@@ -17,7 +17,7 @@ from kiban.config import KibanConfig, load_config
 if TYPE_CHECKING:
     from kiban.deploy.compose import ComposeProject
     from kiban.deploy.docker import ServiceState
-    from kiban.planning.plan import Plan
+    from kiban.sizing.plan import Plan
 
 render_app = typer.Typer(help="Deployment files for other platforms.", no_args_is_help=True)
 app.add_typer(render_app, name="render")
@@ -154,7 +154,7 @@ def render_k8s_cmd(
 
 
 def _compose_dir(config: Path) -> Path:
-    from kiban.deploy.state import RunDir
+    from kiban.run_state import RunDir
 
     return RunDir(config).root / "compose"
 

@@ -65,7 +65,7 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def _write(path: Path, entries: list[dict[str, Any]]) -> None:
-    from kiban.deploy.state import write_atomically
+    from kiban.run_state import write_atomically
 
     text = _HEADER + yaml.safe_dump({"keys": entries}, sort_keys=False)
     write_atomically(path, text.encode("utf-8"), mode=0o600)

@@ -20,11 +20,11 @@ from rich.table import Table
 
 from kiban.cli.app import ConfigOption, app, console, fail, out
 from kiban.config import load_config
-from kiban.deploy.process import spawn, stop_group, tail
-from kiban.deploy.state import ProcessRecord, RunDir, RunState
 from kiban.deploy.supervisor import Supervisor, SupervisorError, http_ok
 from kiban.engines import ENGINE_KINDS
 from kiban.observability.snapshot import EngineTarget, LiveSnapshot, snapshot
+from kiban.processes import spawn, stop_group, tail
+from kiban.run_state import ProcessRecord, RunDir, RunState
 
 if TYPE_CHECKING:
     from kiban.config import LaunchConfig

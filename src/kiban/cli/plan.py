@@ -16,7 +16,7 @@ from kiban.config import load_config
 if TYPE_CHECKING:
     from kiban.config import KibanConfig
     from kiban.planning.quick import KvRow
-    from kiban.planning.specs import ModelSpec
+    from kiban.sizing.specs import ModelSpec
 
 plan_app = typer.Typer(
     help="Plan GPU memory: weights, KV cache per token, context x concurrency, engine flags.",
@@ -103,10 +103,10 @@ def plan_model(
     as_json: JsonOption = False,
 ) -> None:
     """KV bytes per token for each engine and KV dtype, and what fits on 16-141 GB GPUs."""
-    from kiban.planning import catalogue
-    from kiban.planning.devices import gpu_from_type
     from kiban.planning.models import load_spec
     from kiban.planning.quick import REFERENCE_GPUS, capacity, capacity_columns, kv_rows
+    from kiban.sizing import catalogue
+    from kiban.sizing.devices import gpu_from_type
 
     try:
         spec = load_spec(model)
@@ -141,7 +141,7 @@ def plan_model(
 def _print_model(
     spec: ModelSpec, rows: list[KvRow], grid: dict[str, dict[str, tuple[int, int, str]]]
 ) -> None:
-    from kiban.planning.units import gib
+    from kiban.sizing.units import gib
 
     exact = "read from the weight files" if spec.weights_exact else "estimated from shapes"
     out.print(
@@ -183,7 +183,7 @@ def _print_model(
 @plan_app.command("models")
 def plan_models() -> None:
     """List the model catalogue."""
-    from kiban.planning import catalogue
+    from kiban.sizing import catalogue
 
     for name in catalogue.model_names():
         typer.echo(name)
@@ -192,7 +192,7 @@ def plan_models() -> None:
 @plan_app.command("gpus")
 def plan_gpus() -> None:
     """List the GPU catalogue (names for --gpu and the `gpus:` key)."""
-    from kiban.planning import catalogue
+    from kiban.sizing import catalogue
 
     for key in catalogue.gpu_keys():
         gpu = catalogue.gpu_by_key(key)

@@ -48,9 +48,9 @@ def reload(
     import signal
     import time
 
-    from kiban.deploy.process import ProcessId
-    from kiban.deploy.state import RunDir
     from kiban.gateway.auth import load_keys
+    from kiban.processes import ProcessId
+    from kiban.run_state import RunDir
 
     cfg = load_config(config)
     # the keys file; environment variables are the serving process's own

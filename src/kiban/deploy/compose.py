@@ -46,7 +46,7 @@ from kiban.deploy.containers import (
     service_names,
 )
 from kiban.observability.render import render as render_observability
-from kiban.planning.plan import Plan
+from kiban.sizing.plan import Plan
 
 COMPOSE_FILE = "compose.yaml"
 SOURCE_ROOT = Path(__file__).resolve().parents[3]

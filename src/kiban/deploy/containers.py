@@ -28,7 +28,7 @@ from kiban.engines import ENGINE_KINDS
 from kiban.engines.launch import ContainerImage, ContainerTarget, LaunchUnsupported
 from kiban.errors import KibanError
 from kiban.observability.scrape import engine_labels
-from kiban.planning.plan import Plan
+from kiban.sizing.plan import Plan
 
 #: where engine images keep the Hugging Face cache (they run as root; the engines' docs
 #: mount the host's cache there)

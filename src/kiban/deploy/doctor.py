@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kiban import __version__
+from kiban import gpus as nvml
 from kiban.config import KibanConfig
-from kiban.deploy import gpus as nvml
 from kiban.deploy.envs import ENGINE_ENVS, env_root, marker_state
 from kiban.deploy.findings import Finding, Status  # noqa: F401  (Status: part of the API)
 from kiban.deploy.wsl import read_facts

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from kiban import gpus as nvml
 from kiban.config import EngineConfig, KibanConfig
-from kiban.deploy import gpus as nvml
 from kiban.engines.telemetry import StartupReport
 
 GIB = 1024**3

@@ -52,8 +52,8 @@ from kiban.observability.scrape import (
     GPU_JOB,
     engine_recording_rules,
 )
-from kiban.planning.plan import Plan
-from kiban.planning.units import GiB
+from kiban.sizing.plan import Plan
+from kiban.sizing.units import GiB
 
 GPU_RESOURCE = "nvidia.com/gpu"
 #: a node label NVIDIA's GPU feature discovery (and the GPU operator) sets on GPU nodes

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kiban import gpus
 from kiban.config import EngineConfig
-from kiban.deploy import gpus
 from kiban.deploy.envs import ensure_engine_env
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.launch import LaunchTarget

@@ -28,11 +28,12 @@ from kiban.config import EngineConfig, KibanConfig, RestartPolicy
 from kiban.deploy import gpu_policy
 from kiban.deploy.envs import EnvInstallError
 from kiban.deploy.launch import EngineCommand, engine_command, engine_env_root
-from kiban.deploy.process import ProcessId, group_members, spawn, stop_group, tail
-from kiban.deploy.state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
 from kiban.engines import ENGINE_KINDS
 from kiban.errors import KibanError
-from kiban.planning.plan import Plan, plan_config
+from kiban.planning.plan import plan_config
+from kiban.processes import ProcessId, group_members, spawn, stop_group, tail
+from kiban.run_state import RUN_STATE_ENV, ProcessRecord, RunDir, RunState
+from kiban.sizing.plan import Plan
 
 Say = Callable[[str], None]
 GATEWAY = "gateway"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from kiban.gateway.errors import error_body
+from kiban.api_errors import error_body
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure

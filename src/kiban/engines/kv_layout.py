@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from kiban.planning.kv import KvFormat, KvNeed, blocks, kv_need
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanTarget
+from kiban.sizing.kv import KvFormat, KvNeed, blocks, kv_need
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanTarget
 
 if TYPE_CHECKING:
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 
 class KvLayout:
@@ -36,7 +36,7 @@ class KvLayout:
     ) -> tuple[KvFormat, KvFormat]:
         """(K, V) storage for *kv_dtype* (kiban's generic name or the engine's own).
 
-        Raises :class:`~kiban.planning.target.PlanRefusal` naming the reason when
+        Raises :class:`~kiban.sizing.target.PlanRefusal` naming the reason when
         the engine cannot use that dtype for this model or device.
         """
         raise NotImplementedError

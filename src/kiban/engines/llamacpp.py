@@ -17,17 +17,17 @@ from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics, StartupLog, StartupReport
-from kiban.planning.kv import KvFormat, KvNeed, blocks, plain
-from kiban.planning.overhead import NATIVE_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing.kv import KvFormat, KvNeed, blocks, plain
+from kiban.sizing.overhead import NATIVE_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import CORE_FEATURES, SILENTLY_SKIPPED, StructuredCapability
 from kiban.structured.constraint import Constraint
 from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 #: what common/json-schema-to-grammar.cpp turns into grammar (llama.cpp as vendored
 #: in llama-cpp-python 0.3.36). Patterns must be ^...$-anchored, else "accepting any

@@ -11,16 +11,16 @@ from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget, LaunchUnsupported
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics
-from kiban.planning.kv import KvFormat, dtype_format, plain
-from kiban.planning.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing.kv import KvFormat, dtype_format, plain
+from kiban.sizing.overhead import TORCH_CUDA_CONTEXT_BYTES, activation_bytes, logits_bytes
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import StructuredCapability, xgrammar
 from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 #: the lmdeploy release whose request model (lmdeploy/serve/openai/protocol.py) the
 #: dialect below is checked against in tests

@@ -16,15 +16,15 @@ from kiban.engines.kind import EngineKind
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget, LaunchUnsupported
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics
-from kiban.planning.kv import KvFormat, dtype_format, plain
-from kiban.planning.overhead import (
+from kiban.sizing.kv import KvFormat, dtype_format, plain
+from kiban.sizing.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 from kiban.structured.capability import (
     StructuredCapability,
     xgrammar,
@@ -33,7 +33,7 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 #: the SGLang release whose ChatCompletionRequest
 #: (sglang/srt/entrypoints/openai/protocol.py) the dialect is checked against in tests

@@ -14,16 +14,16 @@ from kiban.engines.kind import EngineKind, EngineOption, parse_version
 from kiban.engines.kv_layout import KvLayout
 from kiban.engines.launch import ContainerImage, Launcher, LaunchTarget
 from kiban.engines.telemetry import EngineMetricNames, EngineMetrics, StartupLog, StartupReport
-from kiban.planning.kv import KvFormat, KvNeed, blocks, plain
-from kiban.planning.overhead import (
+from kiban.sizing.kv import KvFormat, KvNeed, blocks, plain
+from kiban.sizing.overhead import (
     CUDA_GRAPHS_BYTES,
     TORCH_CUDA_CONTEXT_BYTES,
     activation_bytes,
     logits_bytes,
 )
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
-from kiban.planning.units import GiB
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
+from kiban.sizing.units import GiB
 from kiban.structured.capability import (
     ALL_KINDS,
     GUIDANCE_FEATURES,
@@ -38,7 +38,7 @@ from kiban.structured.constraint import Constraint
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig
-    from kiban.planning.plan import EnginePlan
+    from kiban.sizing.plan import EnginePlan
 
 #: ``guided_*`` request fields were removed in v0.12.0 (vllm PR #29326); from then on
 #: vLLM ignores them as extra fields and generates unconstrained (HTTP 200).

@@ -1,6 +1,6 @@
 """Admitting one inference request: the checks between its headers and an engine.
 
-Each step answers the client itself (an :class:`~kiban.gateway.errors.APIError`)
+Each step answers the client itself (an :class:`~kiban.api_errors.APIError`)
 before any engine is touched: API key, content type, JSON body, model and route,
 the key's allow-list, the structured-output constraint. The key's rate limits
 are taken by the gateway (:meth:`kiban.gateway.app.Gateway.admit`), which owns
@@ -14,16 +14,16 @@ from typing import Any
 
 import orjson
 
-from kiban.gateway import errors
+from kiban import api_errors as errors
+from kiban.api_errors import APIError
 from kiban.gateway.asgi import Scope
 from kiban.gateway.auth import Grant
-from kiban.gateway.errors import APIError
 from kiban.gateway.live import Live
 from kiban.gateway.metrics import Metrics
 from kiban.gateway.proxy import Exchange
 from kiban.gateway.routing import Route
+from kiban.gateway.structured import StructuredRequest, answered_by
 from kiban.structured.constraint import STRUCTURED_KEYS
-from kiban.structured.request import StructuredRequest, answered_by
 
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 

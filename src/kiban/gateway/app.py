@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kiban import api_errors as errors
+from kiban.api_errors import APIError, ErrorCode
 from kiban.config import KibanConfig
-from kiban.deploy.state import RUN_STATE_ENV, gpu_verdicts
-from kiban.gateway import endpoints, errors
+from kiban.gateway import endpoints
 from kiban.gateway.admission import (
     Admitted,
     auth_and_type,
@@ -48,7 +49,6 @@ from kiban.gateway.console import Console
 from kiban.gateway.disconnect import end_stream, run_until_disconnect
 from kiban.gateway.engine_load import LoadScraper
 from kiban.gateway.engines import Circuit
-from kiban.gateway.errors import APIError, ErrorCode
 from kiban.gateway.health import HealthChecker
 from kiban.gateway.limits import (
     LimitStore,
@@ -63,9 +63,10 @@ from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog, request_entry
 from kiban.gateway.routing import Route, Router
 from kiban.gateway.stream_usage import ask_for_usage
+from kiban.gateway.structured import answered_by
 from kiban.gateway.usage import Usage
 from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
-from kiban.structured.request import answered_by
+from kiban.run_state import RUN_STATE_ENV, gpu_verdicts
 
 log = logging.getLogger("kiban.gateway")
 
@@ -104,6 +105,9 @@ class Gateway:
         self.circuits = CircuitWatch(self.metrics)
         self.config_source: ConfigSource | None = None
         self.on_reload: Callable[[dict[str, Any]], None] | None = None
+        # the console's plan view; the serving process sets the planner's (the hot path imports
+        # no planner)
+        self.plan_view: Callable[[KibanConfig], dict[str, Any]] | None = None
         self.reloader = Reloader(self)
 
     @property

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from kiban import api_errors as errors
 from kiban.errors import KibanError
-from kiban.gateway import errors
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from kiban.gateway import errors
+from kiban import api_errors as errors
 from kiban.gateway.asgi import Scope, Send, send_response
 from kiban.gateway.metrics import Metrics
 

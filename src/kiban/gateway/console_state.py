@@ -18,16 +18,16 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiban.deploy.state import RUN_STATE_ENV
 from kiban.gateway.usage_store import hour_of, totals
 from kiban.observability.snapshot import Samples, scrape, total
+from kiban.run_state import RUN_STATE_ENV
 
 if TYPE_CHECKING:
     from kiban.gateway.app import Gateway
@@ -281,7 +281,10 @@ class ConsoleState:
     async def _plan_of(self) -> dict[str, Any]:
         generation = self.gateway.live.generation
         if self._plan is None or self._plan[0] != generation:
-            self._plan = (generation, await asyncio.to_thread(_plan, self.gateway.config))
+            self._plan = (
+                generation,
+                await asyncio.to_thread(_plan, self.gateway.plan_view, self.gateway.config),
+            )
         return self._plan[1]
 
 
@@ -302,17 +305,11 @@ def _run_state() -> dict[str, dict[str, Any]]:
     return engines if isinstance(engines, dict) else {}
 
 
-def _plan(config: Any) -> dict[str, Any]:
+def _plan(view: Callable[[Any], dict[str, Any]] | None, config: Any) -> dict[str, Any]:
     """``kiban plan --json`` of the running configuration, or why there is none."""
-    from kiban.planning.plan import plan_config
-    from kiban.planning.render import plan_dict
-
-    if not any(e.launch is not None for e in config.engines):
-        return {"engines": [], "devices": [], "note": "no engine has a launch section to plan"}
-    try:
-        return plan_dict(plan_config(config, None))
-    except Exception as exc:  # the console shows why, the gateway goes on
-        return {"engines": [], "devices": [], "error": f"{type(exc).__name__}: {exc}"}
+    if view is None:
+        return {"engines": [], "devices": [], "note": "this gateway process has no planner"}
+    return view(config)
 
 
 def _gpus(samples: Samples, plan: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from kiban.gateway.engine_client import EngineConnection
     from kiban.gateway.metrics import Metrics
     from kiban.gateway.proxy import Exchange
-    from kiban.gateway.routing import Route, Target
+    from kiban.gateway.routing import Route
+    from kiban.gateway.targets import Target
 
 #: request fields whose answer a text prefix cannot carry on
 _OFF_FIELDS = (

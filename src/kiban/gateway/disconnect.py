@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
+from kiban.api_errors import error_event
 from kiban.gateway.asgi import Receive, Scope, Send
-from kiban.gateway.errors import error_event
 from kiban.gateway.server_protocol import DISCONNECT_HOOK
 
 

@@ -14,7 +14,7 @@ A failed attempt is a :class:`Failure`, named by its ``reason``. What follows it
   costs twice; an engine that sent broken bytes is not trusted with the same request).
 - an engine appears once in the order; ``retries.attempts`` bounds all attempts.
 
-The route's retry budget and the structured-output path (kiban/structured/attempts.py)
+The route's retry budget and the structured-output path (kiban/gateway/structured_attempts.py)
 are the proxy's; this module only orders and paces.
 """
 
@@ -30,7 +30,7 @@ from kiban.structured.verify import OutputFailure
 
 if TYPE_CHECKING:
     from kiban.config import FailoverPolicy, Retries
-    from kiban.gateway.routing import Target
+    from kiban.gateway.targets import Target
 
 #: failures after which the same engine may be tried again
 SAME_ENGINE_REASONS = frozenset({"connect", "broken", "status"})

@@ -22,7 +22,7 @@ from kiban.gateway.auth import ApiKey, KeyChecker
 from kiban.gateway.engines import Engine
 from kiban.gateway.openapi import openapi_document
 from kiban.gateway.routing import Router
-from kiban.structured.request import StructuredService
+from kiban.gateway.structured import StructuredService
 
 if TYPE_CHECKING:
     from kiban.gateway.app import Gateway

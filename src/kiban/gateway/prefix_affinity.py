@@ -19,14 +19,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from kiban.config import CacheAwarePolicy
 from kiban.gateway.engine_load import KV_AVOID
 from kiban.gateway.engines import Circuit
-
-if TYPE_CHECKING:
-    from kiban.gateway.routing import Order, RequestView, Target
+from kiban.gateway.targets import Order, RequestView, Target
 
 
 def load_of(target: Target) -> int:

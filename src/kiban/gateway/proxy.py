@@ -23,7 +23,8 @@ from typing import Any
 
 import orjson
 
-from kiban.gateway import errors
+from kiban import api_errors as errors
+from kiban.api_errors import APIError, error_event
 from kiban.gateway.asgi import Send, send_response, start_response
 from kiban.gateway.continuation import Continuer, StreamRecord, may_continue
 from kiban.gateway.engine_client import (
@@ -35,12 +36,12 @@ from kiban.gateway.engine_client import (
     describe,
 )
 from kiban.gateway.engines import Engine
-from kiban.gateway.errors import APIError, error_event
 from kiban.gateway.failover import FailoverPlan, Failure
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.routing import Route, Target
+from kiban.gateway.routing import Route
 from kiban.gateway.sse import EventStream, MalformedEvent
-from kiban.structured.request import STRUCTURED_HEADER, StructuredRequest
+from kiban.gateway.structured import STRUCTURED_HEADER, StructuredRequest
+from kiban.gateway.targets import Target
 from kiban.structured.stream import DONE_EVENT
 from kiban.structured.verify import OutputFailure
 

@@ -6,31 +6,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from kiban.config import KibanConfig, RouteConfig, resolve_target_model
 from kiban.gateway.engines import Engine
 from kiban.gateway.prefix_affinity import CacheAware, load_of
 from kiban.gateway.session_affinity import SessionAffinity
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An engine of a route and the model name to send it."""
-
-    engine: Engine
-    model: str
-
-
-Order = Callable[[list[Target]], list[Target]]
-
-
-class RequestView(Protocol):
-    """What a request-aware strategy (cache_aware, session) reads of a request."""
-
-    body: bytes
-    payload: dict[str, Any]
-    client_headers: list[tuple[bytes, bytes]]
+from kiban.gateway.targets import Order, RequestView, Target
 
 
 def _priority(targets: list[Target]) -> list[Target]:

@@ -39,11 +39,12 @@ from pathlib import Path
 import uvicorn
 
 from kiban.config import ConfigError, KibanConfig, load_config
-from kiban.deploy.process import ProcessId
-from kiban.deploy.state import RunDir, write_atomically
 from kiban.gateway.app import Gateway
 from kiban.gateway.auth import ApiKey, load_keys
 from kiban.gateway.server_protocol import GuardedHttpToolsProtocol, KibanServer, KibanUvicornConfig
+from kiban.planning.plan import plan_view
+from kiban.processes import ProcessId
+from kiban.run_state import RunDir, write_atomically
 
 CONFIG_ENV = "KIBAN_CONFIG"
 CONFIG_BASE_ENV = "KIBAN_CONFIG_BASE"
@@ -90,6 +91,7 @@ def build_app(config: KibanConfig, keys: list[ApiKey]) -> Gateway:
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "info"))
     app = Gateway(config, keys)
     app.config_source = lambda: load_serving_config()
+    app.plan_view = plan_view
     reload_dir = os.environ.get(RELOAD_DIR_ENV)
     if reload_dir:
         status = Path(reload_dir) / f"{os.getpid()}.json"

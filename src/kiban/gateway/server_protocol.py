@@ -32,8 +32,8 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from kiban.api_errors import error_body
 from kiban.config import ClientLimits
-from kiban.gateway.errors import error_body
 
 log = logging.getLogger("kiban.http")
 

@@ -17,12 +17,9 @@ import bisect
 import math
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from kiban.config import SessionPolicy
-
-if TYPE_CHECKING:
-    from kiban.gateway.routing import Order, RequestView, Target
+from kiban.gateway.targets import Order, RequestView, Target
 
 POINTS_PER_ENGINE = 160
 

@@ -1,11 +1,7 @@
-"""VRAM planning: model specs, KV-cache arithmetic, memory shares and engine flags.
+"""The VRAM planner: fit models and KV caches on devices, render the plan, the quick table.
 
-``plan_config(cfg)`` plans every managed engine of a kiban.yaml; each
-``EnginePlan`` carries its arithmetic and the ``flags``/``env`` that make the
-engine allocate what the plan says (engine facts live in ``kiban.engines.<kind>``
-under ``# -- planning --``).
+``kiban.planning.plan.plan_config(cfg)`` plans every managed engine of a kiban.yaml.
+The arithmetic it uses (units, model specs, KV layouts, overheads, the GPU catalogue,
+the plan's records) is the leaf package :mod:`kiban.sizing`; engine facts live in
+``kiban.engines.<kind>`` under ``# -- planning --``.
 """
-
-from kiban.planning.plan import DevicePlan, EnginePlan, Plan, plan_config
-
-__all__ = ["DevicePlan", "EnginePlan", "Plan", "plan_config"]

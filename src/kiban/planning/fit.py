@@ -23,15 +23,15 @@ from kiban.config import EngineConfig, KibanConfig, LaunchConfig
 from kiban.cpulist import split_cores, usable_cores
 from kiban.engines import ENGINE_KINDS
 from kiban.engines.kv_layout import KvLayout
-from kiban.planning.devices import GpuInfo, HostInfo, host_info
 from kiban.planning.hf_config import ModelConfigError
-from kiban.planning.kv import KvFormat, KvNeed
 from kiban.planning.models import UnknownModelError, load_spec
-from kiban.planning.plan import DevicePlan, EnginePlan, Plan
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
-from kiban.planning.units import GiB, human
 from kiban.planning.weights import WeightsError
+from kiban.sizing.devices import GpuInfo, HostInfo, host_info
+from kiban.sizing.kv import KvFormat, KvNeed
+from kiban.sizing.plan import DevicePlan, EnginePlan, Plan
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
+from kiban.sizing.units import GiB, human
 
 #: the most sequences a plan gives an engine when the user set no concurrency
 #: (vLLM's own default for its OpenAI server on GPUs under 70 GiB)

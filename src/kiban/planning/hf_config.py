@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiban.errors import KibanError
-from kiban.planning.specs import MlaShape
+from kiban.sizing.specs import MlaShape
 
 _TEXT_KEYS = ("text_config", "llm_config", "language_config")
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions")
@@ -84,7 +84,7 @@ def quantization_of(config: dict[str, Any]) -> str | None:
 
 
 def shape_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`~kiban.planning.specs.ModelSpec` fields that come from config.json."""
+    """The :class:`~kiban.sizing.specs.ModelSpec` fields that come from config.json."""
     cfg = text_config(config)
     layers = _required(cfg, "num_hidden_layers", "n_layer", "num_layers")
     heads = _required(cfg, "num_attention_heads", "n_head")

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kiban.planning import catalogue
-from kiban.planning.devices import GpuInfo, discover_gpus, gpu_from_type
-from kiban.planning.units import parse_size
+from kiban import gpus as nvml
+from kiban.sizing import catalogue
+from kiban.sizing.devices import GpuInfo, gpu_from_type
+from kiban.sizing.units import parse_size
 
 if TYPE_CHECKING:
     from kiban.config import GpuInventory, KibanConfig
+
+
+def discover_gpus() -> list[GpuInfo]:
+    """Every GPU NVML sees (empty without the library, a driver or a GPU)."""
+    try:
+        found = nvml.inventory()
+    except nvml.GpuUnavailable:
+        return []
+    return [
+        GpuInfo(g.index, g.name, g.memory_total, g.compute_capability, g.memory_used, "nvml")
+        for g in found
+    ]
 
 
 def gpu_from_inventory(entry: GpuInventory) -> GpuInfo:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiban.errors import KibanError
-from kiban.planning import catalogue
 from kiban.planning.hf_config import ModelConfigError, is_vision_model, shape_fields
 from kiban.planning.params import estimate_weight_bytes
-from kiban.planning.specs import ModelSpec
 from kiban.planning.weights import WeightsError, gguf_totals, read_gguf, read_safetensors
+from kiban.sizing import catalogue
+from kiban.sizing.specs import ModelSpec
 
 if TYPE_CHECKING:
     from gguf import GGUFReader

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
-from kiban.planning import catalogue
-from kiban.planning.devices import GpuInfo, gpu_from_type, host_info
 from kiban.planning.fit import build_plan
-from kiban.planning.specs import ModelSpec
-from kiban.planning.target import PlanRefusal, PlanTarget
+from kiban.sizing import catalogue
+from kiban.sizing.devices import GpuInfo, gpu_from_type, host_info
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.target import PlanRefusal, PlanTarget
 
 #: the reference cards of `kiban plan model`: 16, 24, 32, 80 and 141 GB
 REFERENCE_GPUS = ("rtx4080", "rtx4090", "rtx5090", "h100-80", "h200")

@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from kiban.cpulist import format_cpu_list
-from kiban.planning.plan import EnginePlan, Plan
-from kiban.planning.units import KiB, gib, human
+from kiban.sizing.plan import EnginePlan, Plan
+from kiban.sizing.units import KiB, gib, human
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

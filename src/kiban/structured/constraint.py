@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import orjson
 
-from kiban.gateway import errors
-from kiban.gateway.errors import APIError
+from kiban import api_errors as errors
+from kiban.api_errors import APIError
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 

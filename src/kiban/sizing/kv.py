@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiban.planning.specs import ModelSpec
+from kiban.sizing.specs import ModelSpec
 
 
 @dataclass(frozen=True)

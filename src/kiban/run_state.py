@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from kiban.deploy.process import ProcessId
+from kiban.processes import ProcessId
 
 EngineState = Literal["starting", "running", "restarting", "failed", "stopped"]
 #: set by the supervisor for the gateway it starts: where state.json is

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from kiban.gateway import errors
-from kiban.gateway.errors import APIError
-from kiban.structured.attempts import RELAX_STEPS, AttemptPlan
+from kiban import api_errors as errors
+from kiban.api_errors import APIError
+from kiban.gateway.structured_attempts import RELAX_STEPS, AttemptPlan
 from kiban.structured.capability import StructuredCapability
 from kiban.structured.constraint import (
     STRUCTURED_KEYS,
@@ -32,7 +32,8 @@ from kiban.structured.verify import OutputFailure, choices_of, verify_content
 
 if TYPE_CHECKING:
     from kiban.config import EngineConfig, RouteConfig, StructuredPolicy
-    from kiban.gateway.routing import Route, Target
+    from kiban.gateway.routing import Route
+    from kiban.gateway.targets import Target
 
 #: response header saying how a structured answer was obtained: "enforced" (the engine
 #: enforced the whole constraint), "validated" (kiban checked what the engine could not
@@ -127,7 +128,7 @@ class StructuredRequest:
         deadline: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> AttemptPlan:
-        """The attempts in order (see :mod:`kiban.structured.attempts`)."""
+        """The attempts in order (see :mod:`kiban.gateway.structured_attempts`)."""
         self.deadline = deadline
         return AttemptPlan(self, targets, attempts, deadline, clock)
 

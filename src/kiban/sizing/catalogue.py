@@ -51,7 +51,7 @@ class GpuType:
 
 
 def _load(name: str) -> dict[str, Any]:
-    data = resources.files("kiban.planning").joinpath("data").joinpath(name)
+    data = resources.files("kiban.sizing").joinpath("data").joinpath(name)
     loaded: dict[str, Any] = yaml.safe_load(data.read_text(encoding="utf-8"))
     return loaded
 

@@ -1,8 +1,7 @@
 """The devices a plan places engines on: GPUs (NVML, config, catalogue) and host memory.
 
-``discover_gpus()`` asks NVML (the ``nvidia-ml-py`` package) and returns an
-empty list where there is no driver or no GPU. Without NVML the GPUs come from
-the ``gpus:`` key of kiban.yaml or from ``kiban plan --gpu/--gpu-memory``.
+``kiban.planning.inventory.discover_gpus()`` asks NVML for them; without NVML the
+GPUs come from the ``gpus:`` key of kiban.yaml or from ``kiban plan --gpu/--gpu-memory``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiban.planning import catalogue
+from kiban.sizing import catalogue
 
 
 @dataclass(frozen=True)
@@ -42,20 +41,6 @@ def gpu_from_type(index: int, gpu_type: catalogue.GpuType, source: str) -> GpuIn
     return GpuInfo(
         index, gpu_type.name, gpu_type.memory_bytes, gpu_type.compute_capability, 0, source
     )
-
-
-def discover_gpus() -> list[GpuInfo]:
-    """Every GPU NVML sees (empty without the library, a driver or a GPU)."""
-    from kiban.deploy import gpus as nvml
-
-    try:
-        found = nvml.inventory()
-    except nvml.GpuUnavailable:
-        return []
-    return [
-        GpuInfo(g.index, g.name, g.memory_total, g.compute_capability, g.memory_used, "nvml")
-        for g in found
-    ]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ llama.cpp ``-c``) are exact on the KV side whatever this estimate says.
 
 from __future__ import annotations
 
-from kiban.planning.specs import ModelSpec
-from kiban.planning.units import MiB
+from kiban.sizing.specs import ModelSpec
+from kiban.sizing.units import MiB
 
 #: CUDA context, cuBLAS/cuDNN workspaces and allocator slack of one torch process
 #: (estimate; NVML shows 0.4-0.6 GiB for an idle torch process on Hopper)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from kiban.config import StructuredPolicy
+from kiban.gateway.targets import Target
 from kiban.structured.verify import OutputFailure
-
-if TYPE_CHECKING:
-    from kiban.gateway.routing import Target
-    from kiban.structured.request import StructuredRequest
 
 #: how many times an engine that refuses the schema is asked again with less of it
 RELAX_STEPS = 2
@@ -34,12 +32,27 @@ RELAX_STEPS = 2
 RUNAWAYS = frozenset({"truncated", "whitespace_runaway"})
 
 
+class Attempted(Protocol):
+    """What an attempt plan reads and sets of its request (a ``StructuredRequest``)."""
+
+    policy: StructuredPolicy
+    deterministic: bool
+    bounded: bool
+    integers: bool
+
+    def rank(self, target: Target) -> int: ...
+
+    def relax_further(self, engine: str) -> bool: ...
+
+    def sent_before(self, target: Target) -> bool: ...
+
+
 class AttemptPlan:
     """An iterator of targets for one structured request; told each failure by `record`."""
 
     def __init__(
         self,
-        request: StructuredRequest,
+        request: Attempted,
         targets: list[Target],
         attempts: int,
         deadline: float,

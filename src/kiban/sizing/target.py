@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiban.errors import KibanError
-from kiban.planning.devices import GpuInfo, HostInfo
+from kiban.sizing.devices import GpuInfo, HostInfo
 
 
 class PlanRefusal(KibanError):
