@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import targets
-from procs import Service, require_tools, rss_bytes
+from procs import Service, require_tools, rss_bytes, stop_on_sigterm
 from rich.console import Console
 from rich.table import Table
 
@@ -593,7 +593,7 @@ def main() -> None:
         return
     require_tools("wrk", "taskset")
     targets.nginx_binary()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stop_on_sigterm()  # the finally blocks stop the engines
     place = Placement(pin=not args.no_pin)
     chosen = [t.strip() for t in args.only.split(",") if t.strip()]
     gateways: dict[str, targets.Gateway | None] = {"direct": None}

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from procs import stop_on_sigterm  # noqa: E402
 
 from kiban.deploy.envs import ensure_engine_env, llama_server_binary  # noqa: E402
 from kiban.models.smollm2 import SYSTEM_PROMPT, ensure_smollm2  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     prompts = PROMPTS[: args.prompts]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop engines
+    stop_on_sigterm()  # the finally blocks stop the engines
     from tokenizers import Tokenizer
 
     logs = Path(tempfile.mkdtemp(prefix="kiban-agreement-"))

@@ -48,7 +48,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from procs import Service, free_port
+from procs import Service, free_port, stop_on_sigterm
 
 from kiban.deploy.envs import ensure_engine_env, llama_server_binary
 
@@ -379,6 +379,7 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))

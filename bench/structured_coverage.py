@@ -45,6 +45,7 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
+from procs import stop_on_sigterm
 
 from kiban.models.tiny import build_tiny_gguf, build_tiny_model
 from kiban.structured.validator import CompiledSchema
@@ -297,6 +298,7 @@ def read_rows(path: Path) -> list[Row]:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("vllm", "llamacpp"))
     parser.add_argument("--model", default="tiny", help="'tiny' (built here), a GGUF or HF dir")

@@ -24,6 +24,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' engine launcher
 
+from procs import stop_on_sigterm
+
 from kiban.deploy.envs import ensure_engine_env
 from kiban.models.tiny import build_tiny_model
 from tests.support.engines import (
@@ -59,6 +61,7 @@ def _restart_seconds(a: EngineProcess) -> float:
 
 
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="restarts per condition")
     parser.add_argument("--workers", type=int, default=3, help="concurrent streams on b")
