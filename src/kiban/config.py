@@ -95,7 +95,10 @@ class ClientLimits(_Strict):
 
     header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    #: longer than clients keep an idle connection pooled (httpx and the OpenAI SDK 5 s,
+    #: aiohttp 15 s): the client lets it go first, instead of sending a request on a
+    #: connection the server is closing (a reset, and the request lost). nginx uses 75 s.
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
     max_headers: Annotated[int, Field(ge=8, le=10_000)] = 100
     max_header_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
 
