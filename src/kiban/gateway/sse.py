@@ -31,7 +31,7 @@ class EventStream:
     """The state of one relayed stream; feed it the engine's bytes.
 
     *count*: ``(key, name)`` of the engine's per-event token count
-    (:class:`kiban.engines.base.TokenCount`): ``generated`` follows it, and with
+    (:class:`kiban.engines.dialect.TokenCount`): ``generated`` follows it, and with
     *strip* it is taken off each event with choices (kiban asked for it, not the
     client). *drop_usage*: the usage-only event (``"choices": []``) is dropped (the
     client did not ask for usage). *keep*: the parsed objects are kept in ``objects``
