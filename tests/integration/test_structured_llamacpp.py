@@ -59,17 +59,18 @@ def post(gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any], str | None
 
 
 #: The suite sends every 8th schema of the corpus (33); bench/structured_coverage.py runs
-#: them all and records the coverage (docs/benchmarks.md).
+#: them all and records the coverage (docs/structured-output.md). Measured 2026-12-01 on
+#: the quiet 2-core machine (tiny model, seed 7, 4 at a time): 29 valid (16 enforced, 13
+#: validated), 4 clear errors, in each of 6 runs. The floor leaves 3 schemas (10%) to
+#: batching, which can change the numerics of a sampled token when the machine is loaded.
 CORPUS_SAMPLE_STEP = 8
+CORPUS_VALID_FLOOR = 26
 
 
 @pytest.mark.timeout(900)
 def test_corpus_never_returns_invalid_output(gateway) -> None:
-    """Nothing invalid comes back as a success. No coverage floor: llama.cpp samples a
-    token first and checks it against the grammar after, over the whole vocabulary when it
-    does not fit (common/sampling.cpp); a random model rarely fits, and the larger schemas,
-    which kiban relaxes and sends instead of refusing them, ran at about 4 tokens/s on the
-    loaded 2-core machine (2026-12-01), so a request of 3 attempts may take minutes."""
+    """Nothing invalid comes back as a success, and the measured share is valid: the
+    schemas llama.cpp cannot enforce whole reach it relaxed, and kiban validates the rest."""
     schemas = load_corpus()[::CORPUS_SAMPLE_STEP]
     report = asyncio.run(
         run_corpus(gateway.base_url, "tiny", schemas, max_tokens=256, timeout_s=600)
@@ -78,6 +79,7 @@ def test_corpus_never_returns_invalid_output(gateway) -> None:
     assert_nothing_invalid_returned(report)
     # llama.cpp enforces part of many schemas: kiban validated the rest
     assert report.how()["validated"] > 0
+    assert report.count("valid") >= CORPUS_VALID_FLOOR
 
 
 def test_openai_sdk_parse(gateway) -> None:
