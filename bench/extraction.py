@@ -46,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kiban.models.smollm2 import ensure_smollm2  # noqa: E402
+from kiban.models.smollm2 import ensure_smollm2_gguf, ensure_smollm2_hf  # noqa: E402
 from tests.support.engines import free_port  # noqa: E402
 from tests.support.extraction_cases import (  # noqa: E402
     MODELS,
@@ -55,25 +55,26 @@ from tests.support.extraction_cases import (  # noqa: E402
 )
 from tests.support.extraction_run import MODES, ExtractionClient  # noqa: E402
 
-KIBAN = Path(sys.executable).with_name("kiban")
+KIBAN = [sys.executable, "-m", "kiban.cli"]  # also where no `kiban` script is on PATH
 ENGINES = ("llamacpp", "vllm")
 RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
 ROUTE = "smollm2"
 STOP: list[int] = []  # signals received
 
 
-def engine_config(engine: str, gguf: Path, hf_dir: Path) -> dict[str, Any]:
-    """A kiban.yaml with one engine on the CPU behind the route ``smollm2``."""
-    launch: dict[str, Any] = {"device": "cpu", "port": free_port(), "context": 4096}
+def engine_config(engine: str, model: Path, gpu: int | None = None) -> dict[str, Any]:
+    """A kiban.yaml with one engine behind the route ``smollm2``, on the CPU or on *gpu*."""
+    where: dict[str, Any] = {"device": "cpu"} if gpu is None else {"gpus": [gpu]}
+    launch: dict[str, Any] = {**where, "port": free_port(), "context": 4096}
     if engine == "llamacpp":
-        spec = {"kind": "llamacpp", "launch": {**launch, "model": str(gguf), "concurrency": 1}}
+        spec = {"kind": "llamacpp", "launch": {**launch, "model": str(model), "concurrency": 1}}
         spec["launch"]["gpu_memory_gib"] = 1
     else:
         spec = {
             "kind": "vllm",
             # kiban's recommended vLLM setting (docs/structured-output.md, Whitespace)
             "options": {"structured_backend": "guidance"},
-            "launch": {**launch, "model": str(hf_dir), "concurrency": 4, "gpu_memory_gib": 3},
+            "launch": {**launch, "model": str(model), "concurrency": 4, "gpu_memory_gib": 3},
         }
     return {
         "gateway": {"host": "127.0.0.1", "port": free_port(), "health_interval_s": 2},
@@ -125,7 +126,8 @@ async def run_engine(
                 print(f"# stopped: {len(todo) - done} left for the next run")
                 break
             outcome = await client.run(case, mode)
-            record = outcome.record() | {"dtype": args.dtype}
+            where = "cpu" if args.gpu is None else f"gpu{args.gpu}"
+            record = outcome.record() | {"dtype": args.dtype, "device": where}
             append_result(args.out, record)
             done += 1
             print(
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
     args.started = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stop)
-    files = ensure_smollm2(dtype=args.dtype, progress=print)
+    gguf = ensure_smollm2_gguf(wheel=args.wheel, progress=print)
     cases = selected_cases(args)
     have = load_results(args.out)
     for engine in args.engine or ENGINES:
@@ -164,11 +166,12 @@ def run(args: argparse.Namespace) -> None:
         if STOP or (args.max_minutes and time.monotonic() > args.started + args.max_minutes * 60):
             break
         with tempfile.TemporaryDirectory(prefix="kiban-extraction-") as work:
-            config = engine_config(engine, files.gguf, files.hf_dir)
+            model = gguf if engine == "llamacpp" else ensure_smollm2_hf(gguf, args.dtype)
+            config = engine_config(engine, model, args.gpu)
             path = Path(work) / "kiban.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             up_started = time.monotonic()
-            up = subprocess.run([str(KIBAN), "up", "-d", "-c", str(path)], check=False)
+            up = subprocess.run([*KIBAN, "up", "-d", "-c", str(path)], check=False)
             try:
                 if up.returncode != 0:
                     sys.exit(f"kiban up failed for {engine} (exit code {up.returncode})")
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
                 base_url = f"http://127.0.0.1:{config['gateway']['port']}"
                 asyncio.run(run_engine(engine, base_url, todo, args))
             finally:
-                subprocess.run([str(KIBAN), "down", "-c", str(path)], check=False)
+                subprocess.run([*KIBAN, "down", "-c", str(path)], check=False)
     print(f"# run took {time.monotonic() - args.started:.0f} s; results in {args.out}")
 
 
@@ -291,6 +294,8 @@ def main() -> None:
     run_p.add_argument("--max-minutes", type=float, help="start no request after this")
     run_p.add_argument("--redo", action="store_true", help="run cases the file already has")
     run_p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    run_p.add_argument("--gpu", type=int, help="run the engine on this GPU, not the CPU")
+    run_p.add_argument("--wheel", type=Path, help="a copy of the pinned SmolLM2 wheel (no PyPI)")
     report_p = sub.add_parser("report", help="print the tables from the outcomes")
     for p in (run_p, report_p):
         p.add_argument("--out", type=Path, default=RESULTS, help="outcomes (JSONL, gzip)")

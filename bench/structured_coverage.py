@@ -51,7 +51,7 @@ from kiban.models.tiny import build_tiny_gguf, build_tiny_model
 from kiban.structured.validator import CompiledSchema
 
 ROOT = Path(__file__).resolve().parent.parent
-KIBAN = Path(sys.executable).with_name("kiban")
+KIBAN = [sys.executable, "-m", "kiban.cli"]  # also where no `kiban` script is on PATH
 CORPORA = {
     "corpus": ROOT / "tests" / "data" / "schema_corpus.jsonl.gz",
     "jsb": ROOT / "tests" / "data" / "jsonschemabench_sample.jsonl.gz",
@@ -199,7 +199,7 @@ def kiban_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "models": ["m"],
         "launch": {
             "model": str(model_path(args, work)),
-            "device": "cpu",
+            **({"device": "cpu"} if args.gpu is None else {"gpus": [args.gpu]}),
             "port": free_port(),
             "context": args.context,
             "concurrency": args.concurrency,
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         label += f" route {args.route_structured}"
     engine_url = f"http://127.0.0.1:{config['engines'][0]['launch']['port']}"
     gateway_url = f"http://127.0.0.1:{config['gateway']['port']}"
-    if subprocess.run([str(KIBAN), "up", "-d", "-c", str(config_path)]).returncode != 0:
+    if subprocess.run([*KIBAN, "up", "-d", "-c", str(config_path)]).returncode != 0:
         sys.exit("kiban up failed")
     rows: list[Row] = []
     try:
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 )
                 rows += got
     finally:
-        subprocess.run([str(KIBAN), "down", "-c", str(config_path)], check=False)
+        subprocess.run([*KIBAN, "down", "-c", str(config_path)], check=False)
     return rows
 
 
@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--gpu", type=int, help="run the engine on this GPU, not the CPU")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--work", type=Path, default=Path(".kiban/structured-coverage"))
     parser.add_argument("--json", type=Path, help="append the rows here (JSON lines)")

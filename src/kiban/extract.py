@@ -13,12 +13,12 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from kiban.errors import KibanError
 
 if TYPE_CHECKING:
-    from openai import AsyncOpenAI, OpenAI
+    from openai import AsyncOpenAI, LengthFinishReasonError, OpenAI
     from openai.types.chat import ChatCompletionMessageParam, ParsedChatCompletion
 
 T = TypeVar("T", bound=BaseModel)
@@ -60,6 +60,8 @@ def extract(
         completion = client.chat.completions.parse(
             model=model, messages=list(messages), response_format=model_type, **create_args
         )
+    except openai.LengthFinishReasonError as err:
+        return _complete_at_length(err, model_type)
     except openai.APIStatusError as err:
         raise _extraction_error(err) from err
     return _parsed(completion, model_type)
@@ -83,6 +85,8 @@ async def aextract(
         completion = await client.chat.completions.parse(
             model=model, messages=list(messages), response_format=model_type, **create_args
         )
+    except openai.LengthFinishReasonError as err:
+        return _complete_at_length(err, model_type)
     except openai.APIStatusError as err:
         raise _extraction_error(err) from err
     return _parsed(completion, model_type)
@@ -101,6 +105,24 @@ def _parsed(completion: ParsedChatCompletion[T], model_type: type[T]) -> T:
         reason = message.refusal or f"finish_reason {completion.choices[0].finish_reason!r}"
         raise ExtractionError(f"no {model_type.__name__} in the response: {reason}")
     return message.parsed
+
+
+def _complete_at_length(err: LengthFinishReasonError, model_type: type[T]) -> T:
+    """The instance in an answer that stopped at ``max_tokens`` once its JSON was complete.
+
+    kiban returns such an answer as a success only after checking it against the whole
+    schema (the JSON closed on the last token the budget allowed); the SDK's ``parse``
+    refuses every ``finish_reason: length``, so the content is validated here instead.
+    """
+    content = err.completion.choices[0].message.content or ""
+    try:
+        return model_type.model_validate_json(content)
+    except ValidationError as invalid:
+        raise ExtractionError(
+            f"no {model_type.__name__} in the response: it stopped at max_tokens "
+            f"(finish_reason 'length'); raise max_tokens",
+            "structured_output_truncated",
+        ) from invalid
 
 
 def _extraction_error(err: Any) -> ExtractionError | Any:

@@ -12,6 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+import kiban
 from tests.support.engines import EngineProcess
 from tests.support.gateway import chat_exchange
 from tests.support.inprocess_gateway import running_gateway
@@ -88,6 +89,40 @@ def test_openai_sdk_parse(gateway) -> None:
         model="tiny", messages=MESSAGES, response_format=Flag, max_tokens=64
     )
     assert isinstance(completion.choices[0].message.parsed, Flag)
+
+
+def test_extract_keeps_an_answer_complete_on_the_last_token(gateway) -> None:
+    """JSON that closes on the last token ``max_tokens`` allows ends with finish_reason
+    ``length``: kiban checks it against the schema and returns it, and the SDK's parse
+    would raise LengthFinishReasonError; kiban.extract returns the instance (seen with
+    SmolLM2 on a CUDA llama-server, 2026-12-01)."""
+    rf = openai.lib._pydantic.to_strict_json_schema(Flag)
+    response_format = {"type": "json_schema", "json_schema": {"name": "Flag", "schema": rf}}
+    greedy = {"response_format": response_format, **greedy_args()}
+    status, body, _ = post(gateway, {**greedy, "max_tokens": 64})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop", body
+    used = body["usage"]["completion_tokens"] - 1  # llama.cpp counts the end-of-text token
+    expected = Flag.model_validate_json(body["choices"][0]["message"]["content"])
+
+    status, body, how = post(gateway, {**greedy, "max_tokens": used})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
+    assert how in ("enforced", "validated")
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(
+            model="tiny", messages=MESSAGES, response_format=Flag, max_tokens=used, **greedy_args()
+        )
+    got = kiban.extract(
+        Flag, MESSAGES, model="tiny", client=client, max_tokens=used, **greedy_args()
+    )
+    assert got == expected
+    with pytest.raises(kiban.ExtractionError) as cut:
+        kiban.extract(Flag, MESSAGES, model="tiny", client=client, max_tokens=1, **greedy_args())
+    assert cut.value.code is not None and cut.value.code.startswith("structured_output_")
+
+
+def greedy_args() -> dict[str, Any]:
+    return {"temperature": 0, "seed": 1}
 
 
 def test_choice_becomes_a_grammar(gateway) -> None:
