@@ -29,8 +29,6 @@ import argparse
 import asyncio
 import gzip
 import json
-import os
-import platform
 import random
 import signal
 import subprocess
@@ -276,10 +274,8 @@ def report(args: argparse.Namespace) -> None:
                 f"\n{key[0]} {key[1]}: 1st percentile of the field accuracy of {SUBSET_PER_SCHEMA} "
                 f"random English cases per model (bootstrap over {dict(en)}): {100 * floor:.1f} %"
             )
-    print(
-        f"\n{len(results)} outcomes from {args.out.relative_to(ROOT)}; "
-        f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-    )
+    devices = Counter(r.get("device", "cpu") for r in results.values())
+    print(f"\n{len(results)} outcomes from {args.out}; engines ran on: {dict(devices)}")
 
 
 def main() -> None:
