@@ -5,8 +5,9 @@
 new hires with addresses, purchase orders; 15 % Japanese with full-width digits)
 go through kiban to SmolLM2-135M-Instruct on llama.cpp and on vLLM (CPU), in four
 modes (tests/support/extraction_run.py): prompt only, json_object, json_schema
-enforced through kiban, and kiban.extract. Greedy decoding, one request at a time,
-``max_tokens`` 320. `kiban up` runs one engine at a time with the gateway in front
+enforced through kiban, and kiban.extract. Greedy decoding, one request at a time
+(``--concurrency N``: N at a time), ``max_tokens`` 320. `kiban up` runs one engine at a
+time with the gateway in front
 (route ``smollm2``, default structured settings: one retry after an invalid output).
 
 Every outcome is appended to a JSONL file; a later run skips what the file has, so
@@ -115,28 +116,37 @@ def selected_cases(args: argparse.Namespace) -> list:
 async def run_engine(
     engine: str, base_url: str, todo: list[tuple[Any, str]], args: argparse.Namespace
 ) -> int:
-    client = ExtractionClient(base_url, ROUTE, engine)
+    """Send *todo* with ``--concurrency`` clients, each one request at a time."""
     deadline = args.started + args.max_minutes * 60 if args.max_minutes else None
-    done = 0
-    try:
-        for case, mode in todo:
+    where = "cpu" if args.gpu is None else f"gpu{args.gpu}"
+    pending = iter(todo)
+    done: list[str] = []
+
+    async def worker(client: ExtractionClient) -> None:
+        for case, mode in pending:  # one shared iterator: each case goes to one client
             if STOP or (deadline and time.monotonic() > deadline):
-                print(f"# stopped: {len(todo) - done} left for the next run")
-                break
+                return
             outcome = await client.run(case, mode)
-            where = "cpu" if args.gpu is None else f"gpu{args.gpu}"
             record = outcome.record() | {"dtype": args.dtype, "device": where}
+            record["concurrency"] = args.concurrency
             append_result(args.out, record)
-            done += 1
+            done.append(case.id)
             print(
                 f"{engine:8} {mode:11} {case.id:14} {outcome.status:16} "
                 f"{outcome.correct:2}/{outcome.fields:<2} {outcome.latency_s:6.2f}s "
                 f"{outcome.code or ''}",
                 flush=True,
             )
+
+    clients = [ExtractionClient(base_url, ROUTE, engine) for _ in range(args.concurrency)]
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
     finally:
-        await client.aclose()
-    return done
+        for client in clients:
+            await client.aclose()
+    if len(done) < len(todo):
+        print(f"# stopped: {len(todo) - len(done)} left for the next run")
+    return len(done)
 
 
 def _stop(signum: int, _frame: Any) -> None:
@@ -291,6 +301,12 @@ def main() -> None:
     run_p.add_argument("--redo", action="store_true", help="run cases the file already has")
     run_p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     run_p.add_argument("--gpu", type=int, help="run the engine on this GPU, not the CPU")
+    run_p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="clients at once (latency includes queueing)",
+    )
     run_p.add_argument("--wheel", type=Path, help="a copy of the pinned SmolLM2 wheel (no PyPI)")
     report_p = sub.add_parser("report", help="print the tables from the outcomes")
     for p in (run_p, report_p):
