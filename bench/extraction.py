@@ -45,8 +45,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procs import KIBAN_CLI, free_port  # noqa: E402
+
 from kiban.models.smollm2 import ensure_smollm2_gguf, ensure_smollm2_hf  # noqa: E402
-from tests.support.engines import free_port  # noqa: E402
 from tests.support.extraction_cases import (  # noqa: E402
     MODELS,
     SUBSET_PER_SCHEMA,
@@ -54,7 +55,6 @@ from tests.support.extraction_cases import (  # noqa: E402
 )
 from tests.support.extraction_run import MODES, ExtractionClient  # noqa: E402
 
-KIBAN = [sys.executable, "-m", "kiban.cli"]  # also where no `kiban` script is on PATH
 ENGINES = ("llamacpp", "vllm")
 RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
 ROUTE = "smollm2"
@@ -120,17 +120,21 @@ async def run_engine(
     deadline = args.started + args.max_minutes * 60 if args.max_minutes else None
     where = "cpu" if args.gpu is None else f"gpu{args.gpu}"
     pending = iter(todo)
-    done: list[str] = []
+    done = 0
 
     async def worker(client: ExtractionClient) -> None:
+        nonlocal done
         for case, mode in pending:  # one shared iterator: each case goes to one client
             if STOP or (deadline and time.monotonic() > deadline):
                 return
             outcome = await client.run(case, mode)
-            record = outcome.record() | {"dtype": args.dtype, "device": where}
-            record["concurrency"] = args.concurrency
+            record = outcome.record() | {
+                "dtype": args.dtype,
+                "device": where,
+                "concurrency": args.concurrency,
+            }
             append_result(args.out, record)
-            done.append(case.id)
+            done += 1
             print(
                 f"{engine:8} {mode:11} {case.id:14} {outcome.status:16} "
                 f"{outcome.correct:2}/{outcome.fields:<2} {outcome.latency_s:6.2f}s "
@@ -144,9 +148,9 @@ async def run_engine(
     finally:
         for client in clients:
             await client.aclose()
-    if len(done) < len(todo):
-        print(f"# stopped: {len(todo) - len(done)} left for the next run")
-    return len(done)
+    if done < len(todo):
+        print(f"# stopped: {len(todo) - done} left for the next run")
+    return done
 
 
 def _stop(signum: int, _frame: Any) -> None:
@@ -179,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
             path = Path(work) / "kiban.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             up_started = time.monotonic()
-            up = subprocess.run([*KIBAN, "up", "-d", "-c", str(path)], check=False)
+            up = subprocess.run([*KIBAN_CLI, "up", "-d", "-c", str(path)], check=False)
             try:
                 if up.returncode != 0:
                     sys.exit(f"kiban up failed for {engine} (exit code {up.returncode})")
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
                 base_url = f"http://127.0.0.1:{config['gateway']['port']}"
                 asyncio.run(run_engine(engine, base_url, todo, args))
             finally:
-                subprocess.run([*KIBAN, "down", "-c", str(path)], check=False)
+                subprocess.run([*KIBAN_CLI, "down", "-c", str(path)], check=False)
     print(f"# run took {time.monotonic() - args.started:.0f} s; results in {args.out}")
 
 

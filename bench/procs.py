@@ -23,6 +23,8 @@ from pathlib import Path
 from kiban.processes import ProcessId, spawn, stat_fields, stop_group, tail
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: the kiban CLI of this interpreter, also where no `kiban` script is on PATH
+KIBAN_CLI = [sys.executable, "-m", "kiban.cli"]
 
 
 def stop_on_sigterm() -> None:

@@ -45,13 +45,12 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
-from procs import stop_on_sigterm
+from procs import KIBAN_CLI, stop_on_sigterm
 
 from kiban.models.tiny import build_tiny_gguf, build_tiny_model
 from kiban.structured.validator import CompiledSchema
 
 ROOT = Path(__file__).resolve().parent.parent
-KIBAN = [sys.executable, "-m", "kiban.cli"]  # also where no `kiban` script is on PATH
 CORPORA = {
     "corpus": ROOT / "tests" / "data" / "schema_corpus.jsonl.gz",
     "jsb": ROOT / "tests" / "data" / "jsonschemabench_sample.jsonl.gz",
@@ -234,7 +233,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         label += f" route {args.route_structured}"
     engine_url = f"http://127.0.0.1:{config['engines'][0]['launch']['port']}"
     gateway_url = f"http://127.0.0.1:{config['gateway']['port']}"
-    if subprocess.run([*KIBAN, "up", "-d", "-c", str(config_path)]).returncode != 0:
+    if subprocess.run([*KIBAN_CLI, "up", "-d", "-c", str(config_path)]).returncode != 0:
         sys.exit("kiban up failed")
     rows: list[Row] = []
     try:
@@ -254,7 +253,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 )
                 rows += got
     finally:
-        subprocess.run([*KIBAN, "down", "-c", str(config_path)], check=False)
+        subprocess.run([*KIBAN_CLI, "down", "-c", str(config_path)], check=False)
     return rows
 
 
