@@ -6,9 +6,9 @@ new hires with addresses, purchase orders; 15 % Japanese with full-width digits)
 go through kiban to SmolLM2-135M-Instruct on llama.cpp and on vLLM (CPU), in four
 modes (tests/support/extraction_run.py): prompt only, json_object, json_schema
 enforced through kiban, and kiban.extract. Greedy decoding, one request at a time
-(``--concurrency N``: N at a time), ``max_tokens`` 320. `kiban up` runs one engine at a
-time with the gateway in front
-(route ``smollm2``, default structured settings: one retry after an invalid output).
+(``--concurrency N``: N at a time, and vLLM batches N), ``max_tokens`` 320. `kiban up`
+runs one engine at a time with the gateway in front (route ``smollm2``, default structured
+settings: one retry after an invalid output).
 
 Every outcome is appended to a JSONL file; a later run skips what the file has, so
 the full benchmark runs in chunks (``--max-minutes``; SIGINT or SIGTERM also stop it
@@ -61,8 +61,11 @@ ROUTE = "smollm2"
 STOP: list[int] = []  # signals received
 
 
-def engine_config(engine: str, model: Path, gpu: int | None = None) -> dict[str, Any]:
-    """A kiban.yaml with one engine behind the route ``smollm2``, on the CPU or on *gpu*."""
+def engine_config(
+    engine: str, model: Path, gpu: int | None = None, concurrency: int = 4
+) -> dict[str, Any]:
+    """A kiban.yaml with one engine behind the route ``smollm2``, on the CPU or on *gpu*;
+    vLLM batches up to *concurrency* sequences (at least 4)."""
     where: dict[str, Any] = {"device": "cpu"} if gpu is None else {"gpus": [gpu]}
     launch: dict[str, Any] = {**where, "port": free_port(), "context": 4096}
     if engine == "llamacpp":
@@ -73,7 +76,12 @@ def engine_config(engine: str, model: Path, gpu: int | None = None) -> dict[str,
             "kind": "vllm",
             # kiban's recommended vLLM setting (docs/structured-output.md, Whitespace)
             "options": {"structured_backend": "guidance"},
-            "launch": {**launch, "model": str(model), "concurrency": 4, "gpu_memory_gib": 3},
+            "launch": {
+                **launch,
+                "model": str(model),
+                "concurrency": max(4, concurrency),
+                "gpu_memory_gib": 3,
+            },
         }
     return {
         "gateway": {"host": "127.0.0.1", "port": free_port(), "health_interval_s": 2},
@@ -166,10 +174,10 @@ def run(args: argparse.Namespace) -> None:
     cases = selected_cases(args)
     have = load_results(args.out)
     for engine in args.engine or ENGINES:
-        todo = [
+        todo = [  # case by case, so that a run cut short leaves the modes comparable
             (case, mode)
-            for mode in args.mode or MODES
             for case in cases
+            for mode in args.mode or MODES
             if args.redo or (engine, mode, case.id) not in have
         ]
         if not todo:
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
             break
         with tempfile.TemporaryDirectory(prefix="kiban-extraction-") as work:
             model = gguf if engine == "llamacpp" else ensure_smollm2_hf(gguf, args.dtype)
-            config = engine_config(engine, model, args.gpu)
+            config = engine_config(engine, model, args.gpu, args.concurrency)
             path = Path(work) / "kiban.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             up_started = time.monotonic()
