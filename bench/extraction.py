@@ -80,7 +80,7 @@ def engine_config(
                 **launch,
                 "model": str(model),
                 "concurrency": max(4, concurrency),
-                "gpu_memory_gib": 3,
+                "gpu_memory_gib": 4,  # 16 sequences of 4096 tokens fit
             },
         }
     return {
@@ -119,6 +119,20 @@ def selected_cases(args: argparse.Namespace) -> list:
         cases = [c for c in generate_cases() if c.schema == schema][window]
         selected += [c for c in cases if not args.lang or c.lang in args.lang]
     return selected
+
+
+def stratified(cases: list) -> list:
+    """*cases* in an order whose every prefix is a proportional sample: each (model,
+    language) group's cases spread evenly over the run."""
+    groups: dict[tuple[str, str], list] = {}
+    for case in cases:
+        groups.setdefault((case.schema, case.lang), []).append(case)
+    ranked = [
+        ((i + 0.5) / len(group), n, case)
+        for n, group in enumerate(groups.values())
+        for i, case in enumerate(group)
+    ]
+    return [case for *_, case in sorted(ranked, key=lambda r: r[:2])]
 
 
 async def run_engine(
@@ -176,7 +190,7 @@ def run(args: argparse.Namespace) -> None:
     for engine in args.engine or ENGINES:
         todo = [  # case by case, so that a run cut short leaves the modes comparable
             (case, mode)
-            for case in cases
+            for case in stratified(cases)
             for mode in args.mode or MODES
             if args.redo or (engine, mode, case.id) not in have
         ]
