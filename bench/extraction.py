@@ -321,8 +321,30 @@ def report(args: argparse.Namespace) -> None:
                 f"\n{key[0]} {key[1]}: 1st percentile of the field accuracy of {SUBSET_PER_SCHEMA} "
                 f"random English cases per model (bootstrap over {dict(en)}): {100 * floor:.1f} %"
             )
+    if args.against:
+        print_paired(groups, args.against)
     devices = Counter(r.get("device", "cpu") for r in results.values())
     print(f"\n{len(results)} outcomes from {args.out}; engines ran on: {dict(devices)}")
+
+
+def print_paired(groups: dict[tuple[str, str], list[dict[str, Any]]], other_path: Path) -> None:
+    """Each engine and mode against another engine's outcomes in *other_path*, on the cases
+    both have: field accuracy (en) and how many answers were the same text."""
+    other: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (engine, mode, case_id), rec in load_results(other_path).items():
+        other[(engine, mode)][case_id] = rec
+    print(f"\nOn the cases both have, against {other_path}:\n")
+    print("| mode | engines | cases (en) | field accuracy (en) | same answer (first 400 chars) |")
+    print("| --- | --- | --- | --- | --- |")
+    for (engine, mode), recs in sorted(groups.items(), key=lambda g: MODES.index(g[0][1])):
+        for (other_engine, other_mode), theirs in other.items():
+            if other_mode != mode or other_engine == engine:
+                continue
+            pairs = [(r, theirs[r["case_id"]]) for r in recs if r["case_id"] in theirs]
+            en = [(a, b) for a, b in pairs if a["lang"] == "en"]
+            same = sum(a["content"] == b["content"] and a["status"] != "error" for a, b in pairs)
+            accuracy = f"{_accuracy([a for a, _ in en])} / {_accuracy([b for _, b in en])}"
+            print(f"| {mode} | {engine} / {other_engine} | {len(en)} | {accuracy} | {same} |")
 
 
 def main() -> None:
@@ -348,6 +370,9 @@ def main() -> None:
     report_p = sub.add_parser("report", help="print the tables from the outcomes")
     for p in (run_p, report_p):
         p.add_argument("--out", type=Path, default=RESULTS, help="outcomes (JSONL, gzip)")
+    report_p.add_argument(
+        "--against", type=Path, help="another engine's outcomes, compared on the same cases"
+    )
     args = parser.parse_args()
     (run if args.command == "run" else report)(args)
 
