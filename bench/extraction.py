@@ -281,6 +281,9 @@ def floor_for_subset(recs: list[dict[str, Any]], per_schema: int, draws: int = 2
 
 def report(args: argparse.Namespace) -> None:
     results = load_results(args.out)
+    unanswered = [key for key, rec in results.items() if rec.get("code") in CLIENT_TIMEOUTS]
+    for key in unanswered:  # no outcome of kiban's: the next run sends them again
+        del results[key]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for (engine, mode, _), rec in sorted(results.items()):
         groups[(engine, mode)].append(rec)
@@ -325,6 +328,8 @@ def report(args: argparse.Namespace) -> None:
         print_paired(groups, args.against)
     devices = Counter(r.get("device", "cpu") for r in results.values())
     print(f"\n{len(results)} outcomes from {args.out}; engines ran on: {dict(devices)}")
+    if unanswered:
+        print(f"left out: {len(unanswered)} that met the client's timeout (run sends them again)")
 
 
 def print_paired(groups: dict[tuple[str, str], list[dict[str, Any]]], other_path: Path) -> None:
