@@ -334,12 +334,12 @@ def report(args: argparse.Namespace) -> None:
 
 def print_paired(groups: dict[tuple[str, str], list[dict[str, Any]]], other_path: Path) -> None:
     """Each engine and mode against another engine's outcomes in *other_path*, on the cases
-    both have: field accuracy (en) and how many answers were the same text."""
+    both have: field accuracy and how many answers were the same text (English cases)."""
     other: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for (engine, mode, case_id), rec in load_results(other_path).items():
         other[(engine, mode)][case_id] = rec
     print(f"\nOn the cases both have, against {other_path}:\n")
-    print("| mode | engines | cases (en) | field accuracy (en) | same answer (first 400 chars) |")
+    print("| mode | engines | cases (en) | field accuracy | same answer (first 400 chars) |")
     print("| --- | --- | --- | --- | --- |")
     for (engine, mode), recs in sorted(groups.items(), key=lambda g: MODES.index(g[0][1])):
         for (other_engine, other_mode), theirs in other.items():
@@ -347,7 +347,10 @@ def print_paired(groups: dict[tuple[str, str], list[dict[str, Any]]], other_path
                 continue
             pairs = [(r, theirs[r["case_id"]]) for r in recs if r["case_id"] in theirs]
             en = [(a, b) for a, b in pairs if a["lang"] == "en"]
-            same = sum(a["content"] == b["content"] and a["status"] != "error" for a, b in pairs)
+            same = sum(
+                a["content"] == b["content"] and "error" not in (a["status"], b["status"])
+                for a, b in en
+            )
             accuracy = f"{_accuracy([a for a, _ in en])} / {_accuracy([b for _, b in en])}"
             print(f"| {mode} | {engine} / {other_engine} | {len(en)} | {accuracy} | {same} |")
 
