@@ -17,8 +17,10 @@ before timing, as the gateway has it when it routes.
     .venv/bin/python bench/routing_cost.py [--conversations 1000] [--prompt-bytes 4096]
         [--picks 200000] [--repeats 5] [--json]
 
-Times are CPU time of the process (``time.process_time_ns``); the best of the
-repeats is printed.
+Times are CPU time of the process (``time.process_time_ns``). Each of the
+``--repeats`` rounds times every case in turn (a drift in the machine's speed
+reaches all cases alike); printed: each case's best round, and the median over
+rounds of its difference to least_outstanding in the same round.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,20 +142,30 @@ def main() -> None:
     cases["session (no key)"] = (_route("session"), no_key)
 
     outcomes = {name: _outcomes(route, requests) for name, (route, requests) in cases.items()}
-    results: dict[str, float] = {}
-    for name, (route, requests) in cases.items():
-        results[name] = min(_time(route, requests, args.picks) for _ in range(args.repeats))
+    # rounds interleave the cases, so a drift in the machine's speed reaches them all alike
+    rounds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, (route, requests) in cases.items():
+            rounds[name].append(_time(route, requests, args.picks))
+    results = {name: min(times) for name, times in rounds.items()}
     base = results["least_outstanding"]
+    paired = {
+        name: statistics.median(map(float.__sub__, times, rounds["least_outstanding"]))
+        for name, times in rounds.items()
+    }
     body = sum(len(r.body) for r in later) // len(later)
     if args.json:
-        print(json.dumps({"mean_body_bytes": body, "us_per_pick": results, "outcomes": outcomes}))
+        print(json.dumps({"mean_body_bytes": body, "us_per_pick": results, "rounds": rounds,
+                          "outcomes": outcomes}))  # fmt: skip
         return
     print(f"# {platform.python_implementation()} {platform.python_version()}, "
           f"{args.conversations} conversations, mean body {body} bytes, "
-          f"best of {args.repeats} x {args.picks} picks")  # fmt: skip
-    print(f"{'strategy':<22} {'µs/req':>8} {'vs least_outstanding':>21}  decisions")
+          f"{args.repeats} interleaved rounds x {args.picks} picks")  # fmt: skip
+    print(f"{'strategy':<22} {'best µs/req':>11} {'best - LO':>10} {'median of round - LO':>21}"
+          "  decisions")  # fmt: skip
     for name, us in results.items():
-        print(f"{name:<22} {us:>8.2f} {us - base:>+21.2f}  {outcomes[name]}")
+        line = f"{name:<22} {us:>11.2f} {us - base:>+10.2f} {paired[name]:>+21.2f}"
+        print(f"{line}  {outcomes[name]}")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,26 @@ def test_index_is_bounded_and_evictions_are_counted() -> None:
     )
 
 
+def test_a_miss_records_every_prefix_and_a_hit_refreshes_the_matched_and_longer() -> None:
+    route = _route(_router("cache_aware"))
+    index = route.request_order.index
+    chat = _conversation(0, 2)
+    first = prefix_keys(chat[0].body, prompt_start(chat[0].body))
+    owner = _pick(route, chat[0])  # a miss: every prefix, the longest most recently used
+    assert list(index) == first
+    other = _conversation(1, 1)[0]
+    _pick(route, other)
+    second = prefix_keys(chat[1].body, prompt_start(chat[1].body))
+    assert second[: len(first)] == first and len(second) > len(first)  # the next turn
+    assert _pick(route, chat[1]) == owner  # a hit on the first turn's longest prefix
+    # refreshed: that prefix and the next turn's longer ones, the longest most recent
+    assert list(index)[-(len(second) - len(first) + 1) :] == second[len(first) - 1 :]
+    # the first turn's shorter prefixes were not: they age behind the other chat's
+    order = list(index)
+    other_first = prefix_keys(other.body, prompt_start(other.body))[0]
+    assert order.index(first[-2]) < order.index(other_first)
+
+
 def test_no_prompt_goes_to_the_least_outstanding_engine() -> None:
     router = _router("cache_aware")
     route = _route(router)

@@ -3,9 +3,14 @@
 Each route keeps an approximate prefix index over the raw request body from
 its ``"messages"`` (or ``"prompt"``) key on, without parsing it again: the
 prompt is cut at 512 bytes, then at boundaries growing by half (a 5 KB prompt
-gives 6 prefixes, 1 MB gives 19), and each prefix's key is a hash chained over
-the segments, so one pass over the bytes gives every key. The index is an LRU
-of ``max_prefixes`` keys; each key lists the engines that were sent it.
+gives 6 prefixes, 1 MB gives 19), and each prefix's key is its 64-bit xxh3
+hash. The index is an LRU of ``max_prefixes`` keys; each key lists the engines
+that were sent it.
+
+Keys are computed longest first and only as far as needed: a prompt whose
+longest prefixes are known (the next turn of a chat) costs one or two hashes;
+a prompt recorded in full (a miss, or the guard deciding) costs one per cut,
+about three times its bytes hashed (xxh3 takes ~0.6 instructions a byte).
 
 While the route is balanced, the least-loaded engine holding the longest
 prefix that covers ``min_match`` of the prompt wins. When the busiest engine
@@ -17,8 +22,11 @@ over the engines rather than piling onto one (sgl-project/sglang#14305).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
+
+from xxhash import xxh3_64_intdigest
 
 from kiban.config import CacheAwarePolicy
 from kiban.gateway.engine_load import KV_AVOID
@@ -58,18 +66,12 @@ def prompt_start(body: bytes) -> int:
 
 def prefix_keys(body: bytes, start: int) -> list[int]:
     """Keys of the prompt's prefixes from *start*, shortest first (none under 512 bytes)."""
-    keys: list[int] = []
-    length = len(body) - start
-    h = 0
-    prev = start
-    for size in BOUNDARIES:
-        if size > length:
-            break
-        end = start + size
-        h = hash((h, body[prev:end]))  # chained: equal keys mean equal prefixes
-        keys.append(h)
-        prev = end
-    return keys
+    view = memoryview(body)
+    count = bisect_right(BOUNDARIES, len(body) - start)
+    return [xxh3_64_intdigest(view[start : start + size]) for size in BOUNDARIES[:count]]
+
+
+_CLOSED = Circuit.CLOSED  # an enum member read from the class costs ~900 instructions on 3.11
 
 
 def _noop() -> None:
@@ -93,6 +95,10 @@ class CacheAware:
         self.index: OrderedDict[int, int] = OrderedDict()
         self.decided: dict[str, Callable[[], None]] = dict.fromkeys(self.OUTCOMES, _noop)
         self.evicted: Callable[[], None] = _noop
+        # the policy's numbers as plain attributes: read on every request
+        self._min_match = policy.min_match
+        self._balance_abs = policy.balance_abs
+        self._balance_rel = policy.balance_rel
 
     def __call__(self, targets: list[Target], request: RequestView) -> list[Target]:
         ordered = self.fallback(targets)
@@ -100,50 +106,53 @@ class CacheAware:
             return ordered
         body = request.body
         start = prompt_start(body)
-        keys = prefix_keys(body, start) if start >= 0 else []
-        if not keys:
+        length = len(body) - start
+        if start < 0 or length < FIRST_BOUNDARY:
             self.decided["no_prefix"]()
             return ordered
-        policy = self.policy
         busiest, idlest = load_of(ordered[-1]), load_of(ordered[0])
-        if busiest - idlest > policy.balance_abs and busiest > policy.balance_rel * idlest:
+        if busiest - idlest > self._balance_abs and busiest > self._balance_rel * idlest:
             self.decided["guard"]()
-            self._record(keys, self.bits[id(ordered[0])])
+            self._record(prefix_keys(body, start), self.bits[id(ordered[0])])
             return ordered
-        chosen, matched = self._longest_match(ordered, keys, len(body) - start)
-        if chosen is None:
-            self.decided["miss"]()
-            self._record(keys, self.bits[id(ordered[0])])
-            return ordered
-        self.decided["hit"]()
-        # the matched prefix and the longer ones; the shorter ones age in the LRU, as they
-        # only serve prompts that part from this one earlier
-        self._record(keys[matched:], self.bits[id(chosen)])
-        if chosen is ordered[0]:
-            return ordered
-        return [chosen, *(t for t in ordered if t is not chosen)]
-
-    def _longest_match(
-        self, ordered: list[Target], keys: list[int], length: int
-    ) -> tuple[Target | None, int]:
-        """The least-loaded closed-circuit engine holding the longest prefix long enough,
-        and that prefix's position in *keys*."""
+        # longest first, down to the shortest prefix that covers min_match of the prompt
         index = self.index
         bits = self.bits
-        need = self.policy.min_match * length
-        for i in range(len(keys) - 1, -1, -1):
-            if BOUNDARIES[i] < need:
+        view = memoryview(body)
+        need = self._min_match * length
+        count = bisect_right(BOUNDARIES, length)
+        longer: list[int] = []  # the keys computed so far, longest first
+        for i in range(count - 1, -1, -1):
+            size = BOUNDARIES[i]
+            if size < need:
                 break
-            holders = index.get(keys[i])
-            if holders is None:
-                continue
-            for target in ordered:  # least outstanding first
-                if not holders & bits[id(target)]:
-                    continue
-                engine = target.engine
-                if engine.breaker.state is Circuit.CLOSED and engine.load_penalty < KV_AVOID:
-                    return target, i
-        return None, 0
+            key = xxh3_64_intdigest(view[start : start + size])
+            holders = index.get(key)
+            if holders is not None:
+                for target in ordered:  # least outstanding first
+                    bit = bits[id(target)]
+                    if not holders & bit:
+                        continue
+                    engine = target.engine
+                    if engine.breaker.state is _CLOSED and engine.load_penalty < KV_AVOID:
+                        self.decided["hit"]()
+                        # the matched prefix and the longer ones; the shorter ones age in the
+                        # LRU, as they only serve prompts that part from this one earlier
+                        if longer:
+                            longer.reverse()
+                            self._record([key, *longer], bit)  # the longest most recent
+                        else:
+                            index.move_to_end(key)
+                        if target is ordered[0]:
+                            return ordered
+                        return [target, *(t for t in ordered if t is not target)]
+            longer.append(key)
+        self.decided["miss"]()
+        rest = BOUNDARIES[: count - len(longer)]
+        shorter = [xxh3_64_intdigest(view[start : start + size]) for size in rest]
+        longer.reverse()
+        self._record(shorter + longer, bits[id(ordered[0])])  # the longest most recent
+        return ordered
 
     def holders(self, key: int) -> list[str]:
         """Names of the engines recorded for a prefix key (for tests and inspection)."""
@@ -151,10 +160,17 @@ class CacheAware:
         return [t.engine.name for t in self._targets if mask & self.bits[id(t)]]
 
     def _record(self, keys: list[int], bit: int) -> None:
+        """Mark *bit*'s engine as holding *keys*, each now the most recently used."""
         index = self.index
-        pop = index.pop
+        get, refresh = index.get, index.move_to_end
         for key in keys:
-            index[key] = pop(key, 0) | bit  # re-inserted: most recently used
+            holders = get(key)
+            if holders is None:
+                index[key] = bit
+            else:
+                refresh(key)
+                if not holders & bit:
+                    index[key] = holders | bit
         overflow = len(index) - self.policy.max_prefixes
         for _ in range(overflow):
             index.popitem(last=False)
