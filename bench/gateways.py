@@ -23,11 +23,16 @@ measures kiban once per strategy, its route over ``--kiban-engines`` (2) engines
 that all point at the one upstream; ``--prefixes 1000`` makes every `kiban bench`
 run send 1,000 distinct prompts of about ``--prefix-bytes`` in turn (so cache_aware
 holds 1,000 prefixes, all sent once in the warm-up); ``--rounds N`` repeats the
-targets N times, interleaved, and prints each strategy's CPU per request (mean,
-spread) and its difference to the first strategy in each round:
+targets N times, interleaved (every other round in reverse order), and prints
+each strategy's CPU per request (mean, spread) and its difference to the first
+strategy in each round (mean, median, spread):
 
     .venv/bin/python bench/gateways.py --only kiban-1 --no-stream --wrk-seconds 0 \
-        --kiban-strategy least_outstanding,cache_aware --prefixes 1000 --rounds 5
+        --kiban-strategy least_outstanding,cache_aware --prefixes 1000 --rounds 5 --rate 1000
+
+A gateway's CPU per request falls as its throughput rises (the event loop
+batches more per wake-up), so in a closed loop a strategy that happens to run
+slower reads as costlier; ``--rate`` offers every gateway the same arrivals.
 
 Load generators run on the first CPU, the gateway on the second (taskset),
 the upstreams on the first; kiban with N workers runs on every CPU. Every
@@ -120,10 +125,18 @@ class Loads:
         )
 
     def bench(
-        self, url: str, requests: int, clients: int, stream: bool = False, max_s: float = 0
+        self,
+        url: str,
+        requests: int,
+        clients: int,
+        stream: bool = False,
+        max_s: float = 0,
+        rate: float = 0,
     ) -> dict[str, Any]:
-        """One `kiban bench` run; its JSON ``result``."""
+        """One `kiban bench` run; its JSON ``result``. With *rate*, an open loop: Poisson
+        arrivals at that many requests/s over at most *clients* connections."""
         max_s = max_s or self.args.max_seconds
+        load = ["--rate", str(rate), "--max-connections"] if rate else ["--concurrency"]
         argv = [
             KIBAN,
             "bench",
@@ -134,7 +147,7 @@ class Loads:
             str(requests),
             "--duration",
             str(max_s),
-            "--concurrency",
+            *load,
             str(clients),
             "--api-key",
             targets.API_KEY,
@@ -255,7 +268,7 @@ def measure_nonstream(
             loads.bench(url, warmup, args.connections)
         cpu = service.cpu_seconds() if service else 0.0
         row["c8"] = loads.bench(
-            url, args.slow_requests if slow else args.requests, args.connections
+            url, args.slow_requests if slow else args.requests, args.connections, rate=args.rate
         )
         if service is not None:
             row["cpu_us_per_request"] = (
@@ -432,7 +445,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
         "or an SSE stream of "
         f"{args.stream_tokens} chunks)",
         caption="req/s, p50, p99, CPU: kiban bench with "
-        f"{c} connections; +p50/+p99: 1 connection, over direct; wrk req/s: wrk, {c} "
+        f"{c} connections{f' at {args.rate:g} req/s (open loop)' if args.rate else ''}; +p50/+p99: 1 connection, over direct; wrk req/s: wrk, {c} "
         f"connections, {args.wrk_seconds} s; streams: kiban bench --stream, {c} connections; "
         "+TTFT: 1 connection, p50 over direct, from an upstream sending one event per "
         "--ttft-interval (1 ms) like an engine. CPU: the gateway's process tree.",
@@ -547,6 +560,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slow-warmup", type=int, default=100)
     p.add_argument("--stream-tokens", type=int, default=512, help="chunks of each stream")
     p.add_argument("--connections", type=int, default=8)
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="the non-streaming run as an open loop at this many req/s (at most --connections "
+        "at once): every gateway then sees the same arrivals, so its CPU per request does not "
+        "move with its own throughput",
+    )
     p.add_argument("--workers", type=int, default=max(cpus, 2), help="kiban's N workers")
     p.add_argument(
         "--rss-requests", type=int, default=100_000, help="issue 8 asks 1000000 (about 6 min)"
@@ -638,7 +659,8 @@ def main() -> None:
         loads = Loads(args, place, work)
         runs = [(k, g) for k in chosen for g in kibans.get(k, [gateways[k]])]
         for round_ in range(1, args.rounds + 1):
-            for key, gateway in runs:
+            # every other round in reverse, so what runs first (or last) in a round is no bias
+            for key, gateway in runs if round_ % 2 else runs[::-1]:
                 label = "direct to the upstream" if gateway is None else gateway.label
                 key = gateway.key if gateway else key
                 if args.rounds > 1:
@@ -755,7 +777,8 @@ def strategy_summary(rows: list[dict[str, Any]]) -> list[str]:
         diffs = [v - cpu[first][r] for r, v in by_round.items() if r in cpu[first]]
         if key != first and diffs:
             line += (
-                f"; difference {statistics.mean(diffs):+.1f} µs "
+                f"; difference mean {statistics.mean(diffs):+.1f} µs, "
+                f"median {statistics.median(diffs):+.1f} "
                 f"({min(diffs):+.1f} to {max(diffs):+.1f}, {len(diffs)} rounds)"
             )
         lines.append(line)

@@ -1,0 +1,164 @@
+"""Instructions per request of the whole gateway, by route strategy, counted by valgrind.
+
+On a shared VM the gateway benchmark's CPU per request (bench/gateways.py)
+moves by 50-100 µs between rounds, and with the gateway's own throughput; an
+instruction count does not. For each strategy this starts one kiban worker
+as bench/gateways.py does (its route over ``--engines`` engines that all
+point at one nginx fixed answer) under callgrind, sends ``--prefixes``
+distinct prompts of about ``--prefix-bytes`` (cache_aware then holds them
+all), zeroes callgrind's counters, sends ``--requests`` more over
+``--connections`` connections, and reads what the worker executed for them:
+parse, auth, routing, the upstream call, the answer, metrics and the access
+log; everything a request costs.
+
+    .venv/bin/python bench/gateway_instructions.py \\
+        [--strategies least_outstanding,cache_aware,round_robin] [--requests 2000]
+
+Health checks are set an hour apart, so no periodic work lands in the
+window; an idle window of a few seconds after it is counted too, as a check.
+Needs valgrind and callgrind_control (Debian package valgrind). Every process
+started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import targets
+import yaml
+from gateways import _READY_BODY, CHAT, KIBAN, NONSTREAM_MAX_TOKENS, _prompt_file
+from procs import Service, stop_on_sigterm
+
+
+def _callgrind(pid: int, command: str) -> None:
+    """Send callgrind_control *command* (zero, dump) to the worker under valgrind."""
+    done = subprocess.run(
+        ["callgrind_control", f"--{command}", str(pid)], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode or "OK" not in done.stdout:
+        raise RuntimeError(f"callgrind_control --{command} {pid}: {done.stdout}{done.stderr}")
+
+
+def _summary(dump: Path) -> int:
+    """Instructions in one callgrind dump (its ``summary:`` line)."""
+    found = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no summary line in {dump}")
+    return int(found.group(1))
+
+
+def _dump_after(out: Path, pid: int, number: int) -> int:
+    """Dump the counters since the last zero; the instructions in it."""
+    _callgrind(pid, "dump")
+    dump = Path(f"{out}.{number}")
+    deadline = time.monotonic() + 60
+    while not dump.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _summary(dump)
+
+
+def _bench(url: str, requests: int, connections: int, prompts: Path) -> dict[str, Any]:
+    argv = [KIBAN, "bench", url, "--model", targets.MODEL, "--requests", str(requests),
+            "--concurrency", str(connections), "--api-key", targets.API_KEY,
+            "--max-tokens", str(NONSTREAM_MAX_TOKENS), "--prompt-file", str(prompts),
+            "--json", "--quiet"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"kiban bench failed ({done.returncode}):\n{done.stderr}")
+    result = json.loads(done.stdout)["result"]
+    if result["ok"] != requests:
+        raise RuntimeError(f"{requests - result['ok']} of {requests} requests failed: {result}")
+    return result
+
+
+def _quiet_health(service: Service) -> None:
+    """Health checks an hour apart: no periodic work in the counted window."""
+    path = Path(service.argv[service.argv.index("-c") + 1])
+    config = yaml.safe_load(path.read_text())
+    config["gateway"]["health_interval_s"] = 3600
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def measure(strategy: str, args: argparse.Namespace, work: Path, upstream: str) -> dict[str, Any]:
+    """One strategy: warm-up, then the counted requests and an idle window."""
+    gateway = targets.kiban(1, strategy, args.engines)
+    service, url = gateway.start(work, upstream, None)
+    _quiet_health(service)
+    out = work / f"callgrind.{strategy}"
+    service.argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                    sys.executable, "-m", "kiban.cli", *service.argv[1:]]  # fmt: skip
+    service.start()
+    try:
+        auth = {"Authorization": f"Bearer {targets.API_KEY}"}
+        service.wait_ready(url + CHAT, _READY_BODY, timeout_s=900, headers=auth)
+        prompts = _prompt_file(work, args.prefixes, args.prefix_bytes)
+        assert prompts is not None
+        _bench(url, args.prefixes, args.connections, prompts)  # every prompt once
+        _callgrind(service.pid, "zero")
+        started = time.monotonic()
+        _bench(url, args.requests, args.connections, prompts)
+        seconds = time.monotonic() - started
+        counted = _dump_after(out, service.pid, 1)
+        _callgrind(service.pid, "zero")
+        time.sleep(args.idle_s)
+        idle = _dump_after(out, service.pid, 2)
+    finally:
+        service.stop()
+    idle_rate = idle / args.idle_s
+    return {
+        "strategy": strategy,
+        "requests": args.requests,
+        "instructions": counted,
+        "per_request": counted / args.requests,
+        "seconds_under_valgrind": seconds,
+        "idle_instructions_per_s": idle_rate,
+        # what the event loop does anyway while the requests run (timers), taken out
+        "per_request_less_idle": (counted - idle_rate * seconds) / args.requests,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--strategies", default="least_outstanding,cache_aware,round_robin")
+    parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument("--prefixes", type=int, default=1000)
+    parser.add_argument("--prefix-bytes", type=int, default=4096)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+    stop_on_sigterm()
+    work = Path(tempfile.mkdtemp(prefix="kiban-instr-"))
+    nginx, nginx_url = targets.nginx(work, None)
+    nginx.start()
+    try:
+        nginx.wait_ready(nginx_url + CHAT, _READY_BODY)
+        results = [measure(s.strip(), args, work, nginx_url) for s in args.strategies.split(",")]
+    finally:
+        nginx.stop()
+    base, net = results[0]["per_request"], results[0]["per_request_less_idle"]
+    print(f"# whole-gateway instructions per request: {args.requests} requests over "
+          f"{args.connections} connection(s), {args.prefixes} prompts of ~{args.prefix_bytes} "
+          f"bytes, route over {args.engines} engines")  # fmt: skip
+    print(f"{'strategy':<20} {'counted':>9} {'vs first':>9} {'less idle':>10} {'vs first':>9}"
+          f" {'idle/s':>9}")  # fmt: skip
+    for r in results:
+        mine, less = r["per_request"], r["per_request_less_idle"]
+        print(f"{r['strategy']:<20} {mine:>9,.0f} {mine - base:>+9,.0f} {less:>10,.0f} "
+              f"{less - net:>+9,.0f} {r['idle_instructions_per_s']:>9,.0f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
