@@ -47,15 +47,19 @@ def _callgrind(pid: int, command: str) -> None:
         raise RuntimeError(f"callgrind_control --{command} {pid}: {done.stdout}{done.stderr}")
 
 
-def _summary(dump: Path) -> int:
-    """Instructions in one callgrind dump (its ``summary:`` line)."""
-    found = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f"no summary line in {dump}")
-    return int(found.group(1))
+def _summary(dump: Path) -> dict[str, int]:
+    """Counts in one callgrind dump by event (Ir: instructions; with --cache-sim, the misses)."""
+    text = dump.read_text()
+    events = re.search(r"^events: (.+)$", text, re.MULTILINE)
+    found = re.search(r"^summary: (.+)$", text, re.MULTILINE)
+    if events is None or found is None:
+        raise RuntimeError(f"no events or summary line in {dump}")
+    names, counts = events.group(1).split(), [int(n) for n in found.group(1).split()]
+    counts += [0] * (len(names) - len(counts))  # callgrind leaves trailing zeros out
+    return dict(zip(names, counts, strict=True))
 
 
-def _dump_after(out: Path, pid: int, number: int) -> int:
+def _dump_after(out: Path, pid: int, number: int) -> dict[str, int]:
     """Dump the counters since the last zero; the instructions in it."""
     _callgrind(pid, "dump")
     dump = Path(f"{out}.{number}")
@@ -94,6 +98,7 @@ def measure(strategy: str, args: argparse.Namespace, work: Path, upstream: str) 
     _quiet_health(service)
     out = work / f"callgrind.{strategy}"
     service.argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                    *(["--cache-sim=yes"] if args.cache_sim else []),
                     sys.executable, "-m", "kiban.cli", *service.argv[1:]]  # fmt: skip
     service.start()
     try:
@@ -112,16 +117,17 @@ def measure(strategy: str, args: argparse.Namespace, work: Path, upstream: str) 
         idle = _dump_after(out, service.pid, 2)
     finally:
         service.stop()
-    idle_rate = idle / args.idle_s
+    idle_rate = idle["Ir"] / args.idle_s
     return {
         "strategy": strategy,
         "requests": args.requests,
-        "instructions": counted,
-        "per_request": counted / args.requests,
+        "instructions": counted["Ir"],
+        "per_request": counted["Ir"] / args.requests,
         "seconds_under_valgrind": seconds,
         "idle_instructions_per_s": idle_rate,
         # what the event loop does anyway while the requests run (timers), taken out
-        "per_request_less_idle": (counted - idle_rate * seconds) / args.requests,
+        "per_request_less_idle": (counted["Ir"] - idle_rate * seconds) / args.requests,
+        "events_per_request": {event: n / args.requests for event, n in counted.items()},
     }
 
 
@@ -134,6 +140,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument("--cache-sim", action="store_true", help="count cache misses too")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     stop_on_sigterm()
@@ -155,6 +162,13 @@ def main() -> None:
         mine, less = r["per_request"], r["per_request_less_idle"]
         print(f"{r['strategy']:<20} {mine:>9,.0f} {mine - base:>+9,.0f} {less:>10,.0f} "
               f"{less - net:>+9,.0f} {r['idle_instructions_per_s']:>9,.0f}")  # fmt: skip
+    if args.cache_sim:
+        print("# per request, by callgrind's cache simulation (D1: first level; LL: last level)")
+        for r in results:
+            events = r["events_per_request"]
+            print(f"{r['strategy']:<20} " + "  ".join(
+                f"{e} {events[e]:,.0f}" for e in ("D1mr", "D1mw", "DLmr", "DLmw", "I1mr")
+            ))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=1))  # fmt: skip

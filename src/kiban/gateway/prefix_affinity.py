@@ -129,7 +129,7 @@ class CacheAware:
             key = xxh3_64_intdigest(view[start : start + size])
             holders = index.get(key)
             if holders is not None:
-                for target in ordered:  # least outstanding first
+                for position, target in enumerate(ordered):  # least outstanding first
                     bit = bits[id(target)]
                     if not holders & bit:
                         continue
@@ -143,9 +143,9 @@ class CacheAware:
                             self._record([key, *longer], bit)  # the longest most recent
                         else:
                             index.move_to_end(key)
-                        if target is ordered[0]:
-                            return ordered
-                        return [target, *(t for t in ordered if t is not target)]
+                        if position:  # the fallback's list is its own (a sorted copy)
+                            ordered.insert(0, ordered.pop(position))
+                        return ordered
             longer.append(key)
         self.decided["miss"]()
         rest = BOUNDARIES[: count - len(longer)]
