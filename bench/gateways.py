@@ -440,12 +440,13 @@ def derive(rows: list[dict[str, Any]]) -> None:
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
     c = args.connections
+    rate = f" at {args.rate:g} req/s (open loop)" if args.rate else ""
     out = Table(
         title="Gateway overhead: one engine behind each gateway (an nginx fixed answer, "
         "or an SSE stream of "
         f"{args.stream_tokens} chunks)",
         caption="req/s, p50, p99, CPU: kiban bench with "
-        f"{c} connections{f' at {args.rate:g} req/s (open loop)' if args.rate else ''}; +p50/+p99: 1 connection, over direct; wrk req/s: wrk, {c} "
+        f"{c} connections{rate}; +p50/+p99: 1 connection, over direct; wrk req/s: wrk, {c} "
         f"connections, {args.wrk_seconds} s; streams: kiban bench --stream, {c} connections; "
         "+TTFT: 1 connection, p50 over direct, from an upstream sending one event per "
         "--ttft-interval (1 ms) like an engine. CPU: the gateway's process tree.",
