@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import targets
-import yaml
-from gateways import _READY_BODY, CHAT, KIBAN, NONSTREAM_MAX_TOKENS, _prompt_file
-from procs import Service, stop_on_sigterm
+from gateways import _READY_BODY, CHAT, Loads, Placement
+from procs import stop_on_sigterm
 
 
 def _callgrind(pid: int, command: str) -> None:
@@ -69,33 +68,18 @@ def _dump_after(out: Path, pid: int, number: int) -> dict[str, int]:
     return _summary(dump)
 
 
-def _bench(url: str, requests: int, connections: int, prompts: Path) -> dict[str, Any]:
-    argv = [KIBAN, "bench", url, "--model", targets.MODEL, "--requests", str(requests),
-            "--concurrency", str(connections), "--api-key", targets.API_KEY,
-            "--max-tokens", str(NONSTREAM_MAX_TOKENS), "--prompt-file", str(prompts),
-            "--json", "--quiet"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-    if done.returncode:
-        raise RuntimeError(f"kiban bench failed ({done.returncode}):\n{done.stderr}")
-    result = json.loads(done.stdout)["result"]
-    if result["ok"] != requests:
-        raise RuntimeError(f"{requests - result['ok']} of {requests} requests failed: {result}")
-    return result
+def _all_ok(result: dict[str, Any]) -> None:
+    if result["ok"] != result["requests"]:
+        raise RuntimeError(f"{result['requests'] - result['ok']} requests failed: {result}")
 
 
-def _quiet_health(service: Service) -> None:
-    """Health checks an hour apart: no periodic work in the counted window."""
-    path = Path(service.argv[service.argv.index("-c") + 1])
-    config = yaml.safe_load(path.read_text())
-    config["gateway"]["health_interval_s"] = 3600
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def measure(strategy: str, args: argparse.Namespace, work: Path, upstream: str) -> dict[str, Any]:
+def measure(
+    strategy: str, args: argparse.Namespace, work: Path, upstream: str, loads: Loads
+) -> dict[str, Any]:
     """One strategy: warm-up, then the counted requests and an idle window."""
-    gateway = targets.kiban(1, strategy, args.engines)
+    # health checks an hour apart: no periodic work in the counted window
+    gateway = targets.kiban(1, strategy, args.engines, {"health_interval_s": 3600})
     service, url = gateway.start(work, upstream, None)
-    _quiet_health(service)
     out = work / f"callgrind.{strategy}"
     service.argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                     *(["--cache-sim=yes"] if args.cache_sim else []),
@@ -104,12 +88,10 @@ def measure(strategy: str, args: argparse.Namespace, work: Path, upstream: str) 
     try:
         auth = {"Authorization": f"Bearer {targets.API_KEY}"}
         service.wait_ready(url + CHAT, _READY_BODY, timeout_s=900, headers=auth)
-        prompts = _prompt_file(work, args.prefixes, args.prefix_bytes)
-        assert prompts is not None
-        _bench(url, args.prefixes, args.connections, prompts)  # every prompt once
+        _all_ok(loads.bench(url, args.prefixes, args.connections))  # every prompt once
         _callgrind(service.pid, "zero")
         started = time.monotonic()
-        _bench(url, args.requests, args.connections, prompts)
+        _all_ok(loads.bench(url, args.requests, args.connections))
         seconds = time.monotonic() - started
         counted = _dump_after(out, service.pid, 1)
         _callgrind(service.pid, "zero")
@@ -140,6 +122,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--idle-s", type=float, default=5.0)
+    parser.add_argument("--max-seconds", type=float, default=3600, help="bound of each load")
     parser.add_argument("--cache-sim", action="store_true", help="count cache misses too")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
@@ -149,7 +132,10 @@ def main() -> None:
     nginx.start()
     try:
         nginx.wait_ready(nginx_url + CHAT, _READY_BODY)
-        results = [measure(s.strip(), args, work, nginx_url) for s in args.strategies.split(",")]
+        loads = Loads(args, Placement(pin=False), work)
+        results = [
+            measure(s.strip(), args, work, nginx_url, loads) for s in args.strategies.split(",")
+        ]
     finally:
         nginx.stop()
     base, net = results[0]["per_request"], results[0]["per_request_less_idle"]

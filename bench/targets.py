@@ -114,9 +114,15 @@ class Gateway:
     start: Callable[[Path, str, str | None], tuple[Service, str]]  # (work, upstream, cpus)
 
 
-def kiban(workers: int, strategy: str | None = None, engines: int = 1) -> Gateway:
+def kiban(
+    workers: int,
+    strategy: str | None = None,
+    engines: int = 1,
+    settings: dict[str, object] | None = None,
+) -> Gateway:
     """kiban with *workers* workers; *strategy*: the route's, over *engines* engines that
-    all point at the one upstream (a strategy needs a choice to make)."""
+    all point at the one upstream (a strategy needs a choice to make); *settings*: more
+    keys of its ``gateway`` section."""
 
     def start(work: Path, upstream: str, cpus: str | None) -> tuple[Service, str]:
         port = free_port()
@@ -132,6 +138,7 @@ def kiban(workers: int, strategy: str | None = None, engines: int = 1) -> Gatewa
                 "workers": workers,
                 "api_keys": {"env": ["KIBAN_BENCH_KEY"]},
                 "request_log": True,
+                **(settings or {}),
             },
             "engines": [
                 {"name": n, "kind": "openai", "url": upstream, "models": [MODEL]} for n in names
