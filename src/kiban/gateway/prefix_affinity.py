@@ -66,8 +66,11 @@ def prompt_start(body: bytes) -> int:
 
 def prefix_keys(body: bytes, start: int) -> list[int]:
     """Keys of the prompt's prefixes from *start*, shortest first (none under 512 bytes)."""
-    view = memoryview(body)
-    count = bisect_right(BOUNDARIES, len(body) - start)
+    return _keys(memoryview(body), start, bisect_right(BOUNDARIES, len(body) - start))
+
+
+def _keys(view: memoryview, start: int, count: int) -> list[int]:
+    """Keys of the *count* shortest prefixes of the prompt at *start* in *view*."""
     return [xxh3_64_intdigest(view[start : start + size]) for size in BOUNDARIES[:count]]
 
 
@@ -148,8 +151,7 @@ class CacheAware:
                         return ordered
             longer.append(key)
         self.decided["miss"]()
-        rest = BOUNDARIES[: count - len(longer)]
-        shorter = [xxh3_64_intdigest(view[start : start + size]) for size in rest]
+        shorter = _keys(view, start, count - len(longer))  # those not computed yet
         longer.reverse()
         self._record(shorter + longer, bits[id(ordered[0])])  # the longest most recent
         return ordered
