@@ -105,13 +105,11 @@ def _outcomes(route: Route, requests: list[Request]) -> dict[str, int]:
     strategy = route.request_order
     if strategy is None:
         return {}
-    counts = dict.fromkeys(strategy.OUTCOMES, 0)
-    bound = strategy.decided
-    strategy.decided = {o: (lambda o=o: counts.__setitem__(o, counts[o] + 1)) for o in counts}
+    before = list(strategy.decisions)
     for request in requests:
         route.candidates(False, request)
-    strategy.decided = bound
-    return {o: n for o, n in counts.items() if n}
+    made = [n - was for n, was in zip(strategy.decisions, before, strict=True)]
+    return {o: n for o, n in zip(strategy.OUTCOMES, made, strict=True) if n}
 
 
 def main() -> None:

@@ -30,6 +30,11 @@ def _config(url: str, **gateway: object) -> dict:
             {"model": "ok", "engines": ["up"]},
             {"model": "no-done", "engines": [{"engine": "up", "model": "no-done"}]},
             {"model": "drop", "engines": [{"engine": "up", "model": "drop"}]},
+            {
+                "model": "sticky",
+                "engines": [{"engine": "up", "model": "ok"}],
+                "strategy": "session",
+            },
         ],
     }
 
@@ -58,9 +63,25 @@ def test_workers_share_one_metrics_view(fault: EngineProcess, tmp_path: Path) ->
                     headers={"Connection": "close"},
                 )
                 assert resp.status_code == 200
+                resp = client.post(  # a session route without a key: counted "no_key"
+                    "/v1/chat/completions",
+                    json={"model": "sticky", **CHAT},
+                    headers={"Connection": "close"},
+                )
+                assert resp.status_code == 200
             for _ in range(20):
                 text = client.get("/metrics", headers={"Connection": "close"}).text
-                assert _sum_counter(text, "kiban_requests_total") == 40
+                assert _sum_counter(text, "kiban_requests_total") == 80
+            # each worker counts its routing decisions in memory and publishes them every
+            # second: whichever worker answers, all 40 show within a few seconds, never more
+            decisions = "kiban_route_affinity_decisions_total"
+            seen: list[float] = []
+            deadline = time.monotonic() + 10
+            while not seen or (seen[-1] < 40 and time.monotonic() < deadline):
+                time.sleep(0.2)
+                text = client.get("/metrics", headers={"Connection": "close"}).text
+                seen.append(_sum_counter(text, decisions))
+            assert seen[-1] == 40 and max(seen) == 40, seen
         log = [json.loads(ln) for ln in gw.log_tail(10**6).splitlines() if ln.startswith("{")]
         assert len({entry["worker"] for entry in log}) == 2  # both workers answered requests
     finally:
@@ -74,7 +95,12 @@ def test_engine_down_at_start_then_up(fault: EngineProcess, tmp_path: Path) -> N
             assert client.get("/health").status_code == 200
             ready = client.get("/ready")
             assert ready.status_code == 503
-            assert ready.json()["routes_without_healthy_engine"] == ["ok", "no-done", "drop"]
+            assert ready.json()["routes_without_healthy_engine"] == [
+                "ok",
+                "no-done",
+                "drop",
+                "sticky",
+            ]
             resp = client.post("/v1/chat/completions", json={"model": "ok", **CHAT})
             assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_engine"
             fault.start()

@@ -299,6 +299,25 @@ def test_the_ring_is_the_same_in_every_process() -> None:
     assert out.stdout.strip().split(",") == here
 
 
+def test_counts_of_replaced_routes_are_published_before_a_reload_drops_them() -> None:
+    metrics = Metrics()
+    old = _router("cache_aware", cache_aware={"max_prefixes": 16})
+    metrics.prepare(old.routes)
+    chats = [_conversation(n, 1)[0] for n in range(20)]
+    for chat in chats:
+        _pick(_route(old), chat)  # misses, each recording every prefix
+    evicted = _route(old).request_order.evictions
+    assert evicted == sum(len(prefix_keys(c.body, prompt_start(c.body))) for c in chats) - 16 > 0
+    new = _router("cache_aware", cache_aware={"max_prefixes": 16})
+    metrics.prepare(new.routes)  # what a reload does once the new routes serve
+    _pick(_route(new), _conversation(9, 1)[0])
+    values = _values(metrics)
+    miss = ("kiban_route_affinity_decisions_total", (("outcome", "miss"), ("route", "m")))
+    assert values[miss] == 21
+    assert values[("kiban_route_prefix_evictions_total", (("route", "m"),))] == evicted
+    assert _values(metrics)[miss] == 21  # a second exposition adds nothing twice
+
+
 def test_session_decisions_are_counted() -> None:
     router = _router("session")
     metrics = Metrics()

@@ -59,6 +59,7 @@ from kiban.gateway.limits import (
 )
 from kiban.gateway.live import ConfigSource, Live, Reloader, build_live
 from kiban.gateway.metrics import Metrics
+from kiban.gateway.periodic import Periodic
 from kiban.gateway.proxy import Exchange, Proxy
 from kiban.gateway.request_log import RequestLog, request_entry
 from kiban.gateway.routing import Route, Router
@@ -69,6 +70,8 @@ from kiban.gateway.usage_store import SqliteUsageStore, UsageStore, usage_path
 from kiban.run_state import RUN_STATE_ENV, gpu_verdicts
 
 log = logging.getLogger("kiban.gateway")
+#: how often the routing strategies' counts reach Prometheus (each exposition publishes too)
+TALLY_PUBLISH_S = 1.0
 
 _INFERENCE = {
     "/v1/chat/completions": "chat",
@@ -87,6 +90,7 @@ class Gateway:
         self.live = build_live(config, keys)
         self.metrics = Metrics()
         self.metrics.prepare(self.live.router.routes)
+        self.tallies = Periodic(TALLY_PUBLISH_S, self._publish_tallies)
         self.limits: LimitStore = LocalLimitStore()
         self.usage = Usage(self.metrics.registry, config.gateway.usage_flush_s)
         self.usage.metrics.prepare(k.name for k in self.live.keys.keys)
@@ -135,6 +139,7 @@ class Gateway:
             )
             await self.shared.start([u.name for u in engines], self._remote_circuit)
         self.usage.start(self._usage_store())
+        self.tallies.start()
         self.circuits.watch(engines)
         self.health = HealthChecker(
             engines,
@@ -164,6 +169,9 @@ class Gateway:
         keys_file = self.config.gateway.api_keys.file
         return SqliteUsageStore(usage_path(keys_file)) if keys_file is not None else None
 
+    async def _publish_tallies(self) -> None:
+        self.metrics.publish_tallies()
+
     def _remote_circuit(self, engine: str, state: Circuit, remaining_s: float) -> None:
         self.circuits.apply_remote(self.router.engines.get(engine), state, remaining_s)
 
@@ -180,6 +188,7 @@ class Gateway:
         if self.load is not None:
             await self.load.stop()
         await self.usage.close()
+        await self.tallies.stop()
         if self.shared is not None:
             await self.shared.close()
         for engine in self.router.engines.values():

@@ -148,7 +148,7 @@ class Route:
             if t.engine.available(now) and (not needs_images or t.engine.accepts_images)
         ]
         if self.request_order is not None and request is not None:
-            return self.request_order(usable, request)
+            return self.request_order.order(usable, request)
         return self.order(usable)
 
     def has_healthy_target(self) -> bool:
@@ -176,8 +176,8 @@ class Router:
         self._by_name: dict[str, Route] = {}
         for route_cfg in config.routes:
             targets = [
-                Target(self.engines[t.engine], resolve_target_model(config, route_cfg, t))
-                for t in route_cfg.engines
+                Target(self.engines[t.engine], resolve_target_model(config, route_cfg, t), 1 << i)
+                for i, t in enumerate(route_cfg.engines)
             ]
             route = Route(route_cfg, targets)
             self.routes.append(route)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import bisect
 import math
 import zlib
-from collections.abc import Callable
 
 from kiban.config import SessionPolicy
 from kiban.gateway.targets import Order, RequestView, Target
 
 POINTS_PER_ENGINE = 160
+_STICKY, _MOVED, _NO_KEY = range(3)  # indexes of SessionAffinity.OUTCOMES
 
 
 def ring_hash(data: bytes) -> int:
@@ -61,14 +61,10 @@ class Ring:
         return bisect.bisect_left(self.points, ring_hash(key)) % len(self.points)
 
 
-def _noop() -> None:
-    return None
-
-
 class SessionAffinity:
     """The session strategy of one route (one instance per route and process)."""
 
-    OUTCOMES = ("sticky", "moved", "no_key")
+    OUTCOMES = ("sticky", "moved", "no_key")  # decisions[i] counts OUTCOMES[i]
 
     def __init__(self, policy: SessionPolicy, targets: list[Target], fallback: Order) -> None:
         self.policy = policy
@@ -77,7 +73,7 @@ class SessionAffinity:
         by_name = {t.engine.name: t for t in targets}
         self._orders = [tuple(by_name[n] for n in order) for order in self.ring.orders]
         self.header = policy.header.lower().encode("latin-1")
-        self.decided: dict[str, Callable[[], None]] = dict.fromkeys(self.OUTCOMES, _noop)
+        self.decisions = [0] * len(self.OUTCOMES)  # published to Prometheus by Metrics
 
     def key_of(self, request: RequestView) -> bytes | None:
         """The request's session key, None without one."""
@@ -92,11 +88,11 @@ class SessionAffinity:
             return field.encode()
         return None
 
-    def __call__(self, targets: list[Target], request: RequestView) -> list[Target]:
+    def order(self, targets: list[Target], request: RequestView) -> list[Target]:
         key = self.key_of(request)
         if key is None or len(targets) < 2:
             if key is None:
-                self.decided["no_key"]()
+                self.decisions[_NO_KEY] += 1
             return self.fallback(targets)
         usable = {id(t) for t in targets}
         in_flight = sum(t.engine.outstanding for t in targets)
@@ -109,9 +105,9 @@ class SessionAffinity:
         for i, target in enumerate(ordered):
             if target.engine.outstanding < bound:
                 if target is owners[0]:
-                    self.decided["sticky"]()
+                    self.decisions[_STICKY] += 1
                     return ordered
-                self.decided["moved"]()
+                self.decisions[_MOVED] += 1
                 return [target, *ordered[:i], *ordered[i + 1 :]]
-        self.decided["moved"]()
+        self.decisions[_MOVED] += 1
         return self.fallback(targets)

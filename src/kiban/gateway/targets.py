@@ -19,6 +19,8 @@ class Target:
 
     engine: Engine
     model: str
+    #: this target's bit among its route's targets (1 << its position): engine sets as masks
+    bit: int
 
 
 Order = Callable[[list[Target]], list[Target]]
