@@ -21,7 +21,7 @@ def _target(kind: str, **launch) -> Target:
     config = {"name": "b", "kind": kind, "url": "http://127.0.0.1:9", "models": ["m"]}
     if launch:
         config["launch"] = {"model": "/models/m", **launch}
-    return Target(Engine.from_config(EngineConfig.model_validate(config)), "served-m")
+    return Target(Engine.from_config(EngineConfig.model_validate(config)), "served-m", bit=1)
 
 
 def _record(*contents: str) -> StreamRecord:
