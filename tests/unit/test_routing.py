@@ -64,6 +64,19 @@ def test_least_outstanding_prefers_idle_engine() -> None:
     assert [t.engine.name for t in route.candidates()] == ["b", "c", "a"]
 
 
+def test_least_outstanding_over_two_engines_counts_their_load_and_rotates_ties() -> None:
+    router = _router("least_outstanding")
+    router.engines["c"].healthy = False  # two usable engines: the inline comparison
+    assert _firsts(router, 4) == ["a", "b", "a", "b"]  # equal load: the rotation decides
+    router.engines["a"].outstanding = 1
+    assert _firsts(router, 2) == ["b", "b"]
+    router.engines["b"].load_penalty = 2  # the engine's own queue or KV use (engine_load)
+    assert _firsts(router, 2) == ["a", "a"]
+    route = router.route_for("m")
+    assert route is not None
+    assert [t.engine.name for t in route.candidates()] == ["a", "b"]
+
+
 def test_ewma_latency_prefers_fast_engine() -> None:
     router = _router("ewma_latency")
     for name, latency in (("a", 0.5), ("b", 0.05), ("c", 0.2)):

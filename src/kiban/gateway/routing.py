@@ -22,7 +22,7 @@ class _RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def __call__(self, targets: list[Target]) -> list[Target]:
+    def order(self, targets: list[Target]) -> list[Target]:
         if not targets:
             return targets
         start = self._next % len(targets)
@@ -31,13 +31,29 @@ class _RoundRobin:
 
 
 class _LeastOutstanding:
-    """Fewest requests in flight first (plus the engine's own load); ties broken by rotation."""
+    """Fewest requests in flight first (plus the engine's own load); ties broken by rotation.
+
+    Two engines (the common route) are compared inline: a sort with a Python
+    key costs a nested interpreter call per engine.
+    """
 
     def __init__(self) -> None:
-        self._rotate = _RoundRobin()
+        self._next = 0
 
-    def __call__(self, targets: list[Target]) -> list[Target]:
-        return sorted(self._rotate(targets), key=load_of)
+    def order(self, targets: list[Target]) -> list[Target]:
+        count = len(targets)
+        if count < 2:
+            return list(targets)
+        start = self._next % count
+        self._next += 1
+        rotated = targets[start:] + targets[:start]
+        if count == 2:
+            first, second = rotated[0].engine, rotated[1].engine
+            if second.outstanding + second.load_penalty < first.outstanding + first.load_penalty:
+                rotated.reverse()
+            return rotated
+        rotated.sort(key=load_of)  # stable: ties keep the rotation
+        return rotated
 
 
 class _Weighted:
@@ -46,7 +62,7 @@ class _Weighted:
     def __init__(self) -> None:
         self._current: dict[str, float] = {}
 
-    def __call__(self, targets: list[Target]) -> list[Target]:
+    def order(self, targets: list[Target]) -> list[Target]:
         if len(targets) < 2:
             return targets
         total = 0.0
@@ -74,9 +90,9 @@ def _ewma_latency(targets: list[Target]) -> list[Target]:
 def make_order(strategy: str) -> Order:
     factories: dict[str, Callable[[], Order]] = {
         "priority": lambda: _priority,
-        "round_robin": _RoundRobin,
-        "least_outstanding": _LeastOutstanding,
-        "weighted": _Weighted,
+        "round_robin": lambda: _RoundRobin().order,
+        "least_outstanding": lambda: _LeastOutstanding().order,
+        "weighted": lambda: _Weighted().order,
         "ewma_latency": lambda: _ewma_latency,
     }
     return factories[strategy]()
