@@ -1,26 +1,30 @@
-"""CPU per request a route strategy adds, measured on kiban gateways running side by side.
+"""CPU per request a route strategy adds, kiban gateways measured in turns a few seconds apart.
 
-bench/gateways.py measures one gateway at a time: between its rounds the
+bench/gateways.py measures one gateway per round: between its rounds the
 VM's speed moves CPU per request by 20-80 µs, more than a strategy costs.
 Here one ``kiban serve`` per strategy (one worker each, its route over
-``--engines`` engines that all point at one nginx fixed answer) runs at the
-same time on the same CPU, each loaded by its own `kiban bench` (the same
-prompts in the same order, ``--connections`` each, closed loop), all started
-together. Whatever slows the machine slows every gateway alike within the
-same milliseconds, so the differences of CPU per request (utime + stime of
-each gateway process, from /proc) resolve a few µs.
+``--engines`` engines that all point at one nginx fixed answer) runs on the
+same CPU, and they take turns: `kiban bench` loads one (``--connections``,
+closed loop, the same prompts in the same order) for ``--seconds`` while the
+others idle, then the next, ``--turns`` times. A drift of the machine's
+speed reaches every gateway within seconds, so the differences of CPU per
+request (utime + stime of each gateway process, from /proc, over the
+requests it answered) resolve a few µs. Each round starts fresh gateways (a
+process's memory layout moves its CPU per request by a few µs) in an order
+rotated from round to round. With ``--together`` all gateways are loaded at
+once in each turn: the same moment for all, but sharing the CPU they evict
+each other's caches, which inflates what a strategy's own data costs.
 
     .venv/bin/python bench/strategy_cpu.py \\
-        [--strategies least_outstanding,cache_aware,round_robin] [--rounds 6] [--requests 20000]
+        [--strategies least_outstanding,cache_aware,round_robin] [--rounds 6] [--turns 5]
 
-The first strategy is the baseline. ``--prefixes`` distinct prompts of about
-``--prefix-bytes`` (1,000 of 4 KB) are each sent once before the rounds, so
-cache_aware holds them all and every measured request is a hit. The load
-generators and nginx run on the first CPU, the gateways on the second
-(taskset). With ``--connections 1`` every request wakes a gateway whose
-caches the others have just used: CPU per request is 2-3 times what it is
-under load, the differences too. Every process started here is stopped at
-the end; every round is bounded in requests and seconds.
+The first strategy is the baseline; a strategy named twice runs twice (an
+A/A check of the method: its copies should differ by nothing). ``--prefixes``
+distinct prompts of about ``--prefix-bytes`` (1,000 of 4 KB) are each sent
+once before the rounds, so cache_aware holds them all and every measured
+request is a hit. The load generators and nginx run on the first CPU, the
+gateways on the second (taskset). Every process started here is stopped at
+the end; every turn is bounded in seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +43,30 @@ from gateways import _READY_BODY, CHAT, KIBAN, NONSTREAM_MAX_TOKENS, Placement, 
 from procs import Service, pinned, stop_on_sigterm
 
 
-def _bench_argv(url: str, prompts: Path, requests: int, args: argparse.Namespace) -> list[str]:
+def _bench_argv(
+    url: str, prompts: Path, requests: int, seconds: float, args: argparse.Namespace
+) -> list[str]:
     return [
         KIBAN, "bench", url, "--model", targets.MODEL, "--requests", str(requests),
-        "--duration", str(args.max_seconds), "--concurrency", str(args.connections),
+        "--duration", str(seconds), "--concurrency", str(args.connections),
         "--api-key", targets.API_KEY, "--max-tokens", str(NONSTREAM_MAX_TOKENS),
         "--prompt-file", str(prompts), "--json", "--quiet",
     ]  # fmt: skip
 
 
-def _load_all(urls: list[str], prompts: Path, requests: int, args: argparse.Namespace,
-              cpus: str | None) -> list[int]:  # fmt: skip
-    """One `kiban bench` per gateway, all at once; the requests each one completed."""
+def _load_all(
+    urls: list[str],
+    prompts: Path,
+    requests: int,
+    seconds: float,
+    args: argparse.Namespace,
+    cpus: str | None,
+) -> list[int]:
+    """One `kiban bench` per gateway, all at once, each until *requests* or *seconds*;
+    the requests each one completed."""
     procs = [
         subprocess.Popen(
-            pinned(_bench_argv(url, prompts, requests, args), cpus),
+            pinned(_bench_argv(url, prompts, requests, seconds, args), cpus),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -64,7 +76,7 @@ def _load_all(urls: list[str], prompts: Path, requests: int, args: argparse.Name
     done = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=args.max_seconds + 120)
+            out, err = proc.communicate(timeout=seconds + 120)
             if proc.returncode not in (0, 1):
                 raise RuntimeError(f"kiban bench failed ({proc.returncode}):\n{err}")
             result = json.loads(out)["result"]
@@ -79,55 +91,101 @@ def _load_all(urls: list[str], prompts: Path, requests: int, args: argparse.Name
     return done
 
 
+def _start_gateways(
+    strategies: list[str],
+    order: list[int],
+    work: Path,
+    upstream: str,
+    args: argparse.Namespace,
+    place: Placement,
+) -> list[tuple[Service, str]]:
+    """One fresh kiban per strategy, started in *order*; each ready to answer."""
+    started: dict[int, tuple[Service, str]] = {}
+    try:
+        for i in order:
+            gateway = targets.kiban(1, strategies[i], args.engines)
+            service, url = gateway.start(work, upstream, place.gateway)
+            started[i] = (service.start(), url)
+            auth = {"Authorization": f"Bearer {targets.API_KEY}"}
+            service.wait_ready(url + CHAT, _READY_BODY, timeout_s=180, headers=auth)
+    except BaseException:
+        for service, _ in started.values():
+            service.stop()
+        raise
+    return [started[i] for i in range(len(strategies))]
+
+
+def _round(
+    strategies: list[str],
+    labels: list[str],
+    number: int,
+    work: Path,
+    upstream: str,
+    prompts: Path,
+    args: argparse.Namespace,
+    place: Placement,
+) -> dict[str, float]:
+    """CPU µs per request of fresh gateways loaded in turns, in an order rotated by *number*."""
+    order = list(range(len(strategies)))
+    order = order[number % len(order) :] + order[: number % len(order)]
+    gateways = _start_gateways(strategies, order, work, upstream, args, place)
+    cpu_s = [0.0] * len(strategies)
+    served = [0] * len(strategies)
+    try:
+        # every prompt once, so cache_aware holds them all
+        _load_all(
+            [gateways[i][1] for i in order], prompts, args.prefixes, 600, args, place.generator
+        )
+        # one gateway loaded at a time, the others idle; --together: all at once
+        groups = [order] if args.together else [[i] for i in order]
+        for _ in range(args.turns):
+            for group in groups:
+                before = [gateways[i][0].cpu_seconds() for i in group]
+                urls = [gateways[i][1] for i in group]
+                done = _load_all(urls, prompts, 10**8, args.seconds, args, place.generator)
+                for i, was, count in zip(group, before, done, strict=True):
+                    served[i] += count
+                    cpu_s[i] += gateways[i][0].cpu_seconds() - was
+    finally:
+        for service, _ in gateways:
+            service.stop()
+    by_label = {label: cpu / n * 1e6 for label, cpu, n in zip(labels, cpu_s, served, strict=True)}
+    cpu_us = {label: by_label[label] for label in labels}
+    base = cpu_us[labels[0]]
+    line = "  ".join(f"{s} {v - base:+6.1f}" for s, v in list(cpu_us.items())[1:])
+    print(
+        f"round {number + 1}: {min(served)}-{max(served)} requests each; "
+        f"{labels[0]} {base:.1f} µs/request; {line}",
+        file=sys.stderr,
+    )
+    return cpu_us
+
+
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     place = Placement(pin=not args.no_pin)
     strategies = args.strategies.split(",")
+    labels = [
+        s if strategies.count(s) == 1 else f"{s}#{strategies[:i].count(s) + 1}"
+        for i, s in enumerate(strategies)
+    ]
     prompts = _prompt_file(work, args.prefixes, args.prefix_bytes)
     assert prompts is not None
-    live: list[Service] = []
+    upstream, upstream_url = targets.nginx(work, place.engine)
+    upstream.start()
     try:
-        upstream, upstream_url = targets.nginx(work, place.engine)
-        live.append(upstream.start())
         upstream.wait_ready(upstream_url + "/health")
-        gateways, urls = [], []
-        for strategy in strategies:
-            service, url = targets.kiban(1, strategy, args.engines).start(
-                work, upstream_url, place.gateway
-            )
-            live.append(service.start())
-            auth = {"Authorization": f"Bearer {targets.API_KEY}"}
-            service.wait_ready(url + CHAT, _READY_BODY, timeout_s=180, headers=auth)
-            gateways.append(service)
-            urls.append(url)
-        _load_all(urls, prompts, args.prefixes, args, place.generator)  # every prompt once
-        rounds: list[dict[str, float]] = []
-        for number in range(args.rounds):
-            before = [g.cpu_seconds() for g in gateways]
-            started = time.monotonic()
-            served = _load_all(urls, prompts, args.requests, args, place.generator)
-            elapsed = time.monotonic() - started
-            after = [g.cpu_seconds() for g in gateways]
-            cpu_us = {
-                s: (a - b) / n * 1e6
-                for s, a, b, n in zip(strategies, after, before, served, strict=True)
-            }
-            rounds.append(cpu_us)
-            base = cpu_us[strategies[0]]
-            line = "  ".join(f"{s} {v - base:+6.1f}" for s, v in list(cpu_us.items())[1:])
-            print(
-                f"round {number + 1}: {min(served)}-{max(served)} requests each in "
-                f"{elapsed:.0f} s; {strategies[0]} {base:.1f} µs/request; {line}",
-                file=sys.stderr,
-            )
-        return {
-            "strategies": strategies,
-            "requests_per_round": args.requests,
-            "connections": args.connections,
-            "rounds": rounds,
-        }
+        rounds = [
+            _round(strategies, labels, n, work, upstream_url, prompts, args, place)
+            for n in range(args.rounds)
+        ]
     finally:
-        for service in reversed(live):
-            service.stop()
+        upstream.stop()
+    return {
+        "strategies": labels,
+        "turns": f"{args.turns} x {args.seconds:g} s",
+        "connections": args.connections,
+        "rounds": rounds,
+    }
 
 
 def summary(result: dict[str, Any]) -> list[str]:
@@ -135,8 +193,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     strategies, rounds = result["strategies"], result["rounds"]
     base = strategies[0]
     lines = [
-        f"# CPU per request, {len(rounds)} rounds of {result['requests_per_round']:,} "
-        f"requests over {result['connections']} connections per gateway"
+        f"# CPU per request, {len(rounds)} rounds of {result['turns']} turns "
+        f"over {result['connections']} connections per gateway"
     ]
     for strategy in strategies:
         values = [r[strategy] for r in rounds]
@@ -159,9 +217,14 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, default=1000)
     parser.add_argument("--prefix-bytes", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=20000, help="per gateway and round")
+    parser.add_argument("--turns", type=int, default=5, help="of each gateway in a round")
+    parser.add_argument("--seconds", type=float, default=3, help="of each turn")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="load every gateway at once instead (they then evict each other's caches)",
+    )
     parser.add_argument("--connections", type=int, default=8, help="per gateway")
-    parser.add_argument("--max-seconds", type=float, default=600, help="bound of each round")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
