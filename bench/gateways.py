@@ -136,6 +136,22 @@ class Loads:
         """One `kiban bench` run; its JSON ``result``. With *rate*, an open loop: Poisson
         arrivals at that many requests/s over at most *clients* connections."""
         max_s = max_s or self.args.max_seconds
+        argv = self.bench_argv(url, requests, clients, max_s, stream, rate)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=max_s + 120)
+        result = bench_result(done.returncode, done.stdout, done.stderr)
+        self.served[url] += result["requests"]
+        return result
+
+    def bench_argv(
+        self,
+        url: str,
+        requests: int,
+        clients: int,
+        max_s: float,
+        stream: bool = False,
+        rate: float = 0,
+    ) -> list[str]:
+        """The `kiban bench` command of one run, pinned to the generator CPU."""
         load = ["--rate", str(rate), "--max-connections"] if rate else ["--concurrency"]
         argv = [
             KIBAN,
@@ -158,13 +174,7 @@ class Loads:
             *(["--stream"] if stream else []),
             *(["--prompt-file", str(self.prompt_file)] if self.prompt_file else []),
         ]
-        argv = _pinned(argv, self.place.generator)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=max_s + 120)
-        if done.returncode not in (0, 1):
-            raise RuntimeError(f"kiban bench failed ({done.returncode}):\n{done.stderr}")
-        result = json.loads(done.stdout)["result"]
-        self.served[url] += result["requests"]
-        return result
+        return _pinned(argv, self.place.generator)
 
     def wrk(self, url: str, connections: int, seconds: int) -> dict[str, Any]:
         """A duration-bound wrk run: requests/s, errors, and wrk's CPU per request."""
@@ -194,6 +204,13 @@ class Loads:
             "socket_errors": socket_errors.group(1) if socket_errors else None,
             "client_cpu_us_per_request": cpu / requests * 1e6 if requests else None,
         }
+
+
+def bench_result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """The JSON ``result`` of a finished `kiban bench` (exit 1: some requests failed)."""
+    if returncode not in (0, 1):
+        raise RuntimeError(f"kiban bench failed ({returncode}):\n{stderr}")
+    return json.loads(stdout)["result"]
 
 
 def _prompt_file(work: Path, count: int, size: int) -> Path | None:
@@ -761,8 +778,7 @@ def report(
 
 
 def strategy_summary(rows: list[dict[str, Any]]) -> list[str]:
-    """kiban's CPU per request for each route strategy over the rounds: mean, spread, and the
-    paired difference to the first strategy measured (same round)."""
+    """kiban's CPU per request for each route strategy over the rounds (paired_summary)."""
     cpu: dict[str, dict[int, float]] = {}
     for row in rows:
         value = _get(row, "nonstream", "cpu_us_per_request")
@@ -770,8 +786,14 @@ def strategy_summary(rows: list[dict[str, Any]]) -> list[str]:
             cpu.setdefault(row["key"], {})[row.get("round", 1)] = value
     if len(cpu) < 2:
         return []
+    return ["CPU µs per request by route strategy", *paired_summary(cpu)]
+
+
+def paired_summary(cpu: dict[str, dict[int, float]]) -> list[str]:
+    """Per key, its values by round: mean and spread, and the paired difference to the
+    first key (same round): mean, median, spread."""
     first = next(iter(cpu))
-    lines = ["CPU µs per request by route strategy (mean, min-max over rounds; vs " + first + ")"]
+    lines = [f"(mean, min-max over rounds; vs {first})"]
     for key, by_round in cpu.items():
         values = list(by_round.values())
         line = f"  {key}: {statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,34 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import targets
-from gateways import _READY_BODY, CHAT, KIBAN, NONSTREAM_MAX_TOKENS, Placement, _prompt_file
-from procs import Service, pinned, stop_on_sigterm
+from gateways import _READY_BODY, CHAT, Loads, Placement, bench_result, paired_summary
+from procs import Service, stop_on_sigterm
 
 
-def _bench_argv(
-    url: str, prompts: Path, requests: int, seconds: float, args: argparse.Namespace
-) -> list[str]:
-    return [
-        KIBAN, "bench", url, "--model", targets.MODEL, "--requests", str(requests),
-        "--duration", str(seconds), "--concurrency", str(args.connections),
-        "--api-key", targets.API_KEY, "--max-tokens", str(NONSTREAM_MAX_TOKENS),
-        "--prompt-file", str(prompts), "--json", "--quiet",
-    ]  # fmt: skip
-
-
-def _load_all(
-    urls: list[str],
-    prompts: Path,
-    requests: int,
-    seconds: float,
-    args: argparse.Namespace,
-    cpus: str | None,
-) -> list[int]:
-    """One `kiban bench` per gateway, all at once, each until *requests* or *seconds*;
-    the requests each one completed."""
+def _load_all(urls: list[str], requests: int, seconds: float, loads: Loads) -> list[int]:
+    """One `kiban bench` per gateway (``--connections`` each), all at once, each until
+    *requests* or *seconds*; the requests each one completed."""
+    connections = loads.args.connections
     procs = [
         subprocess.Popen(
-            pinned(_bench_argv(url, prompts, requests, seconds, args), cpus),
+            loads.bench_argv(url, requests, connections, seconds),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -77,9 +59,7 @@ def _load_all(
     try:
         for proc in procs:
             out, err = proc.communicate(timeout=seconds + 120)
-            if proc.returncode not in (0, 1):
-                raise RuntimeError(f"kiban bench failed ({proc.returncode}):\n{err}")
-            result = json.loads(out)["result"]
+            result = bench_result(proc.returncode, out, err)
             if result["errors"]:
                 raise RuntimeError(f"kiban bench: {result['errors']} requests failed")
             done.append(result["requests"])
@@ -121,36 +101,32 @@ def _round(
     number: int,
     work: Path,
     upstream: str,
-    prompts: Path,
-    args: argparse.Namespace,
-    place: Placement,
+    loads: Loads,
 ) -> dict[str, float]:
     """CPU µs per request of fresh gateways loaded in turns, in an order rotated by *number*."""
     order = list(range(len(strategies)))
     order = order[number % len(order) :] + order[: number % len(order)]
+    args, place = loads.args, loads.place
     gateways = _start_gateways(strategies, order, work, upstream, args, place)
     cpu_s = [0.0] * len(strategies)
     served = [0] * len(strategies)
     try:
         # every prompt once, so cache_aware holds them all
-        _load_all(
-            [gateways[i][1] for i in order], prompts, args.prefixes, 600, args, place.generator
-        )
+        _load_all([gateways[i][1] for i in order], args.prefixes, 600, loads)
         # one gateway loaded at a time, the others idle; --together: all at once
         groups = [order] if args.together else [[i] for i in order]
         for _ in range(args.turns):
             for group in groups:
                 before = [gateways[i][0].cpu_seconds() for i in group]
                 urls = [gateways[i][1] for i in group]
-                done = _load_all(urls, prompts, 10**8, args.seconds, args, place.generator)
+                done = _load_all(urls, 10**8, args.seconds, loads)
                 for i, was, count in zip(group, before, done, strict=True):
                     served[i] += count
                     cpu_s[i] += gateways[i][0].cpu_seconds() - was
     finally:
         for service, _ in gateways:
             service.stop()
-    by_label = {label: cpu / n * 1e6 for label, cpu, n in zip(labels, cpu_s, served, strict=True)}
-    cpu_us = {label: by_label[label] for label in labels}
+    cpu_us = {label: cpu / n * 1e6 for label, cpu, n in zip(labels, cpu_s, served, strict=True)}
     base = cpu_us[labels[0]]
     line = "  ".join(f"{s} {v - base:+6.1f}" for s, v in list(cpu_us.items())[1:])
     print(
@@ -168,15 +144,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         s if strategies.count(s) == 1 else f"{s}#{strategies[:i].count(s) + 1}"
         for i, s in enumerate(strategies)
     ]
-    prompts = _prompt_file(work, args.prefixes, args.prefix_bytes)
-    assert prompts is not None
+    loads = Loads(args, place, work)
     upstream, upstream_url = targets.nginx(work, place.engine)
     upstream.start()
     try:
         upstream.wait_ready(upstream_url + "/health")
         rounds = [
-            _round(strategies, labels, n, work, upstream_url, prompts, args, place)
-            for n in range(args.rounds)
+            _round(strategies, labels, n, work, upstream_url, loads) for n in range(args.rounds)
         ]
     finally:
         upstream.stop()
@@ -189,24 +163,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def summary(result: dict[str, Any]) -> list[str]:
-    """Per strategy: CPU µs per request, and its difference to the baseline (mean, spread)."""
-    strategies, rounds = result["strategies"], result["rounds"]
-    base = strategies[0]
-    lines = [
-        f"# CPU per request, {len(rounds)} rounds of {result['turns']} turns "
-        f"over {result['connections']} connections per gateway"
+    """Per strategy: CPU µs per request over the rounds, and its difference to the baseline."""
+    rounds = result["rounds"]
+    cpu = {s: dict(enumerate(r[s] for r in rounds)) for s in result["strategies"]}
+    return [
+        f"# CPU µs per request, {len(rounds)} rounds of {result['turns']} turns "
+        f"over {result['connections']} connections per gateway",
+        *paired_summary(cpu),
     ]
-    for strategy in strategies:
-        values = [r[strategy] for r in rounds]
-        text = f"{strategy:<20} {statistics.mean(values):7.1f} µs"
-        if strategy != base:
-            diffs = [r[strategy] - r[base] for r in rounds]
-            text += (
-                f"   vs {base}: mean {statistics.mean(diffs):+5.1f}, median "
-                f"{statistics.median(diffs):+5.1f}, rounds {min(diffs):+5.1f} to {max(diffs):+5.1f}"
-            )
-        lines.append(text)
-    return lines
 
 
 def main() -> None:
