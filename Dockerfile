@@ -11,11 +11,19 @@ ENV VENV=/opt/kiban \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# A C compiler and xxhash.h for the C kernel of cache_aware (setup.py), in this stage only:
+# the kernel inlines xxh3, so the runtime stage needs neither. Debian's own versions of the
+# base's release (bookworm); pinning them would break the build at each point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN python3 -m venv "$VENV" \
     && "$VENV/bin/pip" install --no-compile . \
-    && "$VENV/bin/kiban" --help > /dev/null
+    && "$VENV/bin/kiban" --help > /dev/null \
+    && "$VENV/bin/python" -c "from kiban.gateway.prefix_scan import NATIVE; assert NATIVE"
 
 FROM ${PYTHON_IMAGE}
 ENV VENV=/opt/kiban

@@ -18,8 +18,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Reinstalled when what pip builds changes: the metadata, or the C kernel of cache_aware
+# (setup.py compiles it in place; an edit to the .pyx needs a rebuild).
 stamp=.venv/.kiban-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+rebuild=false
+for source in pyproject.toml setup.py src/kiban/gateway/_prefix_scan.pyx; do
+  if [[ $source -nt $stamp ]]; then rebuild=true; fi
+done
+if [[ ! -f $stamp ]] || $rebuild; then
   echo "bootstrap: installing kiban into .venv"
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip

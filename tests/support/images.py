@@ -3,9 +3,10 @@ with chroot isolation and the host's network.
 
 The Dockerfile's base (python:3.12-slim by digest) lives on Docker Hub, which this machine
 cannot reach; its ``PYTHON_IMAGE`` build argument takes a local stand-in instead: Debian
-bookworm's minimal system with python3 and venv, made by debootstrap from Debian's own
-mirror and trusting the certificates this host trusts (so pip inside the build reaches PyPI
-the way the host's pip does). The stand-in is built once and kept (``buildah images``).
+bookworm's minimal system with python3, venv and its headers, made by debootstrap from
+Debian's own mirror and trusting the certificates this host trusts (so pip inside the
+build reaches PyPI the way the host's pip does). The stand-in is built once and kept
+(``buildah images``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 SUITE = "bookworm"
-PACKAGES = ("python3", "python3-venv", "ca-certificates")
+# python3-dev: the headers the official python images carry (the Dockerfile compiles a kernel)
+PACKAGES = ("python3", "python3-venv", "python3-dev", "ca-certificates")
 MIRROR = os.environ.get("KIBAN_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 #: the image's PATH, as Debian's (and the official python images') root shell has it

@@ -14,12 +14,22 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiban.config import ConfigError, parse_config
+from kiban.gateway import prefix_affinity, prefix_scan
 from kiban.gateway.engines import Circuit
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.prefix_affinity import BOUNDARIES, prefix_keys, prompt_start
+from kiban.gateway.prefix_scan import BOUNDARIES, prefix_keys, prompt_at
 from kiban.gateway.routing import Route, Router
 
 ENGINES = ("a", "b", "c")
+
+
+@pytest.fixture(autouse=True, params=["kernel", "python"])
+def prefix_code(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the C kernel and again with its Python fallback."""
+    if request.param == "python":
+        for name in ("longest_known", "prefix_keys", "prompt_at"):
+            monkeypatch.setattr(prefix_affinity, name, getattr(prefix_scan, f"python_{name}"))
+    return str(request.param)
 
 
 @dataclass
@@ -70,14 +80,14 @@ def _pick(route: Route, request: Request) -> str:
 def test_prefixes_start_at_512_bytes_and_grow_by_half() -> None:
     assert BOUNDARIES[:5] == (512, 768, 1152, 1728, 2592)
     body = b'{"model":"m","messages":' + b"x" * 5000
-    start = prompt_start(body)
+    start = prompt_at(body)
     assert body[start:].startswith(b'"messages"')
     assert len(prefix_keys(body, start)) == 6  # 5 KB
     assert len(prefix_keys(b'"messages"' + b"x" * (1 << 20), 0)) == 19  # 1 MB
     assert prefix_keys(b'{"messages":[]}', 1) == []
     # a prompt that extends another shares its keys; the model field before it does not count
     longer = b'{"model":"other","messages":' + b"x" * 9000
-    assert prefix_keys(longer, prompt_start(longer))[:6] == prefix_keys(body, start)
+    assert prefix_keys(longer, prompt_at(longer))[:6] == prefix_keys(body, start)
 
 
 def test_a_prompt_that_differs_in_one_segment_shares_only_the_keys_before_it() -> None:
@@ -116,7 +126,7 @@ def test_the_longest_matching_prefix_wins() -> None:
     strategy = route.request_order
     extended = _chat([*longer, {"role": "assistant", "content": "a " * 2000}])
     strategy._record(
-        prefix_keys(extended.body, prompt_start(extended.body)), 1 << ENGINES.index(other)
+        prefix_keys(extended.body, prompt_at(extended.body)), 1 << ENGINES.index(other)
     )
     assert (
         _pick(route, _chat([*extended.payload["messages"], {"role": "user", "content": "?"}]))
@@ -148,7 +158,7 @@ def test_guard_spreads_a_hot_prefix_when_load_is_unbalanced() -> None:
     assert max(load.values()) - min(load.values()) <= 5, load
     # the prefix is recorded on every engine that served it: once balanced, each is a match
     strategy = route.request_order
-    assert strategy.holders(prefix_keys(hot.body, prompt_start(hot.body))[-1]) == list(ENGINES)
+    assert strategy.holders(prefix_keys(hot.body, prompt_at(hot.body))[-1]) == list(ENGINES)
 
 
 def test_only_healthy_closed_engines_below_their_limit_take_a_prefix() -> None:
@@ -191,19 +201,19 @@ def test_a_miss_records_every_prefix_and_a_hit_refreshes_the_matched_and_longer(
     route = _route(_router("cache_aware"))
     index = route.request_order.index
     chat = _conversation(0, 2)
-    first = prefix_keys(chat[0].body, prompt_start(chat[0].body))
+    first = prefix_keys(chat[0].body, prompt_at(chat[0].body))
     owner = _pick(route, chat[0])  # a miss: every prefix, the longest most recently used
     assert list(index) == first
     other = _conversation(1, 1)[0]
     _pick(route, other)
-    second = prefix_keys(chat[1].body, prompt_start(chat[1].body))
+    second = prefix_keys(chat[1].body, prompt_at(chat[1].body))
     assert second[: len(first)] == first and len(second) > len(first)  # the next turn
     assert _pick(route, chat[1]) == owner  # a hit on the first turn's longest prefix
     # refreshed: that prefix and the next turn's longer ones, the longest most recent
     assert list(index)[-(len(second) - len(first) + 1) :] == second[len(first) - 1 :]
     # the first turn's shorter prefixes were not: they age behind the other chat's
     order = list(index)
-    other_first = prefix_keys(other.body, prompt_start(other.body))[0]
+    other_first = prefix_keys(other.body, prompt_at(other.body))[0]
     assert order.index(first[-2]) < order.index(other_first)
 
 
@@ -307,7 +317,7 @@ def test_counts_of_replaced_routes_are_published_before_a_reload_drops_them() ->
     for chat in chats:
         _pick(_route(old), chat)  # misses, each recording every prefix
     evicted = _route(old).request_order.evictions
-    assert evicted == sum(len(prefix_keys(c.body, prompt_start(c.body))) for c in chats) - 16 > 0
+    assert evicted == sum(len(prefix_keys(c.body, prompt_at(c.body))) for c in chats) - 16 > 0
     new = _router("cache_aware", cache_aware={"max_prefixes": 16})
     metrics.prepare(new.routes)  # what a reload does once the new routes serve
     _pick(_route(new), _conversation(9, 1)[0])

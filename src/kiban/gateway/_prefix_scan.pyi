@@ -1,0 +1,9 @@
+"""Types of the C kernel _prefix_scan.pyx (kiban.gateway.prefix_scan documents each function)."""
+
+from collections.abc import Mapping
+
+def prompt_at(body: bytes) -> int: ...
+def prefix_keys(body: bytes, start: int, skip: int = 0) -> list[int]: ...
+def longest_known(
+    index: Mapping[int, int], body: bytes, min_match: float, skip: int = 0
+) -> tuple[int, list[int], int | None]: ...
