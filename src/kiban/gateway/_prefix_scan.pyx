@@ -2,8 +2,9 @@
 """The hot path of ``cache_aware`` in C: the prompt found, its prefix keys hashed and looked up.
 
 The same results as kiban.gateway.prefix_scan's Python code (its docstring says what each
-function does) without a memoryview, a slice and an argument parse per prefix. xxh3 comes
-from Debian's xxhash.h (``libxxhash-dev``), inlined: nothing is linked.
+function does) without a memoryview, a slice and an argument parse per prefix. xxh3 comes from Debian's
+``libxxhash-dev``: on x86-64 its library's run-time choice of SIMD (AVX2 halves the
+instructions of SSE2, which the ``xxhash`` wheel runs), elsewhere inlined.
 """
 
 from cpython.dict cimport PyDict_Check, PyDict_GetItemWithError
@@ -11,8 +12,14 @@ from cpython.ref cimport PyObject
 
 cdef extern from *:
     """
-    #define XXH_INLINE_ALL
-    #include <xxhash.h>
+    #if defined(__x86_64__)
+      /* Debian's libxxhash picks SSE2, AVX2 or AVX-512 as the CPU has them (setup.py links it) */
+      #include <xxh_x86dispatch.h>
+    #else
+      /* elsewhere (aarch64: NEON) the compiler's choice, inlined */
+      #define XXH_INLINE_ALL
+      #include <xxhash.h>
+    #endif
     """
     unsigned long long XXH3_64bits(const void *data, size_t length) nogil
 
