@@ -7,17 +7,18 @@ prompt gives 6 prefixes, 1 MB gives 19); a prefix's key is its 64-bit xxh3 hash.
 setup.py compiles ``_prefix_scan`` (Cython, xxh3 inlined from Debian's ``libxxhash-dev``)
 when a C compiler and that header are there; without them kiban installs anyway and runs
 the functions below, which give the same results (``NATIVE`` says which runs; ``kiban
-serve`` warns when a cache_aware route runs without the kernel). The kernel costs about
-4,000 instructions a request on the hit path (2,700 of them xxh3 on 4 KB); these, 14,000.
+serve`` warns when a cache_aware route runs without the kernel). On the hit path of a 4 KB
+prompt the kernel costs about 3,300 instructions (1,320 of them xxh3, with AVX2); these, 14,000.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping
 
 from xxhash import xxh3_64_intdigest
 
-__all__ = ["BOUNDARIES", "FIRST_BOUNDARY", "NATIVE", "longest_known", "prefix_keys", "prompt_at"]
+__all__ = ["BOUNDARIES", "NATIVE", "longest_known", "prefix_keys", "prompt_at"]
 
 FIRST_BOUNDARY = 512
 
@@ -81,10 +82,7 @@ def python_longest_known(
 
 def _sizes(length: int) -> tuple[int, ...]:
     """The prefix lengths of a prompt of *length* bytes, shortest first."""
-    count = 0
-    while BOUNDARIES[count] <= length:
-        count += 1
-    return BOUNDARIES[:count]
+    return BOUNDARIES[: bisect_right(BOUNDARIES, length)]
 
 
 try:
