@@ -12,8 +12,9 @@ ENV VENV=/opt/kiban \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # A C compiler and xxhash.h for the C kernel of cache_aware (setup.py), in this stage only:
-# the kernel inlines xxh3, so the runtime stage needs neither. Debian's own versions of the
-# base's release (bookworm); pinning them would break the build at each point release.
+# at run time the kernel needs libxxhash0, which the base has (apt depends on it). Debian's own
+# versions of the base's release (bookworm); pinning them would break the build at each point
+# release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libxxhash-dev \

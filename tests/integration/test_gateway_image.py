@@ -177,6 +177,14 @@ def test_gateway_runs_unprivileged_and_its_healthcheck_follows_it(image, contain
     assert "unhealthy" in dead.stderr
 
 
+def test_the_image_runs_the_prefix_kernel(container):
+    # built in the build stage; at run time it needs libxxhash0, which the base must carry
+    code = "from kiban.gateway.prefix_scan import NATIVE; print(NATIVE)"
+    result = _run(container, "python", "-c", code)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "True"
+
+
 def test_gpu_exporter_serves_from_the_same_image(container):
     port = _free_port()
     exporter = _run(

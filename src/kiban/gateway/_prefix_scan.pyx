@@ -2,9 +2,9 @@
 """The hot path of ``cache_aware`` in C: the prompt found, its prefix keys hashed and looked up.
 
 The same results as kiban.gateway.prefix_scan's Python code (its docstring says what each
-function does) without a memoryview, a slice and an argument parse per prefix. xxh3 comes from Debian's
-``libxxhash-dev``: on x86-64 its library's run-time choice of SIMD (AVX2 halves the
-instructions of SSE2, which the ``xxhash`` wheel runs), elsewhere inlined.
+function does) without a memoryview, a slice and an argument parse per prefix. xxh3 comes
+from Debian's ``libxxhash-dev``: on x86-64 its library's run-time choice of SIMD (AVX2
+halves the instructions of SSE2, which the ``xxhash`` wheel runs), elsewhere inlined.
 """
 
 from cpython.dict cimport PyDict_Check, PyDict_GetItemWithError
