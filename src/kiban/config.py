@@ -442,6 +442,9 @@ class StructuredPolicy(_Strict):
         raise ValueError("expected 'auto' or a number of tokens of at least 1")
 
 
+CACHE_AWARE_MAX_ENGINES = 64
+
+
 class CacheAwarePolicy(_Strict):
     """``strategy: cache_aware``: prefix index size and the balance guard (docs/routing.md)."""
 
@@ -648,6 +651,12 @@ def _cross_check(cfg: KibanConfig) -> list[str]:
                     f"routes[{r}].{policy}: settings of strategy {policy!r}, but the route's "
                     f"strategy is {route.strategy!r}"
                 )
+        if route.strategy == "cache_aware" and len(route.engines) > CACHE_AWARE_MAX_ENGINES:
+            problems.append(
+                f"routes[{r}].engines: a cache_aware route takes at most "
+                f"{CACHE_AWARE_MAX_ENGINES} engines (its index holds a 64-bit mask), "
+                f"not {len(route.engines)}"
+            )
         schema = route.structured.schema_
         if schema is not None:
             try:

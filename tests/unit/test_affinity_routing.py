@@ -17,7 +17,7 @@ from kiban.config import ConfigError, parse_config
 from kiban.gateway import prefix_affinity, prefix_scan
 from kiban.gateway.engines import Circuit
 from kiban.gateway.metrics import Metrics
-from kiban.gateway.prefix_scan import BOUNDARIES, prefix_keys, prompt_at
+from kiban.gateway.prefix_scan import BOUNDARIES, prompt_keys
 from kiban.gateway.routing import Route, Router
 
 ENGINES = ("a", "b", "c")
@@ -27,8 +27,7 @@ ENGINES = ("a", "b", "c")
 def prefix_code(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with the C kernel and again with its Python fallback."""
     if request.param == "python":
-        for name in ("longest_known", "prefix_keys", "prompt_at"):
-            monkeypatch.setattr(prefix_affinity, name, getattr(prefix_scan, f"python_{name}"))
+        monkeypatch.setattr(prefix_affinity, "PrefixIndex", prefix_scan.PythonPrefixIndex)
     return str(request.param)
 
 
@@ -80,23 +79,21 @@ def _pick(route: Route, request: Request) -> str:
 def test_prefixes_start_at_512_bytes_and_grow_by_half() -> None:
     assert BOUNDARIES[:5] == (512, 768, 1152, 1728, 2592)
     body = b'{"model":"m","messages":' + b"x" * 5000
-    start = prompt_at(body)
-    assert body[start:].startswith(b'"messages"')
-    assert len(prefix_keys(body, start)) == 6  # 5 KB
-    assert len(prefix_keys(b'"messages"' + b"x" * (1 << 20), 0)) == 19  # 1 MB
-    assert prefix_keys(b'{"messages":[]}', 1) == []
+    assert len(prompt_keys(body)) == 6  # 5 KB
+    assert len(prompt_keys(b'"messages"' + b"x" * (1 << 20))) == 19  # 1 MB
+    assert prompt_keys(b'{"messages":[]}') == []
     # a prompt that extends another shares its keys; the model field before it does not count
     longer = b'{"model":"other","messages":' + b"x" * 9000
-    assert prefix_keys(longer, prompt_at(longer))[:6] == prefix_keys(body, start)
+    assert prompt_keys(longer)[:6] == prompt_keys(body)
 
 
 def test_a_prompt_that_differs_in_one_segment_shares_only_the_keys_before_it() -> None:
     body = b'{"messages":' + bytes(range(256)) * 24  # 6 KB: 7 prefixes
-    keys = prefix_keys(body, 1)
+    keys = prompt_keys(body)
     assert len(set(keys)) == len(keys) == 7
     for at in (600, 1000, 2000, 4000):  # inside segments 1, 2, 3 and 5
         changed = body[:at] + b"!" + body[at + 1 :]
-        other = prefix_keys(changed, 1)
+        other = prompt_keys(changed)
         same = sum(1 for boundary in BOUNDARIES[:7] if boundary <= at - 1)
         assert other[:same] == keys[:same]
         assert not set(other[same:]) & set(keys), at
@@ -125,9 +122,7 @@ def test_the_longest_matching_prefix_wins() -> None:
     other = next(n for n in ENGINES if n != first)
     strategy = route.request_order
     extended = _chat([*longer, {"role": "assistant", "content": "a " * 2000}])
-    strategy._record(
-        prefix_keys(extended.body, prompt_at(extended.body)), 1 << ENGINES.index(other)
-    )
+    strategy.index.record(extended.body, 1 << ENGINES.index(other))
     assert (
         _pick(route, _chat([*extended.payload["messages"], {"role": "user", "content": "?"}]))
         == other
@@ -158,7 +153,7 @@ def test_guard_spreads_a_hot_prefix_when_load_is_unbalanced() -> None:
     assert max(load.values()) - min(load.values()) <= 5, load
     # the prefix is recorded on every engine that served it: once balanced, each is a match
     strategy = route.request_order
-    assert strategy.holders(prefix_keys(hot.body, prompt_at(hot.body))[-1]) == list(ENGINES)
+    assert strategy.holders(prompt_keys(hot.body)[-1]) == list(ENGINES)
 
 
 def test_only_healthy_closed_engines_below_their_limit_take_a_prefix() -> None:
@@ -189,7 +184,7 @@ def test_index_is_bounded_and_evictions_are_counted() -> None:
     assert len(route.request_order.index) == 16
     values = _values(metrics)
     evicted = values[("kiban_route_prefix_evictions_total", (("route", "m"),))]
-    keys_per_prompt = len(prefix_keys(_conversation(0, 1)[0].body, 0)) - 1
+    keys_per_prompt = len(prompt_keys(_conversation(0, 1)[0].body))
     assert evicted >= 20 * keys_per_prompt - 16 > 0
     assert (
         values[("kiban_route_affinity_decisions_total", (("outcome", "miss"), ("route", "m")))]
@@ -201,19 +196,19 @@ def test_a_miss_records_every_prefix_and_a_hit_refreshes_the_matched_and_longer(
     route = _route(_router("cache_aware"))
     index = route.request_order.index
     chat = _conversation(0, 2)
-    first = prefix_keys(chat[0].body, prompt_at(chat[0].body))
+    first = prompt_keys(chat[0].body)
     owner = _pick(route, chat[0])  # a miss: every prefix, the longest most recently used
-    assert list(index) == first
+    assert index.keys() == first
     other = _conversation(1, 1)[0]
     _pick(route, other)
-    second = prefix_keys(chat[1].body, prompt_at(chat[1].body))
+    second = prompt_keys(chat[1].body)
     assert second[: len(first)] == first and len(second) > len(first)  # the next turn
     assert _pick(route, chat[1]) == owner  # a hit on the first turn's longest prefix
     # refreshed: that prefix and the next turn's longer ones, the longest most recent
-    assert list(index)[-(len(second) - len(first) + 1) :] == second[len(first) - 1 :]
+    assert index.keys()[-(len(second) - len(first) + 1) :] == second[len(first) - 1 :]
     # the first turn's shorter prefixes were not: they age behind the other chat's
-    order = list(index)
-    other_first = prefix_keys(other.body, prompt_at(other.body))[0]
+    order = index.keys()
+    other_first = prompt_keys(other.body)[0]
     assert order.index(first[-2]) < order.index(other_first)
 
 
@@ -317,7 +312,7 @@ def test_counts_of_replaced_routes_are_published_before_a_reload_drops_them() ->
     for chat in chats:
         _pick(_route(old), chat)  # misses, each recording every prefix
     evicted = _route(old).request_order.evictions
-    assert evicted == sum(len(prefix_keys(c.body, prompt_at(c.body))) for c in chats) - 16 > 0
+    assert evicted == sum(len(prompt_keys(c.body)) for c in chats) - 16 > 0
     new = _router("cache_aware", cache_aware={"max_prefixes": 16})
     metrics.prepare(new.routes)  # what a reload does once the new routes serve
     _pick(_route(new), _conversation(9, 1)[0])
@@ -370,6 +365,22 @@ def test_config_errors_name_the_key_and_value() -> None:
         "routes[0].session: settings of strategy 'session', but the route's strategy is "
         "'least_outstanding'"
     ]
+
+
+def test_a_cache_aware_route_takes_at_most_64_engines() -> None:
+    engines = [
+        {"name": f"e{i}", "kind": "vllm", "url": f"http://127.0.0.1:{i + 1}", "models": ["m"]}
+        for i in range(65)
+    ]
+    route = {"model": "m", "engines": [e["name"] for e in engines], "strategy": "cache_aware"}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"engines": engines, "routes": [route]}, {})
+    assert info.value.problems == [
+        "routes[0].engines: a cache_aware route takes at most 64 engines (its index holds a "
+        "64-bit mask), not 65"
+    ]
+    route["engines"] = route["engines"][:64]
+    assert len(Router(parse_config({"engines": engines, "routes": [route]}, {})).engines) == 65
 
 
 def _values(metrics: Metrics) -> dict[tuple[str, tuple], float]:

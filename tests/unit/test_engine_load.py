@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from kiban.config import parse_config
 from kiban.engines import ENGINE_KINDS
 from kiban.gateway.engine_load import KV_AVOID, LoadScraper, read_load
-from kiban.gateway.prefix_scan import prefix_keys, prompt_at
+from kiban.gateway.prefix_scan import prompt_keys
 from kiban.gateway.routing import Router
 from tests.unit.test_affinity_routing import _chat, _conversation, _pick, _route
 
@@ -76,7 +76,7 @@ def test_cache_aware_passes_over_a_holder_close_to_kv_exhaustion() -> None:
     router.engines[owner].load_penalty = KV_AVOID
     assert _pick(route, chat[1]) != owner
     router.engines[owner].load_penalty = 0
-    keys = prefix_keys(chat[1].body, prompt_at(chat[1].body))
+    keys = prompt_keys(chat[1].body)
     assert owner in route.request_order.holders(keys[0])
 
 

@@ -1,15 +1,14 @@
 """``strategy: cache_aware``: send a prompt to the engine that holds its longest prefix.
 
 Each route keeps an approximate prefix index over the prompt's prefix keys
-(kiban.gateway.prefix_scan: cuts of the raw body from its ``"messages"`` key on, at
-512 bytes and then at boundaries growing by half, each hashed with xxh3). The index
-is an LRU of ``max_prefixes`` keys; each key lists the engines that were sent it.
+(kiban.gateway.prefix_scan, in C: cuts of the raw body from its ``"messages"`` key
+on, at 512 bytes and then at boundaries growing by half, each hashed with xxh3). The
+index is an LRU of ``max_prefixes`` keys; each key holds the engines that were sent it.
 
 Keys are computed longest first and only as far as needed: a prompt whose
 longest prefixes are known (the next turn of a chat) costs one or two hashes;
 a prompt recorded in full (a miss, or the guard deciding) costs one per cut,
-about three times its bytes hashed (xxh3: 0.35 instructions a byte with AVX2, 0.7
-with SSE2).
+about three times its bytes hashed (xxh3 with SSE2: 0.7 instructions a byte).
 
 While the route is balanced, the least-loaded engine holding the longest
 prefix that covers ``min_match`` of the prompt wins. When the busiest engine
@@ -22,19 +21,18 @@ over the engines rather than piling onto one (sgl-project/sglang#14305).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from functools import cache
 
 from kiban.config import CacheAwarePolicy
 from kiban.gateway.engine_load import KV_AVOID
 from kiban.gateway.engines import Circuit
-from kiban.gateway.prefix_scan import NATIVE, longest_known, prefix_keys, prompt_at
+from kiban.gateway.prefix_scan import NATIVE, PrefixIndex
 from kiban.gateway.targets import Order, RequestView, Target
 
 log = logging.getLogger(__name__)
 WITHOUT_KERNEL = (
     "cache_aware runs without its C kernel (kiban.gateway._prefix_scan was not built: install "
-    "a C compiler and libxxhash-dev, then reinstall kiban); each request costs ~3 µs more"
+    "a C compiler and libxxhash-dev, then reinstall kiban); each request costs about 6 µs more"
 )
 
 
@@ -57,7 +55,7 @@ _CLOSED = Circuit.CLOSED  # an enum member read from the class costs ~900 instru
 class CacheAware:
     """The cache_aware strategy of one route (one instance per route and process).
 
-    The index maps a prefix key to a bitmask of the route's engines that were
+    Its index maps a prefix key to a bitmask of the route's engines that were
     sent that prefix (each target's ``bit``).
     """
 
@@ -69,10 +67,9 @@ class CacheAware:
         self.policy = policy
         self.fallback = fallback
         self._targets = list(targets)
-        self.index: OrderedDict[int, int] = OrderedDict()
+        self.index = PrefixIndex(policy.max_prefixes)
         # counted here, published to Prometheus by Metrics (an inc costs ten times as much)
         self.decisions = [0] * len(self.OUTCOMES)
-        self.evictions = 0
         # the policy's numbers as plain attributes: read on every request
         self._min_match = policy.min_match
         self._balance_abs = policy.balance_abs
@@ -86,66 +83,39 @@ class CacheAware:
         idlest, busiest = ordered[0].engine, ordered[-1].engine
         low = idlest.outstanding + idlest.load_penalty  # load_of, inlined (a call: ~500 instr.)
         high = busiest.outstanding + busiest.load_penalty
+        index = self.index
         if high - low > self._balance_abs and high > self._balance_rel * low:
-            start = prompt_at(body)
-            keys = prefix_keys(body, start) if start >= 0 else []  # none under 512 bytes
-            if keys:
-                self.decisions[_GUARD] += 1
-                self._record(keys, ordered[0].bit)
-            else:
-                self.decisions[_NO_PREFIX] += 1
+            recorded = index.record(body, ordered[0].bit)  # none under 512 bytes
+            self.decisions[_GUARD if recorded else _NO_PREFIX] += 1
             return ordered
         # longest first, down to the shortest prefix that covers min_match of the prompt
-        index = self.index
-        start, longer, holders = longest_known(index, body, self._min_match)
-        while holders is not None:  # longer[-1] is held: the least-loaded usable holder wins
+        holders = index.find(body, self._min_match)
+        while holders > 0:  # the least-loaded usable holder wins
             position = 0  # counted by hand: enumerate costs ~700 instructions more
             for target in ordered:  # least outstanding first
                 if holders & target.bit:
                     engine = target.engine
                     if engine.breaker.state is _CLOSED and engine.load_penalty < KV_AVOID:
                         self.decisions[_HIT] += 1
-                        # the matched prefix and the longer ones; the shorter ones age in
-                        # the LRU, as they only serve prompts that part from this one earlier
-                        if len(longer) > 1:
-                            longer.reverse()  # the matched one first, the longest most recent
-                            self._record(longer, target.bit)
-                        else:
-                            index.move_to_end(longer[0])
+                        index.hit(target.bit)
                         if position:  # the fallback's list is its own (a sorted copy)
                             ordered.insert(0, ordered.pop(position))
                         return ordered
                 position += 1  # noqa: SIM113
-            _, shorter, holders = longest_known(index, body, self._min_match, len(longer))
-            longer += shorter
-        if start < 0:
+            holders = index.find_shorter()
+        if holders < 0:
             self.decisions[_NO_PREFIX] += 1
-            return ordered
-        self.decisions[_MISS] += 1
-        keys = prefix_keys(body, start, len(longer))  # those not computed yet, shortest first
-        longer.reverse()
-        self._record(keys + longer, ordered[0].bit)  # the longest most recent
+        else:
+            self.decisions[_MISS] += 1
+            index.miss(ordered[0].bit)
         return ordered
+
+    @property
+    def evictions(self) -> int:
+        """Prefix keys dropped from the index as least recently used."""
+        return self.index.evictions
 
     def holders(self, key: int) -> list[str]:
         """Names of the engines recorded for a prefix key (for tests and inspection)."""
-        mask = self.index.get(key, 0)
+        mask = self.index.held_by(key)
         return [t.engine.name for t in self._targets if mask & t.bit]
-
-    def _record(self, keys: list[int], bit: int) -> None:
-        """Mark *bit*'s engine as holding *keys*, each now the most recently used."""
-        index = self.index
-        get, refresh = index.get, index.move_to_end
-        for key in keys:
-            holders = get(key)
-            if holders is None:
-                index[key] = bit
-            else:
-                refresh(key)
-                if not holders & bit:
-                    index[key] = holders | bit
-        overflow = len(index) - self.policy.max_prefixes
-        if overflow > 0:
-            for _ in range(overflow):
-                index.popitem(last=False)
-            self.evictions += overflow
