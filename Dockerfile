@@ -12,7 +12,7 @@ ENV VENV=/opt/kiban \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # A C compiler and xxhash.h for the C kernel of cache_aware (setup.py), in this stage only:
-# at run time the kernel needs libxxhash0, which the base has (apt depends on it). Debian's own
+# the kernel inlines xxh3 and needs no library at run time. Debian's own
 # versions of the base's release (bookworm); pinning them would break the build at each point
 # release.
 # hadolint ignore=DL3008

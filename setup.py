@@ -7,19 +7,14 @@ runs the same code in Python (scripts/bootstrap.sh and the Dockerfile install bo
 
 from __future__ import annotations
 
-import platform
 import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# on x86-64 the kernel calls libxxhash's run-time SIMD dispatch (libxxhash0: apt needs it too)
-KERNEL = Extension(
-    "kiban.gateway._prefix_scan",
-    ["src/kiban/gateway/_prefix_scan.pyx"],
-    libraries=["xxhash"] if platform.machine() in ("x86_64", "AMD64") else [],
-)
+# xxh3 is inlined from xxhash.h (SSE2 on x86-64): the kernel links no library
+KERNEL = Extension("kiban.gateway._prefix_scan", ["src/kiban/gateway/_prefix_scan.pyx"])
 
 
 class OptionalBuildExt(build_ext):

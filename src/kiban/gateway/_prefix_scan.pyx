@@ -4,8 +4,9 @@
 The same behaviour as kiban.gateway.prefix_scan.PythonPrefixIndex (its docstrings say what
 each method does) without a Python object per key: keys, engine masks and the LRU order
 live in C arrays (an open-addressing table with linear probing over entries linked from
-least to most recently used), grown as the index fills. xxh3 comes from Debian's
-``libxxhash-dev``: on x86-64 its library's run-time choice of SIMD, elsewhere inlined.
+least to most recently used), grown as the index fills. xxh3 is inlined from Debian's
+``libxxhash-dev`` header: SSE2 on x86-64 (never AVX2 or AVX-512: see the comment below),
+NEON on aarch64.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -13,14 +14,14 @@ from libc.stdint cimport int32_t, uint64_t
 
 cdef extern from *:
     """
-    #if defined(__x86_64__)
-      /* Debian's libxxhash picks SSE2, AVX2 or AVX-512 as the CPU has them (setup.py links it) */
-      #include <xxh_x86dispatch.h>
-    #else
-      /* elsewhere (aarch64: NEON) the compiler's choice, inlined */
-      #define XXH_INLINE_ALL
-      #include <xxhash.h>
+    #if defined(__x86_64__) && !defined(XXH_VECTOR)
+      /* SSE2 even where AVX2 or AVX-512 would take fewer instructions: a server that runs
+         wide vectors now and then pays for it in all its code (the core's lower AVX
+         frequency, the dirty upper state); measured in docs/benchmarks.md */
+      #define XXH_VECTOR 1 /* XXH_SSE2 */
     #endif
+    #define XXH_INLINE_ALL
+    #include <xxhash.h>
     """
     unsigned long long XXH3_64bits(const void *data, size_t length) nogil
 
