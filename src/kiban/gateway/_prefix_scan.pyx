@@ -5,7 +5,7 @@ The same behaviour as kiban.gateway.prefix_scan.PythonPrefixIndex (its docstring
 each method does) without a Python object per key: keys, engine masks and the LRU order
 live in C arrays (an open-addressing table with linear probing over entries linked from
 least to most recently used), grown as the index fills. xxh3 is inlined from Debian's
-``libxxhash-dev`` header: SSE2 on x86-64 (never AVX2 or AVX-512: see the comment below),
+``libxxhash-dev`` header: SSE2 on x86-64 (not AVX2 or AVX-512: see the comment below),
 NEON on aarch64.
 """
 
@@ -15,9 +15,9 @@ from libc.stdint cimport int32_t, uint64_t
 cdef extern from *:
     """
     #if defined(__x86_64__) && !defined(XXH_VECTOR)
-      /* SSE2 even where AVX2 or AVX-512 would take fewer instructions: a server that runs
-         wide vectors now and then pays for it in all its code (the core's lower AVX
-         frequency, the dirty upper state); measured in docs/benchmarks.md */
+      /* SSE2 even where the CPU has more: libxxhash's run-time dispatch chose AVX-512 on a
+         Xeon, and the gateway paid ~11 µs a request for it in all its other code; AVX2
+         saved nothing measurable over SSE2 (docs/benchmarks.md, "No wide vectors") */
       #define XXH_VECTOR 1 /* XXH_SSE2 */
     #endif
     #define XXH_INLINE_ALL

@@ -9,8 +9,9 @@ index maps keys to the engines that were sent them (a bitmask, bit *i* for the r
 setup.py compiles ``_prefix_scan`` (Cython; xxh3 from Debian's ``libxxhash-dev``) when a
 C compiler and that header are there; without them kiban installs anyway and runs
 PythonPrefixIndex, which behaves the same (``NATIVE`` says which runs; ``kiban serve``
-warns when a cache_aware route runs without the kernel). On the hit path of a 4 KB prompt
-the kernel costs about N instructions (1,320 of them xxh3, with AVX2); Python, 14,000.
+warns when a cache_aware route runs without the kernel). A hit on a 4 KB prompt (find,
+then hit) takes 0.34 µs in a warm loop with the kernel, 1.5 µs in Python; in the gateway
+cache_aware adds about 4 µs a request with the kernel, 10 without (docs/routing.md).
 """
 
 from __future__ import annotations
