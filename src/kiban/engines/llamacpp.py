@@ -8,6 +8,7 @@ layer catches comes back as plain text, which the default wraps.
 
 from __future__ import annotations
 
+import platform
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -376,6 +377,14 @@ _LLAMACPP_SOURCE = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cp
 #: parts of the sdist the server build never reads: vocab test models, docs, the submodule link
 _LLAMACPP_UNUSED = ("models", "docs", "media", ".git")
 
+#: GGML_NATIVE compiles ggml's AMX matmul in on Sapphire Rapids and later Xeons, and in this
+#: version its first tile instruction faults (``ldtilecfg`` of a tile configuration the
+#: compiler left invalid: SIGSEGV in the warm-up of any model with an AMX buffer, e.g. the
+#: Q4_1 SmolLM2; ggml-org/llama.cpp#26954, open). GCC's -mno-amx-* win over -march=native
+#: in any order, so x86-64 builds stay native but without AMX (AVX-512 and VNNI kept).
+_NO_AMX = tuple(
+    f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for lang in ("C", "CXX")
+)
 LLAMACPP_CMAKE_FLAGS: tuple[str, ...] = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary: no libs beside it, no rpath
@@ -390,6 +399,7 @@ LLAMACPP_CMAKE_FLAGS: tuple[str, ...] = (
     "-DGGML_CCACHE=OFF",
     f"-DLLAMA_BUILD_COMMIT={LLAMA_CPP_COMMIT}",  # the sdist has no git history to read it from
     "-DLLAMA_BUILD_NUMBER=0",
+    *(_NO_AMX if platform.machine() in ("x86_64", "AMD64") else ()),
 )
 #: flash-attention kernels for every K/V type pair, so mixed cache types (q8_0 K, q4_0 V)
 #: run on the GPU; by default only q4_0-q4_0, q8_0-q8_0, f16-f16, bf16-bf16 are compiled
