@@ -64,7 +64,6 @@ class CacheAware:
     def __init__(self, policy: CacheAwarePolicy, targets: list[Target], fallback: Order) -> None:
         if not NATIVE:
             warn_without_kernel()
-        self.policy = policy
         self.fallback = fallback
         self._targets = list(targets)
         self.index = PrefixIndex(policy.max_prefixes)
